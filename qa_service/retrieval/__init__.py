@@ -1,0 +1,5 @@
+"""Retrieval: index backends behind one ``Searcher``."""
+
+from .searcher import Searcher
+
+__all__ = ["Searcher"]

@@ -1,0 +1,258 @@
+"""Build, save and load an index directory atomically; the manifest says what it holds and how fresh it is.
+
+Layout::
+
+    index/
+      CURRENT                 name of the live build (replaced atomically with os.replace)
+      builds/<build-id>/      one complete, immutable build
+        manifest.json         format version, model, dimension, chunking, article hashes, file sizes
+        passages.sqlite       articles and passages (row id == vector id)
+        vectors.faiss         FAISS inner-product index over L2-normalised vectors
+
+A build is written into a fresh ``builds/<id>`` folder, fsynced, and only then published by replacing
+``CURRENT``. A build killed part-way leaves a stray folder, never a half-written live index; older builds
+are pruned after a successful publish (the previous one is kept so a running reader is never cut off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .chunking import split_article
+from .config import Settings
+from .embedding import Embedder, canonical_model_name
+from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
+from .types import Article, Passage
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+BUILDS = "builds"
+MANIFEST = "manifest.json"
+PASSAGES_DB = "passages.sqlite"
+VECTORS = "vectors.faiss"
+KEEP_BUILDS = 2
+
+
+def rebuild_hint(index_dir: Path) -> str:
+    return f"Rebuild it with: qa-service index SEEDS_DIR --index-dir {index_dir}"
+
+
+def chunking_settings(settings: Settings) -> dict:
+    return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
+            "splitter": "pysbd+news-abbrev-v1"}
+
+
+# --------------------------------------------------------------------------- reading
+
+def current_build_dir(index_dir: Path) -> Path:
+    """Return the live build folder, or raise ``IndexNotBuilt``."""
+    index_dir = Path(index_dir)
+    pointer = index_dir / CURRENT
+    if not pointer.is_file():
+        raise IndexNotBuilt(f"No index found in {index_dir}. {rebuild_hint(index_dir)}")
+    name = pointer.read_text(encoding="utf-8").strip()
+    build = index_dir / BUILDS / name
+    if not name or "/" in name or not build.is_dir():
+        raise IndexCorrupt(f"The index in {index_dir} points to a missing build ({name!r}). {rebuild_hint(index_dir)}")
+    return build
+
+
+def read_manifest(index_dir: Path) -> dict:
+    """Return the live manifest after checking its files are whole; raise a clear error otherwise."""
+    index_dir = Path(index_dir)
+    build = current_build_dir(index_dir)
+    try:
+        manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. {rebuild_hint(index_dir)}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexMismatch(
+            f"The index in {index_dir} has format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
+            f"this qa-service reads version {FORMAT_VERSION}. {rebuild_hint(index_dir)}"
+        )
+    for name, meta in manifest.get("files", {}).items():
+        path = build / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. {rebuild_hint(index_dir)}")
+    manifest["_build_dir"] = str(build)
+    return manifest
+
+
+def check_model(manifest: dict, model: str, index_dir: Path) -> None:
+    """Raise ``IndexMismatch`` when the index was built with another model than ``model``."""
+    wanted = canonical_model_name(model)
+    if manifest.get("model") != wanted:
+        raise IndexMismatch(
+            f"The index in {index_dir} was built with model {manifest.get('model')!r}, not {wanted!r}. "
+            f"Rebuild it with: qa-service index SEEDS_DIR --index-dir {index_dir} --model {model}, "
+            f"or ask with --model {manifest.get('model')}."
+        )
+
+
+def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool, str]:
+    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings?"""
+    try:
+        manifest = read_manifest(settings.index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch) as exc:
+        return False, exc.message
+    if manifest.get("model") != canonical_model_name(settings.model):
+        return False, "the model changed"
+    if manifest.get("chunking") != chunking_settings(settings):
+        return False, "the chunking settings changed"
+    if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
+        return False, "the articles changed"
+    return True, "up to date"
+
+
+# --------------------------------------------------------------------------- writing
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_db(path: Path, articles: Sequence[Article], passages: Sequence[Passage]) -> None:
+    con = sqlite3.connect(path)
+    try:
+        con.executescript(
+            """
+            CREATE TABLE articles (id TEXT PRIMARY KEY, source TEXT NOT NULL, title TEXT, date TEXT,
+                                   text TEXT NOT NULL, content_hash TEXT NOT NULL);
+            CREATE TABLE passages (id INTEGER PRIMARY KEY, article_id TEXT NOT NULL REFERENCES articles(id),
+                                   start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL);
+            CREATE INDEX passages_article ON passages(article_id);
+            """
+        )
+        con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?)",
+                        [(a.id, a.source, a.title, a.date, a.text, a.content_hash) for a in articles])
+        con.executemany("INSERT INTO passages VALUES (?,?,?,?,?)",
+                        [(i, p.article_id, p.start, p.end, p.text) for i, p in enumerate(passages)])
+        con.commit()
+    finally:
+        con.close()
+
+
+def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Settings) -> list[Passage]:
+    """Split every article into passages sized for ``embedder``."""
+    max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
+    passages: list[Passage] = []
+    for article in articles:
+        passages.extend(split_article(article, embedder.count_tokens, max_tokens, settings.overlap_sentences))
+    return passages
+
+
+@dataclass
+class BuildSummary:
+    articles: int
+    passages: int
+    seconds: float
+    build_dir: str
+
+
+def build_index(
+    articles: Sequence[Article], embedder: Embedder, settings: Settings, progress: bool = False
+) -> BuildSummary:
+    """Chunk, embed and store ``articles`` as a new build, then publish it atomically."""
+    import faiss
+
+    started = time.perf_counter()
+    index_dir = Path(settings.index_dir)
+    builds = index_dir / BUILDS
+    builds.mkdir(parents=True, exist_ok=True)
+    build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    tmp = builds / f".tmp-{build_id}"
+    tmp.mkdir()
+    try:
+        passages = chunk_articles(articles, embedder, settings)
+        vectors = embedder.encode([p.text for p in passages], batch_size=settings.batch_size, progress=progress)
+        if vectors.shape != (len(passages), embedder.dimension):
+            raise RuntimeError(f"embedder returned shape {vectors.shape} for {len(passages)} passages")
+        index = faiss.IndexFlatIP(embedder.dimension)
+        if len(vectors):
+            index.add(vectors)
+        faiss.write_index(index, str(tmp / VECTORS))
+        _write_db(tmp / PASSAGES_DB, articles, passages)
+        files = {}
+        for name in (VECTORS, PASSAGES_DB):
+            path = tmp / name
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "build_id": build_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": embedder.name,
+            "dimension": embedder.dimension,
+            "chunking": chunking_settings(settings),
+            "faiss": {"type": "IndexFlatIP", "metric": "inner_product"},
+            "articles": {a.id: a.content_hash for a in articles},
+            "counts": {"articles": len(articles), "passages": len(passages)},
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        final = builds / build_id
+        os.replace(tmp, final)
+        _fsync_dir(builds)
+        _publish(index_dir, build_id)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(index_dir, keep=build_id)
+    return BuildSummary(len(articles), len(passages), time.perf_counter() - started, str(final))
+
+
+def _publish(index_dir: Path, build_id: str) -> None:
+    tmp_pointer = index_dir / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+    with open(tmp_pointer, "w", encoding="utf-8") as fh:
+        fh.write(build_id + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp_pointer, index_dir / CURRENT)
+    _fsync_dir(index_dir)
+
+
+def _prune(index_dir: Path, keep: str) -> None:
+    """Remove stale temp folders and all but the newest ``KEEP_BUILDS`` builds."""
+    builds = index_dir / BUILDS
+    now = time.time()
+    entries = sorted((p for p in builds.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
+    finished = [p for p in entries if not p.name.startswith(".")]
+    for path in finished[KEEP_BUILDS:]:
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in entries:
+        # A temp folder is a killed build, unless a build is running right now: leave fresh ones.
+        if path.name.startswith(".tmp-") and now - path.stat().st_mtime > 3600:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in index_dir.glob(f".{CURRENT}.*"):
+        path.unlink(missing_ok=True)

@@ -1,0 +1,64 @@
+"""Records that cross module boundaries: articles, passages, filters and search hits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Article:
+    """One cleaned article; ``text`` is the exact text every citation slices into."""
+
+    id: str
+    source: str
+    title: str | None
+    date: str | None  # ISO "YYYY-MM-DD"
+    text: str
+    content_hash: str = ""  # sha256 of the raw file bytes, for staleness and upserts
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A window of an article: ``article.text[start:end] == text``."""
+
+    article_id: str
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions applied before ranking."""
+
+    sources: tuple[str, ...] | None = None  # article ids or file names
+    date_from: str | None = None
+    date_to: str | None = None
+
+    def is_empty(self) -> bool:
+        return not self.sources and not self.date_from and not self.date_to
+
+
+@dataclass
+class Citation:
+    article_id: str
+    source: str
+    title: str | None
+    date: str | None
+    start: int
+    end: int
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    text: str
+    citation: Citation
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"rank": self.rank, "score": round(float(self.score), 6), "text": self.text,
+               "citation": asdict(self.citation)}
+        out.update(self.extra)
+        return out
