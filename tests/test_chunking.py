@@ -1,0 +1,101 @@
+"""Chunking: sentence boundaries, exact offsets (a property over seeds and generated text), token limits."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from qa_service.chunking import split_article, split_sentences
+from qa_service.types import Article
+
+from .fakes import FakeEmbedder
+
+count = FakeEmbedder().count_tokens
+
+
+def sentences_of(text):
+    return [text[s:e] for s, e in split_sentences(text)]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("It began on Oct. 7, 2023 in Gaza. Talks followed.", ["It began on Oct. 7, 2023 in Gaza.", "Talks followed."]),
+    ("On Jan.19, a ceasefire began. It held.", ["On Jan.19, a ceasefire began.", "It held."]),
+    ("The U.S. and Qatar mediated. Egypt too.", ["The U.S. and Qatar mediated.", "Egypt too."]),
+    ("Inflation was 3.5 percent in 2024. It fell.", ["Inflation was 3.5 percent in 2024.", "It fell."]),
+    ("He said: “They met in Doha.” Then they left.", ["He said: “They met in Doha.”", "Then they left."]),
+    ('They discussed "the war." Nothing more.', ['They discussed "the war."', "Nothing more."]),
+    ("One paragraph\n\nAnother paragraph", ["One paragraph", "Another paragraph"]),
+])
+def test_sentence_boundaries(text, expected):
+    assert sentences_of(text) == expected
+
+
+def test_seed_sentence_cases(seed_articles):
+    all_sentences = [s for a in seed_articles for s in sentences_of(a.text)]
+    assert any("On Jan.19, a ceasefire agreement" in s and s.endswith("subsequent phases of the deal.") for s in all_sentences)
+    assert any("(Oct. 7, 2023 Hamas attack) a turning point" in s for s in all_sentences)
+    assert any(s.endswith("with support from the US.") for s in all_sentences)
+    assert not any(s in ("Oct.", "U.S.", "Jan.") for s in all_sentences)
+
+
+def check_passages(article, passages, max_tokens):
+    assert passages or not article.text.strip()
+    for p in passages:
+        assert article.text[p.start:p.end] == p.text
+        assert p.text == p.text.strip() and p.text
+        assert count(p.text) <= max_tokens
+    # every sentence is covered by some passage, and passages advance
+    covered = set()
+    for p in passages:
+        covered.update(range(p.start, p.end))
+    for s, e in split_sentences(article.text):
+        assert all(i in covered for i in range(s, e) if not article.text[i].isspace())
+    starts = [p.start for p in passages]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+
+
+@pytest.mark.parametrize("max_tokens", [16, 64, 128])
+def test_offsets_exact_for_every_seed_passage(seed_articles, max_tokens):
+    for article in seed_articles:
+        check_passages(article, split_article(article, count, max_tokens, 1), max_tokens)
+
+
+def test_overlap_shares_a_sentence(seed_articles):
+    article = seed_articles[0]
+    passages = split_article(article, count, 64, 1)
+    assert len(passages) > 2
+    multi = 0
+    for a, b in zip(passages, passages[1:]):
+        if len(split_sentences(a.text)) > 1:  # a one-sentence window has nothing to carry over
+            multi += 1
+            last_start = a.start + split_sentences(a.text)[-1][0]
+            assert b.start == last_start  # the last sentence of a starts b
+    assert multi >= 2
+
+
+_words = st.sampled_from(["Gaza", "Oct.", "7,", "U.S.", "Jan.19,", "3.5", "“quoted", "text.”", "Mr.", "Smith",
+                          "said", "the", "ceasefire", "held.", "(Israeli)", "al-Hayya", "Iran’s", "47,400", "—",
+                          "end.", "Why?", "Yes!", "e.g.", "i.e.", "...", "'single'", "\u00e9t\u00e9", "\u0645\u0631\u062d\u0628\u0627"])
+_sentence = st.lists(_words, min_size=1, max_size=40).map(" ".join)
+_paragraph = st.lists(_sentence, min_size=1, max_size=6).map(" ".join)
+_text = st.lists(_paragraph, min_size=1, max_size=5).map("\n\n".join)
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(text=_text, max_tokens=st.sampled_from([8, 24, 128]), overlap=st.sampled_from([0, 1, 2]))
+def test_offsets_property_generated(text, max_tokens, overlap):
+    article = Article("gen", "gen.txt", None, None, text)
+    check_passages(article, split_article(article, count, max_tokens, overlap), max_tokens)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_never_truncates(seed_articles, real_embedder):
+    from qa_service.config import Settings
+    from qa_service.store import chunk_articles
+
+    passages = chunk_articles(seed_articles, real_embedder, Settings())
+    assert passages
+    for p in passages:
+        # +2 for [CLS]/[SEP]: must fit the model's window, so nothing is cut off when embedding
+        assert real_embedder.count_tokens(p.text) + 2 <= real_embedder.max_seq_length
+        assert real_embedder.count_tokens(p.text) <= Settings().max_tokens
