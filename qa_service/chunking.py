@@ -79,6 +79,18 @@ def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCo
     return pieces
 
 
+def sentence_units(article: Article, count_tokens: TokenCounter, max_tokens: int = 128) -> list[tuple[int, int]]:
+    """Return the sentence spans passages are built from (over-long sentences cut to fit ``max_tokens``)."""
+    text = article.text
+    units: list[tuple[int, int]] = []
+    for start, end in split_sentences(text):
+        if count_tokens(text[start:end]) > max_tokens:
+            units.extend(_split_long(text, start, end, max_tokens, count_tokens))
+        else:
+            units.append((start, end))
+    return units
+
+
 def split_article(
     article: Article,
     count_tokens: TokenCounter,
@@ -91,14 +103,10 @@ def split_article(
         count_tokens: the embedding model's tokenizer, as text -> number of tokens (no specials).
         overlap_sentences: how many trailing sentences of a passage start the next one.
     """
+    units = sentence_units(article, count_tokens, max_tokens)
     text = article.text
-    sentences: list[tuple[int, int]] = []
-    for start, end in split_sentences(text):
-        if count_tokens(text[start:end]) > max_tokens:
-            sentences.extend(_split_long(text, start, end, max_tokens, count_tokens))
-        else:
-            sentences.append((start, end))
-    return [Passage(article.id, s, e, text[s:e]) for s, e in pack_sentences(text, sentences, count_tokens, max_tokens, overlap_sentences)]
+    return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]])
+            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences)]
 
 
 def pack_sentences(
@@ -108,7 +116,10 @@ def pack_sentences(
     max_tokens: int,
     overlap_sentences: int,
 ) -> list[tuple[int, int]]:
-    """Greedily group consecutive sentence spans into windows that fit ``max_tokens``."""
+    """Group consecutive sentence spans into windows that fit ``max_tokens``.
+
+    Returns ``(first, last)`` sentence indices (inclusive) of each window.
+    """
     windows: list[tuple[int, int]] = []
     i = 0
     n = len(sentences)
@@ -116,7 +127,7 @@ def pack_sentences(
         j = i + 1
         while j < n and count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens:
             j += 1
-        windows.append((sentences[i][0], sentences[j - 1][1]))
+        windows.append((i, j - 1))
         if j >= n:
             break
         # Step forward, keeping up to `overlap_sentences` of context, but always advancing.

@@ -6,8 +6,11 @@ Layout::
       CURRENT                 name of the live build (replaced atomically with os.replace)
       builds/<build-id>/      one complete, immutable build
         manifest.json         format version, model, dimension, chunking, article hashes, file sizes
-        passages.sqlite       articles and passages (row id == vector id)
-        vectors.faiss         FAISS inner-product index over L2-normalised vectors
+        passages.sqlite       articles, passages (row id == vector id) and sentences
+        vectors.faiss         FAISS inner-product index over L2-normalised passage vectors
+        sentences.npy         float32 [n_sentences, d] sentence vectors (answer sentence, scoring)
+        lexical/              BM25 index (bm25s) over the same passages
+        vocabulary.json       surface words and their passage counts (spelling-variant lookup)
 
 A build is written into a fresh ``builds/<id>`` folder, fsynced, and only then published by replacing
 ``CURRENT``. A build killed part-way leaves a stray folder, never a half-written live index; older builds
@@ -30,7 +33,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .chunking import split_article
+from .chunking import pack_sentences, sentence_units
 from .config import Settings
 from .embedding import Embedder, canonical_model_name
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
@@ -44,6 +47,9 @@ BUILDS = "builds"
 MANIFEST = "manifest.json"
 PASSAGES_DB = "passages.sqlite"
 VECTORS = "vectors.faiss"
+SENTENCE_VECTORS = "sentences.npy"
+LEXICAL = "lexical"
+VOCABULARY = "vocabulary.json"
 KEEP_BUILDS = 2
 
 
@@ -53,7 +59,7 @@ def rebuild_hint(index_dir: Path) -> str:
 
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
-            "splitter": "pysbd+news-abbrev-v1"}
+            "splitter": "pysbd+news-abbrev-v1", "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v1"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -136,7 +142,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_db(path: Path, articles: Sequence[Article], passages: Sequence[Passage]) -> None:
+@dataclass
+class Chunks:
+    """Passages and the sentences they are made of (global sentence ids, inclusive ranges)."""
+
+    passages: list[Passage]
+    sentences: list[tuple[str, int, int]]  # (article_id, start, end)
+    passage_sentences: list[tuple[int, int]]  # (first, last) sentence id of each passage
+
+
+def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Settings) -> Chunks:
+    """Split every article into sentences and passages sized for ``embedder``."""
+    max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
+    chunks = Chunks([], [], [])
+    for article in articles:
+        units = sentence_units(article, embedder.count_tokens, max_tokens)
+        base = len(chunks.sentences)
+        chunks.sentences.extend((article.id, s, e) for s, e in units)
+        for i, j in pack_sentences(article.text, units, embedder.count_tokens, max_tokens, settings.overlap_sentences):
+            start, end = units[i][0], units[j][1]
+            chunks.passages.append(Passage(article.id, start, end, article.text[start:end]))
+            chunks.passage_sentences.append((base + i, base + j))
+    return chunks
+
+
+def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
     con = sqlite3.connect(path)
     try:
         con.executescript(
@@ -144,26 +174,33 @@ def _write_db(path: Path, articles: Sequence[Article], passages: Sequence[Passag
             CREATE TABLE articles (id TEXT PRIMARY KEY, source TEXT NOT NULL, title TEXT, date TEXT,
                                    text TEXT NOT NULL, content_hash TEXT NOT NULL);
             CREATE TABLE passages (id INTEGER PRIMARY KEY, article_id TEXT NOT NULL REFERENCES articles(id),
-                                   start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL);
+                                   start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
+                                   first_sentence INTEGER NOT NULL, last_sentence INTEGER NOT NULL);
+            CREATE TABLE sentences (id INTEGER PRIMARY KEY, article_id TEXT NOT NULL,
+                                    start INTEGER NOT NULL, "end" INTEGER NOT NULL);
             CREATE INDEX passages_article ON passages(article_id);
             """
         )
         con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?)",
                         [(a.id, a.source, a.title, a.date, a.text, a.content_hash) for a in articles])
-        con.executemany("INSERT INTO passages VALUES (?,?,?,?,?)",
-                        [(i, p.article_id, p.start, p.end, p.text) for i, p in enumerate(passages)])
+        con.executemany("INSERT INTO passages VALUES (?,?,?,?,?,?,?)",
+                        [(i, p.article_id, p.start, p.end, p.text, *chunks.passage_sentences[i])
+                         for i, p in enumerate(chunks.passages)])
+        con.executemany("INSERT INTO sentences VALUES (?,?,?,?)",
+                        [(i, *row) for i, row in enumerate(chunks.sentences)])
         con.commit()
     finally:
         con.close()
 
 
-def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Settings) -> list[Passage]:
-    """Split every article into passages sized for ``embedder``."""
-    max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
-    passages: list[Passage] = []
-    for article in articles:
-        passages.extend(split_article(article, embedder.count_tokens, max_tokens, settings.overlap_sentences))
-    return passages
+def _write_lexical(folder: Path, chunks: Chunks, articles: Sequence[Article]) -> None:
+    from .retrieval.lexical import LexicalIndex, Vocabulary
+
+    titles = {a.id: a.title or "" for a in articles}
+    # The headline is part of what a passage is about, so BM25 sees it with every passage.
+    texts = [f"{titles[p.article_id]}\n{p.text}" for p in chunks.passages]
+    LexicalIndex.build(texts).save(folder / LEXICAL)
+    Vocabulary.from_texts(texts).save(folder / VOCABULARY)
 
 
 @dataclass
@@ -188,21 +225,26 @@ def build_index(
     tmp = builds / f".tmp-{build_id}"
     tmp.mkdir()
     try:
-        passages = chunk_articles(articles, embedder, settings)
+        chunks = chunk_articles(articles, embedder, settings)
+        passages = chunks.passages
         vectors = embedder.encode([p.text for p in passages], batch_size=settings.batch_size, progress=progress)
         if vectors.shape != (len(passages), embedder.dimension):
             raise RuntimeError(f"embedder returned shape {vectors.shape} for {len(passages)} passages")
+        texts = {a.id: a.text for a in articles}
+        sentence_vectors = embedder.encode([texts[a][s:e] for a, s, e in chunks.sentences],
+                                           batch_size=settings.batch_size * 2, progress=progress)
         index = faiss.IndexFlatIP(embedder.dimension)
         if len(vectors):
             index.add(vectors)
         faiss.write_index(index, str(tmp / VECTORS))
-        _write_db(tmp / PASSAGES_DB, articles, passages)
+        np.save(tmp / SENTENCE_VECTORS, sentence_vectors.astype(np.float32))
+        _write_db(tmp / PASSAGES_DB, articles, chunks)
+        _write_lexical(tmp, chunks, articles)
         files = {}
-        for name in (VECTORS, PASSAGES_DB):
-            path = tmp / name
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "build_id": build_id,
@@ -212,7 +254,7 @@ def build_index(
             "chunking": chunking_settings(settings),
             "faiss": {"type": "IndexFlatIP", "metric": "inner_product"},
             "articles": {a.id: a.content_hash for a in articles},
-            "counts": {"articles": len(articles), "passages": len(passages)},
+            "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences)},
             "files": files,
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:

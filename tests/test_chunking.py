@@ -93,7 +93,7 @@ def test_real_tokenizer_never_truncates(seed_articles, real_embedder):
     from qa_service.config import Settings
     from qa_service.store import chunk_articles
 
-    passages = chunk_articles(seed_articles, real_embedder, Settings())
+    passages = chunk_articles(seed_articles, real_embedder, Settings()).passages
     assert passages
     for p in passages:
         # +2 for [CLS]/[SEP]: must fit the model's window, so nothing is cut off when embedding
