@@ -27,6 +27,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -221,7 +222,8 @@ def build_index(
     index_dir = Path(settings.index_dir)
     builds = index_dir / BUILDS
     builds.mkdir(parents=True, exist_ok=True)
-    build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    # Sortable by creation time (microseconds), so pruning keeps the newest builds.
+    build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:8]
     tmp = builds / f".tmp-{build_id}"
     tmp.mkdir()
     try:

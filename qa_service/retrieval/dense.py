@@ -37,3 +37,9 @@ class DenseIndex:
             params = self._faiss.SearchParameters(sel=self._faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         return scores, ids
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Return the stored vectors of passages ``ids`` (float32 ``[len(ids), d]``)."""
+        if len(ids) == 0:
+            return np.zeros((0, self.index.d), dtype=np.float32)
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))

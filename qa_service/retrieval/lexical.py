@@ -188,17 +188,23 @@ class LexicalIndex:
 
         return cls(bm25s.BM25.load(str(folder), mmap=False), size)
 
-    def search(self, question: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(scores, ids)`` of the best ``k`` passages with a positive BM25 score."""
+    def scores(self, question: str) -> np.ndarray:
+        """Return the BM25 score of every passage for ``question`` (float32 ``[size]``)."""
         terms = [t for t in analyze(question) if t in self.bm25.vocab_dict]
-        if not terms or self.size == 0 or (allowed is not None and len(allowed) == 0):
-            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        mask = None
+        if not terms or self.size == 0:
+            return np.zeros(self.size, dtype=np.float32)
+        return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
+
+    def search(self, question: str, k: int, allowed: np.ndarray | None = None,
+               scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(scores, ids)`` of the best ``k`` passages with a positive BM25 score, best first."""
+        all_scores = self.scores(question) if scores is None else scores
         if allowed is not None:
-            mask = np.zeros(self.size, dtype=np.float32)
-            mask[allowed] = 1.0
-        k = min(k, self.size)
-        ids, scores = self.bm25.retrieve([terms], k=k, show_progress=False, weight_mask=mask, n_threads=1)
-        ids, scores = ids[0].astype(np.int64), scores[0].astype(np.float32)
-        keep = scores > 0
-        return scores[keep], ids[keep]
+            masked = np.zeros_like(all_scores)
+            masked[allowed] = all_scores[allowed]
+            all_scores = masked
+        positive = np.flatnonzero(all_scores > 0)
+        if len(positive) > k:
+            positive = positive[np.argpartition(-all_scores[positive], k - 1)[:k]]
+        order = positive[np.argsort(-all_scores[positive], kind="stable")]
+        return all_scores[order], order.astype(np.int64)

@@ -2,14 +2,28 @@
 
 The CLI, the web app and the evaluation script all call ``Searcher.search`` / ``Searcher.ask``, so
 the three ways of use can never disagree.
+
+One question flows through these stages, all from data stored at index time (nothing per query
+re-embeds passages or sentences; the question vector is computed once and shared):
+
+1. spelling variants of names are looked up in the index vocabulary (``lexical.Vocabulary``);
+2. dense (FAISS) and lexical (BM25) retrieval each propose candidates, restricted by the filters
+   before ranking;
+3. every candidate gets both exact scores, its dense score also looks at its best sentence, and the
+   two are fused (reciprocal rank fusion or a score-normalised convex combination, see ``fusion``);
+4. a date named in the question gently prefers articles from that time;
+5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article and
+   groups passages from different articles that report the same fact.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,18 +32,48 @@ import numpy as np
 from ..config import Settings
 from ..embedding import Embedder, load_embedder
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, InvalidRequest
-from ..store import PASSAGES_DB, VECTORS, check_model, read_manifest, rebuild_hint
+from ..store import (LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, check_model, read_manifest,
+                     rebuild_hint)
 from ..types import Article, Citation, Filters, Hit
+from . import fusion
+from .dates import date_preference
 from .dense import DenseIndex
+from .lexical import LexicalIndex, Vocabulary, analyze
 
 logger = logging.getLogger(__name__)
+
+MODES = ("hybrid", "dense", "lexical")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How candidates are found and fused; defaults chosen by measurement (see README)."""
+
+    fusion: str = "rrf"  # "rrf" or "convex"
+    rrf_k: float = 60.0
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    alpha: float = 0.5  # convex fusion: weight of the dense score
+    sentence_weight: float = 0.5  # dense score = (1 - w) * passage cosine + w * best sentence cosine
+    candidates: int = 50
+    date_boost: float = 0.15
+
+
+@dataclass
+class Candidate:
+    pid: int
+    score: float
+    dense: float
+    lexical: float
 
 
 class Searcher:
     """Answer questions from one index directory."""
 
-    def __init__(self, settings: Settings | None = None, embedder: Embedder | None = None):
+    def __init__(self, settings: Settings | None = None, embedder: Embedder | None = None,
+                 config: RetrievalConfig | None = None):
         self.settings = settings or Settings.from_env()
+        self.config = config or RetrievalConfig()
         index_dir = Path(self.settings.index_dir)
         manifest = read_manifest(index_dir)
         if embedder is None:
@@ -49,18 +93,25 @@ class Searcher:
             self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
             rows = self._db.execute("SELECT id, source, title, date, text, content_hash FROM articles ORDER BY id").fetchall()
             self._articles = {r[0]: Article(*r) for r in rows}
-            art_rows = self._db.execute("SELECT article_id FROM passages ORDER BY id").fetchall()
-        except (RuntimeError, sqlite3.DatabaseError) as exc:
+            prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
+            srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
+            self.lexical = LexicalIndex.load(build / LEXICAL, len(prow))
+            self.vocabulary = Vocabulary.load(build / VOCABULARY)
+            self.sentence_vectors = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
+        except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
         ids = sorted(self._articles)
         self._article_pos = {a: i for i, a in enumerate(ids)}
         self._article_ids = ids
-        self._passage_article = np.array([self._article_pos[r[0]] for r in art_rows], dtype=np.int32)
+        self._passage_article = np.array([self._article_pos[r[0]] for r in prow], dtype=np.int32)
+        self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
+        self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
         self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
-        if len(self._passage_article) != self.dense.size:
+        self._article_dates = [self._articles[a].date for a in ids]
+        if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_vectors):
             raise IndexCorrupt(f"The index in {index_dir} has {self.dense.size} vectors for "
-                               f"{len(self._passage_article)} passages. {rebuild_hint(index_dir)}")
+                               f"{len(prow)} passages. {rebuild_hint(index_dir)}")
 
     # ------------------------------------------------------------------ articles
     @property
@@ -105,8 +156,7 @@ class Searcher:
             keep &= np.array([a in wanted for a in self._article_ids])
         if filters.date_from or filters.date_to:
             lo, hi = filters.date_from or "0000-00-00", filters.date_to or "9999-99-99"
-            keep &= np.array([bool(self._articles[a].date) and lo <= self._articles[a].date <= hi
-                              for a in self._article_ids])
+            keep &= np.array([bool(d) and lo <= d <= hi for d in self._article_dates])
         return np.flatnonzero(keep[self._passage_article]).astype(np.int64)
 
     def _passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
@@ -118,38 +168,118 @@ class Searcher:
                                     [int(i) for i in ids]).fetchall()
         return {r[0]: r[1:] for r in rows}
 
+    def prepare(self, question: str) -> tuple[str, str]:
+        """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants."""
+        corrected, variants = self.vocabulary.correct(question)
+        extra = " ".join(v for options in variants.values() for v in options)
+        return corrected, f"{corrected} {extra}".strip()
+
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
         return self.embedder.encode(list(questions), batch_size=self.settings.batch_size)
 
-    def search(self, question: str, k: int = 5, filters: Filters | None = None,
-               query_vector: np.ndarray | None = None) -> list[Hit]:
+    def _sentence_max(self, pids: np.ndarray, qvec: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Return each passage's best sentence cosine, and all its sentence cosines."""
+        best = np.empty(len(pids), dtype=np.float32)
+        per_passage = []
+        for i, pid in enumerate(pids):
+            first, last = self._passage_sentences[pid]
+            sims = np.asarray(self.sentence_vectors[first:last + 1]) @ qvec
+            per_passage.append(sims)
+            best[i] = sims.max() if len(sims) else 0.0
+        return best, per_passage
+
+    def _rank(self, question: str, qvec: np.ndarray, lexical_text: str, n: int, mode: str,
+              allowed: np.ndarray | None) -> tuple[list[Candidate], dict[int, np.ndarray]]:
+        cfg = self.config
+        pool = max(cfg.candidates, n)
+        ids: set[int] = set()
+        if mode in ("dense", "hybrid"):
+            _, dids = self.dense.search(qvec.reshape(1, -1), pool, allowed)
+            ids.update(int(i) for i in dids[0] if i >= 0)
+        lex_all = None
+        if mode in ("lexical", "hybrid"):
+            lex_all = self.lexical.scores(lexical_text)
+            _, lids = self.lexical.search(lexical_text, pool, allowed, scores=lex_all)
+            ids.update(int(i) for i in lids)
+        if not ids:
+            return [], {}
+        pids = np.array(sorted(ids), dtype=np.int64)
+        if lex_all is None:
+            lex = np.zeros(len(pids), dtype=np.float32)
+        else:
+            lex = lex_all[pids].astype(np.float32)
+        pvecs = self.dense.vectors(pids)
+        passage_cos = pvecs @ qvec
+        sent_best, sent_sims = self._sentence_max(pids, qvec)
+        w = cfg.sentence_weight
+        dense = (1 - w) * passage_cos + w * sent_best
+        if mode == "dense":
+            fused = dense.astype(np.float64)
+        elif mode == "lexical":
+            fused = lex.astype(np.float64)
+        elif cfg.fusion == "convex":
+            fused = fusion.convex_fusion(dense, lex, cfg.alpha)
+        else:
+            fused = fusion.reciprocal_rank_fusion([dense, lex], [cfg.dense_weight, cfg.lexical_weight], cfg.rrf_k,
+                                                  present=[np.ones(len(pids), bool), lex > 0])
+        preference = date_preference(question, [self._article_dates[a] for a in self._passage_article[pids]])
+        if preference is not None and mode == "hybrid":
+            # A bonus the size of a few ranks: enough to order close calls, not to override relevance.
+            spread = float(fused.max() - np.median(fused)) if len(fused) > 1 else 0.0
+            fused = fused + cfg.date_boost * spread * preference
+        order = np.argsort(-fused, kind="stable")
+        cands = [Candidate(int(pids[i]), float(fused[i]), float(dense[i]), float(lex[i])) for i in order]
+        sims = {int(pids[i]): sent_sims[i] for i in order}
+        return cands, sims
+
+    def search(self, question: str, k: int = 5, filters: Filters | None = None, mode: str = "hybrid") -> list[Hit]:
         """Return the top ``k`` passages for ``question``, best first."""
-        return self.search_many([question], k, filters,
-                                None if query_vector is None else query_vector.reshape(1, -1))[0]
+        return self.search_many([question], k, filters, mode)[0]
 
     def search_many(self, questions: Sequence[str], k: int = 5, filters: Filters | None = None,
-                    query_vectors: np.ndarray | None = None) -> list[list[Hit]]:
-        """Search several questions at once (embedded in one batch)."""
+                    mode: str = "hybrid", group: bool = True) -> list[list[Hit]]:
+        """Search several questions at once (embedded in one batch).
+
+        Args:
+            group: fold overlapping windows and same-fact passages of other outlets into one result
+                (the API's behaviour); evaluation of raw passage ranking may turn it off.
+        """
+        from ..answer import build_hits
+
+        if mode not in MODES:
+            raise InvalidRequest(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.", code="invalid_mode")
         allowed = self._allowed_passages(filters)
-        vectors = self.encode_questions(questions) if query_vectors is None else query_vectors
-        scores, ids = self.dense.search(vectors, k, allowed)
-        rows = self._passages(sorted({int(i) for i in ids.ravel() if i >= 0}))
-        out: list[list[Hit]] = []
-        for qscores, qids in zip(scores, ids):
-            hits = []
-            for score, pid in zip(qscores, qids):
-                if pid < 0:
-                    continue
-                article_id, start, end, text = rows[int(pid)]
-                article = self._articles[article_id]
-                hits.append(Hit(len(hits) + 1, float(score), text,
-                                Citation(article.id, article.source, article.title, article.date, start, end)))
-            out.append(hits)
+        prepared = [self.prepare(q) for q in questions]
+        vectors = self.encode_questions([p[0] for p in prepared])
+        out = []
+        for question, (_dense_text, lexical_text), qvec in zip(questions, prepared, vectors):
+            cands, sims = self._rank(question, qvec, lexical_text, max(k * 4, 20), mode, allowed)
+            out.append(build_hits(self, question, cands, sims, k, group=group))
         return out
 
-    def ask(self, question: str, k: int = 5, filters: Filters | None = None) -> dict:
+    def ask(self, question: str, k: int = 5, filters: Filters | None = None, mode: str = "hybrid") -> dict:
         """Return the result structure shared by ``qa-service ask --json`` and the JSON API."""
+        from ..answer import answerability
+
         started = time.perf_counter()
-        hits = self.search(question, k, filters)
-        return {"question": question, "results": [h.to_dict() for h in hits],
+        hits = self.search(question, k, filters, mode)
+        verdict = answerability(self, question, hits)
+        return {"question": question, "mode": mode, "answerable": verdict.answerable,
+                "results": [h.to_dict() for h in hits],
                 "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    # helpers used by ``answer``
+    def sentence_span(self, sid: int) -> tuple[int, int]:
+        s, e = self._sentence_spans[sid]
+        return int(s), int(e)
+
+    def passage_sentence_ids(self, pid: int) -> range:
+        first, last = self._passage_sentences[pid]
+        return range(int(first), int(last) + 1)
+
+    def citation(self, article_id: str, start: int, end: int) -> Citation:
+        a = self._articles[article_id]
+        return Citation(a.id, a.source, a.title, a.date, start, end)
+
+    def question_terms(self, question: str) -> list[str]:
+        return analyze(self.prepare(question)[1])
