@@ -136,5 +136,102 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool) -> None
             _print_hits(result)
 
 
+@cli.command("eval")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--mode", "modes", help="Retrieval modes to compare, comma-separated (e.g. dense,lexical,hybrid) "
+              "[default: the Searcher's default].")
+@click.option("--url", help="Ask a running service (POST URL/api/ask) instead of searching in-process.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.json, report.md and recall.png into this folder.")
+@click.option("--depth", type=click.IntRange(1, 1000), help="Passages retrieved per question "
+              "[default: 100 in-process, 50 over HTTP].")
+@click.option("--seeds-dir", type=click.Path(file_okay=False, path_type=Path), envvar="QA_SEEDS_DIR",
+              default="seeds", show_default=True, help="Articles the index is built from (question files).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where BEIR corpora are indexed [default: INDEX_DIR/beir].")
+@click.option("--split", default="test", show_default=True, help="BEIR qrels split (qrels/SPLIT.tsv).")
+@click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N questions.")
+@click.option("--latency-sample", type=click.IntRange(0), default=200, show_default=True,
+              help="In-process: time this many single questions (Searcher.ask).")
+@click.option("--grouped", is_flag=True, help="In-process, score the grouped results the API shows "
+              "instead of the raw passage ranking (question files).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
+@_common
+def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as_json: bool, out_dir: Path | None,
+          depth: int | None, seeds_dir: Path, cache_dir: Path | None, split: str, limit: int | None,
+          latency_sample: int, grouped: bool, progress: bool | None) -> None:
+    """Evaluate retrieval on PATH: a JSON Lines question file or a BEIR folder."""
+    import time
+
+    from . import evaluation as ev
+
+    started = time.perf_counter()
+    progress = sys.stderr.isatty() if progress is None else progress
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else [None]
+    try:
+        dataset = ev.load_dataset(path, split)
+    except ev.DatasetError as exc:
+        raise click.BadParameter(exc.message, param_hint="PATH") from None
+    if limit:
+        dataset.questions = dataset.questions[:limit]
+    if url:
+        backend = ev.HttpBackend(url)
+    else:
+        from .retrieval import Searcher
+
+        if dataset.format == "beir":
+            from .embedding import load_embedder
+
+            embedder = load_embedder(settings.model)
+            beir_settings, note = ev.ensure_beir_index(path, settings, cache_dir or settings.index_dir / "beir",
+                                                       embedder, progress=progress)
+            click.echo(note, err=True)
+            searcher = Searcher(beir_settings, embedder=embedder)
+        else:
+            click.echo(ensure_index(settings, seeds_dir, progress=progress), err=True)
+            searcher = Searcher(settings)
+        backend = ev.LocalBackend(searcher, grouped=grouped and dataset.format == "questions")
+    try:
+        summaries = ev.evaluate(dataset, backend, mode_list, depth, latency_sample=latency_sample, progress=progress)
+    except ev.UnknownMode as exc:
+        raise click.BadParameter(exc.message, param_hint="--mode") from None
+    if as_json:
+        click.echo(json.dumps(ev.summary_json(summaries), indent=2, ensure_ascii=False))
+    else:
+        click.echo(ev.format_table(summaries))
+    if out_dir:
+        written = ev.write_report(summaries, out_dir)
+        click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    click.echo(f"evaluated {len(dataset.questions)} questions x {len(summaries)} mode(s) "
+               f"in {time.perf_counter() - started:.1f} s", err=True)
+
+
+@cli.command()
+@click.option("--host", envvar="QA_HOST", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", envvar="QA_PORT", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", envvar="QA_WORKERS", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Worker processes; each loads the index and the model once.")
+@click.option("--build", "build_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="SEEDS_DIR", help="First build the index from SEEDS_DIR if it is missing or stale.")
+@click.option("--public", is_flag=True, help="Allow a non-loopback --host (reachable from other machines).")
+@_common
+def serve(settings: Settings, host: str, port: int, workers: int, build_from: Path | None, public: bool) -> None:
+    """Serve the JSON API and the web form under gunicorn."""
+    from .web import server
+
+    if server.debug_requested():
+        raise click.ClickException("Refusing to serve with FLASK_DEBUG set: Flask's debugger can run arbitrary "
+                                   "code. Unset FLASK_DEBUG.")
+    if not public and not server.is_loopback(host):
+        raise click.UsageError(f"{host} is not a loopback address, so other machines could use the service. "
+                               "Pass --public to allow that.")
+    if build_from is not None:
+        click.echo(server.build_in_subprocess(settings, build_from), err=True)
+    server.check_index(settings)
+    click.echo(f"serving http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops", err=True)
+    server.run(settings, host, port, workers)
+
+
 def main() -> None:  # pragma: no cover
     cli()
