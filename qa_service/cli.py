@@ -92,12 +92,19 @@ def index(settings: Settings, seeds_dir: Path, force: bool) -> None:
 def _print_hits(result: dict) -> None:
     if not result["results"]:
         click.echo("No passages found.")
+    elif result.get("answerable") is False:
+        click.echo(click.style("The articles do not seem to answer this; the closest passages:", fg="yellow"))
     for hit in result["results"]:
         c = hit["citation"]
         head = f"{hit['rank']}. [{hit['score']:.3f}] {c['title'] or c['source']}"
         click.echo(click.style(head, bold=True))
         click.echo(f"   {c['article_id']} · {c['date'] or 'undated'} · chars {c['start']}-{c['end']}")
         click.echo("   " + hit["text"].replace("\n", "\n   "))
+        if hit.get("answer"):
+            click.echo(click.style("   → " + hit["answer"]["text"], fg="green"))
+        for other in hit.get("also_reported_by", []):
+            click.echo(f"   also reported by {other['title'] or other['source']} ({other['date'] or 'undated'}): "
+                       f"{other['answer']['text']}")
         click.echo()
 
 
@@ -105,8 +112,10 @@ def _print_hits(result: dict) -> None:
 @click.argument("question", required=False)
 @click.option("-k", type=click.IntRange(1, 50), default=5, show_default=True, help="How many passages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result structure.")
+@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+              help="Retrieval: fused dense + BM25, or one of them alone.")
 @_common
-def ask(settings: Settings, question: str | None, k: int, as_json: bool) -> None:
+def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: str) -> None:
     """Ask QUESTION (or, without one, read questions interactively)."""
     from .retrieval import Searcher
 
@@ -128,7 +137,7 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool) -> None
     for q in questions or interactive():
         if not q.strip():
             raise click.UsageError("The question is empty.")
-        result = searcher.ask(q, k)
+        result = searcher.ask(q, k, mode=mode)
         if as_json:
             result.pop("took_ms", None)
             click.echo(json.dumps(result, ensure_ascii=False, indent=2))

@@ -56,7 +56,7 @@ class RetrievalConfig:
     alpha: float = 0.5  # convex fusion: weight of the dense score
     sentence_weight: float = 0.5  # dense score = (1 - w) * passage cosine + w * best sentence cosine
     candidates: int = 50
-    date_boost: float = 0.15
+    date_boost: float = 0.3  # share of the query's score range given to a date match
 
 
 @dataclass
@@ -225,7 +225,7 @@ class Searcher:
         preference = date_preference(question, [self._article_dates[a] for a in self._passage_article[pids]])
         if preference is not None and mode == "hybrid":
             # A bonus the size of a few ranks: enough to order close calls, not to override relevance.
-            spread = float(fused.max() - np.median(fused)) if len(fused) > 1 else 0.0
+            spread = float(fused.max() - fused.min()) if len(fused) > 1 else 0.0
             fused = fused + cfg.date_boost * spread * preference
         order = np.argsort(-fused, kind="stable")
         cands = [Candidate(int(pids[i]), float(fused[i]), float(dense[i]), float(lex[i])) for i in order]

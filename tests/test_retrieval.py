@@ -1,0 +1,118 @@
+"""Hybrid retrieval: modes, filters before ranking, spelling variants, dates, answer sentences, grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qa_service.errors import InvalidRequest
+from qa_service.retrieval import fusion
+from qa_service.retrieval.dates import date_preference, question_period
+from qa_service.retrieval.lexical import Vocabulary, analyze, translit_key, words
+from qa_service.types import Filters
+
+
+def test_rrf_and_convex_fusion_by_hand():
+    dense = np.array([0.9, 0.5, 0.1])
+    lexical = np.array([0.0, 4.0, 2.0])
+    rrf = fusion.reciprocal_rank_fusion([dense, lexical], [1.0, 1.0], k=60,
+                                        present=[np.ones(3, bool), lexical > 0])
+    assert rrf == pytest.approx([1 / 61, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62])
+    assert fusion.convex_fusion(dense, lexical, 0.5) == pytest.approx([0.45, 0.75, 0.30])
+    assert fusion.convex_fusion(dense, np.zeros(3), 0.5) == pytest.approx(dense * 0.5)
+
+
+def test_lexical_analysis_folds_quotes_and_numbers():
+    assert words("Iran’s 47,400 Palestinians") == ["iran", "47400", "palestinians"]
+    assert analyze("Iran’s") == analyze("Iran's") == ["iran"]
+    assert translit_key("Araqchi") == translit_key("Araghchi")
+    assert translit_key("Haniya") == translit_key("Haniyeh")
+    assert translit_key("al-Hayyah") == translit_key("al-Hayya")
+
+
+@pytest.mark.parametrize("variant,indexed", [
+    ("Araqchi", "araghchi"), ("Pezeshkiyan", "pezeshkian"), ("Haniya", "haniyeh"), ("al-Hayyah", "al-hayya"),
+    ("Galant", "gallant"),
+])
+def test_name_variants_found_in_vocabulary(seed_articles, variant, indexed):
+    vocab = Vocabulary.from_texts(a.text for a in seed_articles)
+    _corrected, found = vocab.correct(f"What did {variant} say?")
+    assert indexed in found[variant]
+
+
+def test_variant_spelling_finds_the_other_spelling(fake_searcher):
+    for question, expected_word in [("Araqchi statement", "Araghchi"), ("Ismail Haniya bureau", "Haniyeh"),
+                                    ("Pezeshkiyan remark", "Pezeshkian"), ("Khalil al-Hayyah", "al-Hayya")]:
+        hits = fake_searcher.search(question, k=5, mode="lexical")
+        assert any(expected_word in h.text for h in hits), question
+
+
+def test_modes_and_unknown_mode(fake_searcher):
+    for mode in ("dense", "lexical", "hybrid"):
+        hits = fake_searcher.search("ceasefire prisoner exchange", k=3, mode=mode)
+        assert hits and [h.rank for h in hits] == list(range(1, len(hits) + 1))
+    with pytest.raises(InvalidRequest) as err:
+        fake_searcher.search("x", mode="magic")
+    assert err.value.code == "invalid_mode"
+
+
+def test_filters_apply_before_ranking(fake_searcher):
+    only = "003_ef52944349a1f149"
+    for mode in ("dense", "lexical", "hybrid"):
+        hits = fake_searcher.search("Araghchi Doha meeting", k=5, filters=Filters(sources=(only,)), mode=mode)
+        assert hits, mode  # filtering first still fills results from the allowed article
+        assert {h.citation.article_id for h in hits} == {only}
+    by_name = fake_searcher.search("Gaza", k=5, filters=Filters(sources=("002_043a94255de812b2.txt",)))
+    assert {h.citation.article_id for h in by_name} == {"002_043a94255de812b2"}
+    dated = fake_searcher.search("Gaza ceasefire", k=10, filters=Filters(date_from="2025-01-01", date_to="2025-01-31"))
+    assert dated and {h.citation.date for h in dated} == {"2025-01-31"}
+    assert fake_searcher.search("Gaza", k=5, filters=Filters(date_from="2030-01-01")) == []
+    with pytest.raises(InvalidRequest) as err:
+        fake_searcher.search("Gaza", filters=Filters(sources=("nope",)))
+    assert err.value.code == "unknown_source"
+
+
+def test_question_periods():
+    assert str(question_period("What happened in June 2024?")) == "(datetime.date(2024, 6, 1), datetime.date(2024, 6, 30))"
+    lo, hi = question_period("talks in late January 2025")
+    assert (lo.isoformat(), hi.isoformat()) == ("2025-01-20", "2025-01-31")
+    assert question_period("during 2023 the war") is not None
+    assert question_period("What did Pezeshkian say?") is None
+    pref = date_preference("in late January 2025", ["2025-01-31", "2025-02-09", "2024-06-20", None])
+    assert pref[0] == 1.0 and 0.5 < pref[1] < 1.0 and pref[2] == 0.0 and pref[3] == 0.5
+
+
+def test_date_in_question_prefers_that_time(fake_searcher):
+    june = fake_searcher.search("Hamas and Iran's foreign minister meeting in June 2024", k=3)
+    assert june[0].citation.date == "2024-06-20"
+
+
+def test_answer_sentence_is_exact_and_inside_the_passage(fake_searcher, seed_articles):
+    texts = {a.id: a.text for a in seed_articles}
+    for q in ["bilateral meetings with foreign ministers", "death toll women children", "JCPOA renewal October 9"]:
+        for hit in fake_searcher.search(q, k=5):
+            a = hit.extra["answer"]
+            c = hit.citation
+            assert c.start <= a["start"] < a["end"] <= c.end
+            assert texts[c.article_id][a["start"]:a["end"]] == a["text"]
+            for other in hit.extra["also_reported_by"]:
+                assert texts[other["article_id"]][other["start"]:other["end"]] == other["text"]
+                oa = other["answer"]
+                assert texts[other["article_id"]][oa["start"]:oa["end"]] == oa["text"]
+
+
+def test_no_overlapping_windows_of_one_article(fake_searcher):
+    for q in ["Gaza", "Hamas Iran foreign minister", "ceasefire"]:
+        hits = fake_searcher.search(q, k=10)
+        for i, a in enumerate(hits):
+            for b in hits[i + 1:]:
+                if a.citation.article_id == b.citation.article_id:
+                    assert a.citation.end <= b.citation.start or b.citation.end <= a.citation.start
+
+
+def test_ask_structure(fake_searcher):
+    result = fake_searcher.ask("Who met in Doha?", k=3)
+    assert set(result) >= {"question", "mode", "answerable", "results", "took_ms"}
+    assert isinstance(result["answerable"], bool)
+    for r in result["results"]:
+        assert set(r) >= {"rank", "score", "text", "citation", "answer", "also_reported_by"}
