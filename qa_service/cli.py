@@ -23,9 +23,11 @@ def _common(func):
                   default="index", show_default=True, help="Where the index lives.")
     @click.option("--model", envvar="QA_MODEL", default=DEFAULT_MODEL, show_default=True,
                   help="sentence-transformers model name or folder (default: the shipped offline copy).")
+    @click.option("--reranker", envvar="QA_RERANKER", default=None,
+                  help="Optional cross-encoder name or folder to rerank the best candidates (off by default).")
     @functools.wraps(func)
-    def wrapper(*args, index_dir, model, **kwargs):
-        settings = Settings.from_env(index_dir=index_dir, model=model)
+    def wrapper(*args, index_dir, model, reranker, **kwargs):
+        settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker)
         try:
             return func(settings, *args, **kwargs)
         except QAError as exc:

@@ -21,9 +21,12 @@ class Settings:
     max_tokens: int = 128
     overlap_sentences: int = 1
     batch_size: int = 32
+    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder).
+    quantize: str = "none"
     max_question_chars: int = 1000
     max_k: int = 50
     max_body_bytes: int = 64 * 1024
+    reranker: str | None = None  # optional cross-encoder (QA_RERANKER / --reranker)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -37,6 +40,10 @@ class Settings:
             values["seeds_dir"] = Path(env["QA_SEEDS_DIR"])
         if env.get("QA_MODEL"):
             values["model"] = env["QA_MODEL"]
+        if env.get("QA_RERANKER"):
+            values["reranker"] = env["QA_RERANKER"]
+        if env.get("QA_QUANTIZE"):
+            values["quantize"] = env["QA_QUANTIZE"]
         for key, value in overrides.items():
             if value is not None:
                 values[key] = Path(value) if key in ("index_dir", "seeds_dir") else value

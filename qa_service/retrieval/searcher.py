@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import Settings
-from ..embedding import Embedder, load_embedder
+from ..embedding import Embedder, load_query_embedder
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, InvalidRequest
 from ..store import (LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, check_model, read_manifest,
                      rebuild_hint)
@@ -57,6 +57,8 @@ class RetrievalConfig:
     sentence_weight: float = 0.5  # dense score = (1 - w) * passage cosine + w * best sentence cosine
     candidates: int = 50
     date_boost: float = 0.3  # share of the query's score range given to a date match
+    reranker: str | None = None  # cross-encoder name or folder; None: no reranking
+    rerank_top: int = 20
 
 
 @dataclass
@@ -73,12 +75,12 @@ class Searcher:
     def __init__(self, settings: Settings | None = None, embedder: Embedder | None = None,
                  config: RetrievalConfig | None = None):
         self.settings = settings or Settings.from_env()
-        self.config = config or RetrievalConfig()
+        self.config = config or RetrievalConfig(reranker=self.settings.reranker)
         index_dir = Path(self.settings.index_dir)
         manifest = read_manifest(index_dir)
         if embedder is None:
             check_model(manifest, self.settings.model, index_dir)
-            embedder = load_embedder(self.settings.model)
+            embedder = load_query_embedder(manifest, self.settings.model)  # ONNX when the index has it: no torch
         elif manifest.get("model") != embedder.name:
             raise IndexMismatch(f"The index in {index_dir} was built with model {manifest.get('model')!r}, "
                                 f"not {embedder.name!r}. {rebuild_hint(index_dir)}")
@@ -101,6 +103,11 @@ class Searcher:
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
+        self.reranker = None
+        if self.config.reranker:
+            from .rerank import CrossEncoderReranker
+
+            self.reranker = CrossEncoderReranker(self.config.reranker, self.config.rerank_top)
         ids = sorted(self._articles)
         self._article_pos = {a: i for i, a in enumerate(ids)}
         self._article_ids = ids
@@ -229,12 +236,25 @@ class Searcher:
             fused = fused + cfg.date_boost * spread * preference
         order = np.argsort(-fused, kind="stable")
         cands = [Candidate(int(pids[i]), float(fused[i]), float(dense[i]), float(lex[i])) for i in order]
+        if self.reranker is not None and cands:
+            cands = self._rerank(question, cands)
         sims = {int(pids[i]): sent_sims[i] for i in order}
         return cands, sims
 
-    def search(self, question: str, k: int = 5, filters: Filters | None = None, mode: str = "hybrid") -> list[Hit]:
+    def _rerank(self, question: str, cands: list[Candidate]) -> list[Candidate]:
+        """Reorder the best ``rerank_top`` candidates by the cross-encoder; their score becomes its score."""
+        head, tail = cands[: self.reranker.top_n], cands[self.reranker.top_n:]
+        rows = self._passages([c.pid for c in head])
+        scores = self.reranker.scores(question, [rows[c.pid][3] for c in head])
+        for cand, score in zip(head, scores):
+            cand.score = float(score)
+        head.sort(key=lambda c: -c.score)
+        return head + tail
+
+    def search(self, question: str, k: int = 5, filters: Filters | None = None, mode: str = "hybrid",
+               group: bool = True) -> list[Hit]:
         """Return the top ``k`` passages for ``question``, best first."""
-        return self.search_many([question], k, filters, mode)[0]
+        return self.search_many([question], k, filters, mode, group=group)[0]
 
     def search_many(self, questions: Sequence[str], k: int = 5, filters: Filters | None = None,
                     mode: str = "hybrid", group: bool = True) -> list[list[Hit]]:
