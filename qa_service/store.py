@@ -9,6 +9,7 @@ Layout::
         passages.sqlite       articles, passages (row id == vector id) and sentences
         vectors.faiss         FAISS inner-product index over L2-normalised passage vectors
         sentences.npy         float32 [n_sentences, d] sentence vectors (answer sentence, scoring)
+        model/                ONNX export of the model + tokenizer.json: the torch-free query encoder
         lexical/              BM25 index (bm25s) over the same passages
         vocabulary.json       surface words and their passage counts (spelling-variant lookup)
 
@@ -38,6 +39,7 @@ from .chunking import pack_sentences, sentence_units
 from .config import Settings
 from .embedding import Embedder, canonical_model_name
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
+from .onnx_encoder import encoder_status, prepare_encoder
 from .types import Article, Passage
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,9 @@ def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool,
         return False, "the chunking settings changed"
     if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
         return False, "the articles changed"
+    reason = encoder_status(manifest, settings.quantize)
+    if reason:
+        return False, reason
     return True, "up to date"
 
 
@@ -229,6 +234,8 @@ def build_index(
     try:
         chunks = chunk_articles(articles, embedder, settings)
         passages = chunks.passages
+        # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
+        embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
         vectors = embedder.encode([p.text for p in passages], batch_size=settings.batch_size, progress=progress)
         if vectors.shape != (len(passages), embedder.dimension):
             raise RuntimeError(f"embedder returned shape {vectors.shape} for {len(passages)} passages")
@@ -254,6 +261,7 @@ def build_index(
             "model": embedder.name,
             "dimension": embedder.dimension,
             "chunking": chunking_settings(settings),
+            "encoder": encoder,
             "faiss": {"type": "IndexFlatIP", "metric": "inner_product"},
             "articles": {a.id: a.content_hash for a in articles},
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences)},
