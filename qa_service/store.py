@@ -215,6 +215,77 @@ class BuildSummary:
     passages: int
     seconds: float
     build_dir: str
+    reused_articles: int = 0  # unchanged articles whose vectors came from the previous build
+
+
+def _fill(vectors: np.ndarray, texts: Sequence[str], embedder: Embedder, batch_size: int, progress: bool) -> None:
+    """Embed the rows of ``vectors`` that are still NaN (not reused), in place."""
+    todo = np.flatnonzero(np.isnan(vectors[:, 0])) if len(vectors) else np.zeros(0, dtype=np.int64)
+    if len(todo):
+        new = embedder.encode([texts[i] for i in todo], batch_size=batch_size, progress=progress)
+        if new.shape != (len(todo), vectors.shape[1]):
+            raise RuntimeError(f"embedder returned shape {new.shape} for {len(todo)} texts")
+        vectors[todo] = new
+
+
+def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settings: Settings,
+                      articles: Sequence[Article], chunks: Chunks) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return passage and sentence vector arrays pre-filled (NaN elsewhere) from the live build.
+
+    An article's vectors are reused only when the live build used the same model, encoder, precision and
+    chunking, holds the same content hash for it, and cut it into exactly the same spans.
+    """
+    import faiss
+
+    d = embedder.dimension
+    pvecs = np.full((len(chunks.passages), d), np.nan, dtype=np.float32)
+    svecs = np.full((len(chunks.sentences), d), np.nan, dtype=np.float32)
+    try:
+        old = read_manifest(index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
+        return pvecs, svecs, 0
+    same_encoder = all(old.get("encoder", {}).get(key) == encoder.get(key) for key in ("backend", "precision", "sha256"))
+    if (old.get("model") != embedder.name or old.get("dimension") != d or not same_encoder
+            or old.get("chunking") != chunking_settings(settings)):
+        return pvecs, svecs, 0
+    unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
+    if not unchanged:
+        return pvecs, svecs, 0
+    build = Path(old["_build_dir"])
+    new_p: dict[str, list[int]] = {}
+    for i, p in enumerate(chunks.passages):
+        new_p.setdefault(p.article_id, []).append(i)
+    new_s: dict[str, list[int]] = {}
+    for i, (a, _s, _e) in enumerate(chunks.sentences):
+        new_s.setdefault(a, []).append(i)
+    try:
+        con = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True)
+        old_p: dict[str, list[tuple[int, int, int]]] = {}
+        for pid, a, st, en in con.execute('SELECT id, article_id, start, "end" FROM passages ORDER BY id'):
+            old_p.setdefault(a, []).append((pid, st, en))
+        old_s: dict[str, list[tuple[int, int, int]]] = {}
+        for sid, a, st, en in con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id'):
+            old_s.setdefault(a, []).append((sid, st, en))
+        con.close()
+        old_index = faiss.read_index(str(build / VECTORS))
+        old_sent = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
+    except (sqlite3.DatabaseError, RuntimeError, OSError, ValueError):
+        logger.warning("previous build unreadable; embedding every article again")
+        return pvecs, svecs, 0
+    reused = 0
+    for aid in unchanged:
+        np_ids, ns_ids = new_p.get(aid, []), new_s.get(aid, [])
+        op, os_ = old_p.get(aid, []), old_s.get(aid, [])
+        if [(chunks.passages[i].start, chunks.passages[i].end) for i in np_ids] != [(st, en) for _, st, en in op]:
+            continue
+        if [(chunks.sentences[i][1], chunks.sentences[i][2]) for i in ns_ids] != [(st, en) for _, st, en in os_]:
+            continue
+        if np_ids:
+            pvecs[np_ids] = old_index.reconstruct_batch(np.array([pid for pid, _, _ in op], dtype=np.int64))
+        if ns_ids:
+            svecs[ns_ids] = old_sent[[sid for sid, _, _ in os_]]
+        reused += 1
+    return pvecs, svecs, reused
 
 
 def build_index(
@@ -236,12 +307,12 @@ def build_index(
         passages = chunks.passages
         # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
         embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
-        vectors = embedder.encode([p.text for p in passages], batch_size=settings.batch_size, progress=progress)
-        if vectors.shape != (len(passages), embedder.dimension):
-            raise RuntimeError(f"embedder returned shape {vectors.shape} for {len(passages)} passages")
         texts = {a.id: a.text for a in articles}
-        sentence_vectors = embedder.encode([texts[a][s:e] for a, s, e in chunks.sentences],
-                                           batch_size=settings.batch_size * 2, progress=progress)
+        # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
+        vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
+        _fill(vectors, [p.text for p in passages], embedder, settings.batch_size, progress)
+        _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], embedder,
+              settings.batch_size * 2, progress)
         index = faiss.IndexFlatIP(embedder.dimension)
         if len(vectors):
             index.add(vectors)
@@ -264,7 +335,8 @@ def build_index(
             "encoder": encoder,
             "faiss": {"type": "IndexFlatIP", "metric": "inner_product"},
             "articles": {a.id: a.content_hash for a in articles},
-            "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences)},
+            "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
+                       "reused_articles": reused},
             "files": files,
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
@@ -280,7 +352,7 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(index_dir, keep=build_id)
-    return BuildSummary(len(articles), len(passages), time.perf_counter() - started, str(final))
+    return BuildSummary(len(articles), len(passages), time.perf_counter() - started, str(final), reused)
 
 
 def _publish(index_dir: Path, build_id: str) -> None:

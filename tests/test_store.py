@@ -164,3 +164,41 @@ def test_killed_builds_leave_a_usable_index(tmp_path, seed_articles):
         if held == new:  # reset so later trials again start from the old index
             _build(settings, seed_articles[:2])
     assert outcomes["old"] >= 1
+
+
+class CountingEmbedder(FakeEmbedder):
+    def __init__(self):
+        super().__init__()
+        self.texts: list[str] = []
+
+    def encode(self, texts, batch_size=32, progress=False):
+        self.texts.extend(texts)
+        return super().encode(texts, batch_size, progress)
+
+
+def test_incremental_build_reembeds_only_changed_articles(tmp_path, seed_articles):
+    import dataclasses
+
+    import numpy as np
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles[:4])
+    changed = dataclasses.replace(seed_articles[1], text=seed_articles[1].text + "\n\nA new closing line.",
+                                  content_hash="changed")
+    articles = [seed_articles[0], changed, seed_articles[2], seed_articles[4]]  # 3 removed, 4 added, 1 changed
+    counting = CountingEmbedder()
+    summary = _build(settings, articles, counting)
+    assert summary.reused_articles == 2
+    embedded = "\n".join(counting.texts)
+    assert "A new closing line." in embedded
+    assert seed_articles[4].text[:60] in embedded
+    assert seed_articles[0].text[:60] not in embedded and seed_articles[2].text[:60] not in embedded
+
+    fresh = Settings(index_dir=tmp_path / "fresh", model="fake-hash-64")
+    _build(fresh, articles)
+    a, b = Searcher(settings, embedder=FakeEmbedder()), Searcher(fresh, embedder=FakeEmbedder())
+    assert a.passage_count == b.passage_count
+    ids = np.arange(a.passage_count)
+    np.testing.assert_allclose(a.dense.vectors(ids), b.dense.vectors(ids), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a.sentence_vectors), np.asarray(b.sentence_vectors), atol=1e-6)
+    assert {x.id for x in a.articles()} == {x.id for x in articles}
