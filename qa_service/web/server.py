@@ -1,0 +1,180 @@
+"""Run the web app under gunicorn (embedded with ``BaseApplication``), never Flask's development server.
+
+Choices, for a CPU-bound service on a small machine:
+
+* ``gthread`` workers (default 2 processes x 4 threads): threads keep idle keep-alive or slow connections
+  (browsers open spare sockets) from blocking a whole worker, while the searcher's lock runs one
+  encoding at a time per process, which is all a core can do anyway.
+* Each worker builds its own app, so the index and the model load once per worker process, after the
+  fork (``preload_app`` off). torch's OpenMP pool and onnxruntime's thread pools do not survive a
+  fork, so nothing that has run the model may be forked; for the same reason ``--build`` embeds the
+  seeds in a separate, spawned process and the server process itself never loads the model.
+* The master only checks the index manifest (cheap, no torch) so a missing or mismatched index fails
+  fast with a sentence instead of a worker traceback.
+* Logs (errors and access) go to stderr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+from ..config import Settings
+from ..errors import QAError
+
+logger = logging.getLogger(__name__)
+
+WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
+
+
+class StderrLogger(GunicornLogger):
+    """gunicorn's logger, with the access log on stderr (gunicorn sends ``-`` to stdout)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in self.access_log.handlers:
+            if getattr(handler, "_gunicorn", False) and isinstance(handler, logging.StreamHandler) \
+                    and getattr(handler, "stream", None) is sys.stdout:
+                handler.setStream(sys.stderr)
+
+
+def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeout: int = 30) -> dict:
+    """Return the gunicorn settings this service runs with."""
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "bind": [bind],
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": timeout,
+        "graceful_timeout": 10,
+        "keepalive": 5,
+        "preload_app": False,
+        "limit_request_line": 8190,  # gunicorn's maximum: fits a 1,000-character ASCII question, URL-encoded
+        "limit_request_fields": 64,
+        "limit_request_field_size": 8190,
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": "info",
+        "logger_class": StderrLogger,
+        "proc_name": "qa-service",
+        "forwarded_allow_ips": "127.0.0.1,::1",
+        "post_fork": _remember_worker,
+        "control_socket_disable": True,  # gunicorn >= 25: no runtime-control socket in $HOME
+    }
+
+
+_worker = None  # the gunicorn worker of this process, for the heartbeat while the model loads
+
+
+def _remember_worker(server, worker) -> None:
+    global _worker
+    _worker = worker
+
+
+class _Heartbeat:
+    """Tell the gunicorn master this worker is alive while it loads, so a slow start is not killed.
+
+    gunicorn counts a worker's boot against ``timeout``; loading torch and the model on a busy
+    2-core machine can take longer than a request ever should.
+    """
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="boot-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self):
+        while _worker is not None and not self._stop.wait(1.0):
+            _worker.notify()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class QAServer(BaseApplication):
+    """gunicorn, configured in code, serving ``create_app(settings)`` in each worker."""
+
+    def __init__(self, settings: Settings, options: dict):
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
+                self.cfg.set(key, value)
+
+    def load(self):
+        from . import create_app
+
+        with _Heartbeat():
+            try:
+                app = create_app(self.settings)
+            except QAError as exc:
+                logging.getLogger("gunicorn.error").error("cannot start: %s", exc.message)
+                sys.exit(WORKER_BOOT_ERROR)
+            warm_up(app)
+        return app
+
+
+def warm_up(app) -> None:
+    """Ask one question at start-up so the first real one does not pay for lazy initialisation."""
+    try:
+        app.extensions["qa_service"].searcher.ask("warm up", k=1)
+    except Exception:  # a failed warm-up must not stop the server; the request will show the error
+        logger.warning("warm-up question failed", exc_info=True)
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def debug_requested() -> bool:
+    return os.environ.get("FLASK_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _build(settings: Settings, seeds_dir: Path) -> str:
+    from ..cli import ensure_index
+
+    return ensure_index(settings, seeds_dir, progress=False)
+
+
+def build_in_subprocess(settings: Settings, seeds_dir: Path) -> str:
+    """Run ``ensure_index`` in a spawned process, so this one never runs the model before forking."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_build, (settings, seeds_dir))
+
+
+def check_index(settings: Settings) -> dict:
+    """Raise a ``QAError`` unless the index is there, whole, and built with ``settings.model``."""
+    from ..store import check_model, read_manifest
+
+    manifest = read_manifest(settings.index_dir)
+    check_model(manifest, settings.model, Path(settings.index_dir))
+    return manifest
+
+
+def run(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Serve until stopped (SIGINT/SIGTERM)."""
+    QAServer(settings, gunicorn_options(host, port, workers)).run()

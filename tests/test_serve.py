@@ -1,0 +1,158 @@
+"""`qa-service serve`: start-up checks (fast) and a real gunicorn subprocess on the real model (slow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from qa_service.cli import cli
+from qa_service.web.server import QAServer, gunicorn_options, is_loopback
+
+SEEDS = Path(__file__).resolve().parent.parent / "seeds"
+QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.9", True), ("::1", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.168.1.10", False), ("no-such-host.invalid", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_needs_public(fake_index, monkeypatch):
+    monkeypatch.delenv("FLASK_DEBUG", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--index-dir", str(fake_index.index_dir)])
+    assert result.exit_code == 2 and "--public" in result.output
+
+
+def test_debug_is_refused(fake_index, monkeypatch):
+    monkeypatch.setenv("FLASK_DEBUG", "1")
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(fake_index.index_dir)])
+    assert result.exit_code == 1 and "FLASK_DEBUG" in result.output
+
+
+def test_missing_or_mismatched_index_fails_before_serving(tmp_path, fake_index, monkeypatch):
+    monkeypatch.delenv("FLASK_DEBUG", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "No index found" in result.output and "Traceback" not in result.output
+    # the fake index was built with another model than the default one
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(fake_index.index_dir)])
+    assert result.exit_code == 1 and "fake-hash-64" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--build", str(tmp_path / "no-seeds")])
+    assert result.exit_code == 2
+
+
+def test_gunicorn_configuration(fake_index):
+    server = QAServer(fake_index, gunicorn_options("127.0.0.1", 8123, workers=3))
+    cfg = server.cfg
+    assert cfg.bind == ["127.0.0.1:8123"] and cfg.workers == 3
+    assert cfg.worker_class_str == "gthread" and cfg.timeout == 30 and not cfg.preload_app
+    assert cfg.limit_request_line == 8190
+    assert gunicorn_options("::1", 80, 1)["bind"] == ["[::1]:80"]
+
+
+# --------------------------------------------------------------------------- a real server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("qa-service")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from qa_service.cli import cli; cli()"]
+
+
+@pytest.mark.slow
+def test_serve_real_model_over_http(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QA_") and k != "FLASK_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"
+    seeds, index = tmp_path / "seeds", tmp_path / "index"
+    shutil.copytree(SEEDS, seeds)
+    built = subprocess.run(_command() + ["index", str(seeds), "--index-dir", str(index)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    # Change one article: `serve --build` must notice the stale index and rebuild before serving.
+    with open(seeds / "001_714cc25dd3f7c4d2.txt", "a", encoding="utf-8") as fh:
+        fh.write("\n\nThe flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n")
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen(_command() + ["serve", "--build", str(seeds), "--index-dir", str(index),
+                                          "--port", str(port), "--workers", "2"],
+                            env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()
+            try:
+                if requests.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.5)
+
+        health = requests.get(base + "/healthz", timeout=10).json()
+        assert health["index_loaded"] is True and health["model"] == "all-MiniLM-L6-v2" and health["articles"] == 5
+
+        r = requests.post(base + "/api/ask", json={"question": QUESTION}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["ok"] is True and body["results"]
+        texts = {}
+        for hit in body["results"]:
+            c = hit["citation"]
+            if c["article_id"] not in texts:
+                texts[c["article_id"]] = requests.get(f"{base}/api/articles/{c['article_id']}", timeout=10).json()["text"]
+            assert texts[c["article_id"]][c["start"]:c["end"]] == hit["text"]
+        assert any(h["citation"]["article_id"].startswith("003_") and "rebuild Gaza" in h["text"]
+                   for h in body["results"][:3])
+
+        # the rebuilt index holds the changed article; both workers answer (several requests)
+        for _ in range(4):
+            hits = requests.get(base + "/api/ask", params={"q": "flamingo parade with zebras", "k": 1},
+                                timeout=60).json()["results"]
+            assert "flamingo" in hits[0]["text"]
+
+        bad = requests.post(base + "/api/ask", json={"question": " "}, timeout=10)
+        assert bad.status_code == 400 and bad.json() == {
+            "ok": False, "error": {"code": "question_empty", "message": "The question is empty; type a question."}}
+        bad = requests.post(base + "/api/ask", data="{", headers={"Content-Type": "application/json"}, timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        bad = requests.post(base + "/api/ask", data="x" * 70_000, headers={"Content-Type": "application/json"},
+                            timeout=10)
+        assert bad.status_code == 413 and bad.json()["error"]["code"] == "body_too_large"
+
+        page = requests.get(base + "/", params={"q": QUESTION}, timeout=60)
+        assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+        assert "script-src 'self'" in page.headers["Content-Security-Policy"] and 'class="hit"' in page.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+        out.close()
+        err.close()
+    assert code == 0
+    stderr = (tmp_path / "stderr").read_text()
+    assert "building index (the articles changed)" in stderr
+    assert '"POST /api/ask HTTP/1.1" 200' in stderr  # the access log goes to stderr
+    assert "Traceback" not in stderr
+    assert (tmp_path / "stdout").read_text().strip() == ""

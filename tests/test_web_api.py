@@ -1,0 +1,349 @@
+"""The JSON API: answers, citations that slice the article text, pass-through of extra keys, the error shape,
+and the OpenAPI document generated from the validating models."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from qa_service.errors import IndexCorrupt
+from qa_service.web import create_app
+from qa_service.web.errors import ERROR_CODES
+
+from .web_support import FailingSearcher, ModeSearcher, NoModeSearcher
+
+QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
+
+
+@pytest.fixture(scope="module")
+def app(fake_index, fake_searcher):
+    return create_app(fake_index, searcher=NoModeSearcher(fake_searcher))
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def mode_app(fake_index, fake_searcher):
+    return create_app(fake_index, searcher=ModeSearcher(fake_searcher))
+
+
+# --------------------------------------------------------------------------- answers
+
+def test_ask_returns_cited_passages_that_slice_the_article_text(client):
+    r = client.post("/api/ask", json={"question": QUESTION})
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    body = r.get_json()
+    assert body["ok"] is True and body["question"] == QUESTION
+    assert isinstance(body["took_ms"], float)
+    assert len(body["results"]) == 5
+    for rank, hit in enumerate(body["results"], 1):
+        assert hit["rank"] == rank
+        c = hit["citation"]
+        assert set(c) >= {"article_id", "source", "title", "date", "start", "end", "url"}
+        assert c["url"] == f"/articles/{c['article_id']}?start={c['start']}&end={c['end']}#p-{c['start']}-{c['end']}"
+        article = client.get(f"/api/articles/{c['article_id']}").get_json()
+        assert article["text"][c["start"]:c["end"]] == hit["text"]
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_get_answers_the_same_as_post(client):
+    posted = client.post("/api/ask", json={"question": QUESTION, "k": 3}).get_json()
+    got = client.get("/api/ask", query_string={"q": QUESTION, "k": "3"}).get_json()
+    assert [h["citation"] for h in got["results"]] == [h["citation"] for h in posted["results"]]
+    assert got["question"] == posted["question"]
+
+
+def test_question_is_trimmed_and_k_respected(client):
+    body = client.post("/api/ask", json={"question": "  Gaza ceasefire \n", "k": 2}).get_json()
+    assert body["question"] == "Gaza ceasefire" and len(body["results"]) == 2
+
+
+def test_filters_apply_before_ranking(client, fake_searcher):
+    article_id = fake_searcher.articles()[2].id
+    body = client.post("/api/ask", json={"question": QUESTION, "k": 10,
+                                         "filters": {"sources": [article_id]}}).get_json()
+    assert body["results"] and {h["citation"]["article_id"] for h in body["results"]} == {article_id}
+    body = client.post("/api/ask", json={"question": QUESTION, "filters": {"date_from": "2025-02-01",
+                                                                          "date_to": "2025-12-31"}}).get_json()
+    assert body["results"] and all("2025-02-01" <= h["citation"]["date"] <= "2025-12-31" for h in body["results"])
+    body = client.get("/api/ask", query_string={"q": QUESTION, "date_from": "1990-01-01",
+                                                "date_to": "1990-12-31"}).get_json()
+    assert body["ok"] is True and body["results"] == []
+    body = client.get("/api/ask", query_string=[("q", QUESTION), ("k", "20"), ("source", article_id),
+                                                ("source", fake_searcher.articles()[0].source)]).get_json()
+    assert {h["citation"]["article_id"] for h in body["results"]} <= {article_id, fake_searcher.articles()[0].id}
+
+
+def test_extra_keys_from_the_searcher_pass_through_and_mode_is_passed(mode_app):
+    client = mode_app.test_client()
+    searcher = mode_app.extensions["qa_service"].searcher
+    body = client.post("/api/ask", json={"question": QUESTION, "mode": "lexical", "k": 2}).get_json()
+    assert searcher.calls[-1]["mode"] == "lexical"
+    assert body["mode"] == "lexical" and body["answerable"] is True
+    for hit in body["results"]:
+        assert hit["custom"] == {"nested": [1, 2, 3]}
+        assert hit["answer"]["start"] == hit["citation"]["start"]
+        assert hit["also_reported_by"][0]["title"] == "Another <b>outlet</b>"
+    client.get("/api/ask", query_string={"q": QUESTION, "mode": "dense"})
+    assert searcher.calls[-1]["mode"] == "dense"
+    client.post("/api/ask", json={"question": QUESTION})
+    assert searcher.calls[-1]["mode"] == "hybrid"  # absent: the searcher's own default
+
+
+def test_mode_is_not_passed_to_a_searcher_without_modes(app, client):
+    r = client.post("/api/ask", json={"question": QUESTION, "mode": "dense"})
+    assert r.status_code == 200
+    assert "mode" not in app.extensions["qa_service"].searcher.calls[-1]
+
+
+# --------------------------------------------------------------------------- articles and health
+
+def test_articles_list_and_detail(client, fake_searcher):
+    body = client.get("/api/articles").get_json()
+    assert body["ok"] is True and body["count"] == len(fake_searcher.articles()) == len(body["articles"])
+    total = 0
+    for item in body["articles"]:
+        assert set(item) == {"id", "source", "title", "date", "passage_count", "url"}
+        assert item["url"] == f"/articles/{item['id']}"
+        total += item["passage_count"]
+        detail = client.get(f"/api/articles/{item['id']}").get_json()
+        assert detail["text"] == fake_searcher.article(item["id"]).text
+        assert {k: detail[k] for k in item} == item
+    assert total == fake_searcher.passage_count
+
+
+@pytest.mark.parametrize("path", ["/api/articles/nope", "/api/articles/..", "/api/articles/%2e%2e%2fseeds",
+                                  "/api/articles/..%2F..%2Fetc%2Fpasswd", "/api/articles/000_13c1da738e689733.txt",
+                                  "/api/articles/%00"])
+def test_unknown_article_ids_are_404(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+    assert r.get_json()["error"]["code"] in ("article_not_found", "not_found")
+    assert "/tmp" not in r.get_data(as_text=True) and "seeds/" not in r.get_data(as_text=True)
+
+
+def test_healthz(client, fake_searcher):
+    body = client.get("/healthz").get_json()
+    assert body == {"ok": True, "status": "ok", "index_loaded": True, "articles": len(fake_searcher.articles()),
+                    "passages": fake_searcher.passage_count, "model": "fake-hash-64",
+                    "build_id": fake_searcher.manifest["build_id"]}
+
+
+def test_security_headers_on_json(client):
+    r = client.get("/healthz")
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+
+
+# --------------------------------------------------------------------------- every error path
+
+BIG = json.dumps({"question": "x" * 70_000})
+
+ERROR_CASES = [
+    # (method, path, request kwargs, status, code)
+    ("POST", "/api/ask", {"json": {"question": ""}}, 400, "question_empty"),
+    ("POST", "/api/ask", {"json": {"question": "  \n\t "}}, 400, "question_empty"),
+    ("POST", "/api/ask", {"json": {}}, 400, "question_missing"),
+    ("POST", "/api/ask", {"json": {"k": 3}}, 400, "question_missing"),
+    ("POST", "/api/ask", {"json": {"question": "x" * 1001}}, 400, "question_too_long"),
+    ("POST", "/api/ask", {"json": {"question": 5}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": None}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": ["a"]}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": "5"}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": True}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": 2.5}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": "abc"}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"sources": "abc"}}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_from": 20250101}}}, 400, "wrong_type"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": 0}}, 400, "k_out_of_range"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": 51}}, 400, "k_out_of_range"),
+    ("POST", "/api/ask", {"json": {"question": "x", "k": -3}}, 400, "k_out_of_range"),
+    ("POST", "/api/ask", {"json": {"question": "x", "top_k": 3}}, 400, "unknown_field"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"source": ["a"]}}}, 400, "unknown_field"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_from": "2025-13-01"}}}, 400, "date_malformed"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_to": "31/01/2025"}}}, 400, "date_malformed"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_to": "2025-02-30"}}}, 400, "date_malformed"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_from": "2025-1-5"}}}, 400, "date_malformed"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"date_from": "2025-02-01", "date_to": "2025-01-01"}}},
+     400, "date_range_inverted"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"sources": ["no-such-article"]}}}, 400,
+     "unknown_source"),
+    ("POST", "/api/ask", {"json": {"question": "x", "filters": {"sources": ["a"] * 101}}}, 400, "too_many_sources"),
+    ("POST", "/api/ask", {"json": {"question": "x", "mode": "fast"}}, 400, "mode_unknown"),
+    ("POST", "/api/ask", {"json": {"question": "x", "mode": 1}}, 400, "mode_unknown"),
+    ("POST", "/api/ask", {"data": "{not json", "content_type": "application/json"}, 400, "invalid_json"),
+    ("POST", "/api/ask", {"data": "", "content_type": "application/json"}, 400, "invalid_json"),
+    ("POST", "/api/ask", {"data": b'{"question": "\xff"}', "content_type": "application/json"}, 400, "invalid_json"),
+    ("POST", "/api/ask", {"data": '{"question": "a", "question": ', "content_type": "application/json"}, 400,
+     "invalid_json"),
+    ("POST", "/api/ask", {"json": [1, 2]}, 400, "body_not_object"),
+    ("POST", "/api/ask", {"json": "What?"}, 400, "body_not_object"),
+    ("POST", "/api/ask", {"data": "question=x", "content_type": "application/x-www-form-urlencoded"}, 415,
+     "unsupported_media_type"),
+    ("POST", "/api/ask", {"data": '{"question": "x"}'}, 415, "unsupported_media_type"),
+    ("POST", "/api/ask", {"data": '{"question": "x"}', "content_type": "text/plain"}, 415, "unsupported_media_type"),
+    ("POST", "/api/ask", {"data": BIG, "content_type": "application/json"}, 413, "body_too_large"),
+    ("GET", "/api/ask", {}, 400, "question_missing"),
+    ("GET", "/api/ask?q=", {}, 400, "question_empty"),
+    ("GET", "/api/ask?q=%20%20", {}, 400, "question_empty"),
+    ("GET", "/api/ask?q=" + "x" * 1001, {}, 400, "question_too_long"),
+    ("GET", "/api/ask?q=x&k=abc", {}, 400, "wrong_type"),
+    ("GET", "/api/ask?q=x&k=2.5", {}, 400, "wrong_type"),
+    ("GET", "/api/ask?q=x&k=0", {}, 400, "k_out_of_range"),
+    ("GET", "/api/ask?q=x&k=1000", {}, 400, "k_out_of_range"),
+    ("GET", "/api/ask?q=x&top_k=3", {}, 400, "unknown_field"),
+    ("GET", "/api/ask?q=x&date_from=yesterday", {}, 400, "date_malformed"),
+    ("GET", "/api/ask?q=x&date_from=2025-01-02&date_to=2025-01-01", {}, 400, "date_range_inverted"),
+    ("GET", "/api/ask?q=x&source=nope", {}, 400, "unknown_source"),
+    ("GET", "/api/ask?q=x&mode=fast", {}, 400, "mode_unknown"),
+    ("GET", "/api/articles/nope", {}, 404, "article_not_found"),
+    ("GET", "/api/nope", {}, 404, "not_found"),
+    ("GET", "/nope", {}, 404, "not_found"),
+    ("DELETE", "/api/ask", {}, 405, "method_not_allowed"),
+    ("PUT", "/api/articles", {}, 405, "method_not_allowed"),
+    ("POST", "/healthz", {}, 405, "method_not_allowed"),
+    ("POST", "/openapi.json", {}, 405, "method_not_allowed"),
+]
+
+
+def _assert_error_shape(r, status, code):
+    assert r.status_code == status, (r.status_code, r.get_data(as_text=True))
+    assert r.mimetype == "application/json"
+    body = r.get_json()
+    assert set(body) == {"ok", "error"} and body["ok"] is False
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    message = body["error"]["message"]
+    assert isinstance(message, str) and len(message) > 10 and message[0].isupper() and message.endswith(".")
+    text = r.get_data(as_text=True)
+    for leak in ("Traceback", "File \"", "/tmp", "/work", "site-packages", ".py"):
+        assert leak not in text
+    assert code in ERROR_CODES and ERROR_CODES[code][0] == status
+
+
+def test_every_error_path_has_the_one_shape(app, fake_index, fake_searcher, caplog):
+    client = app.test_client()
+    seen = set()
+    for method, path, kwargs, status, code in ERROR_CASES:
+        r = client.open(path, method=method, **kwargs)
+        _assert_error_shape(r, status, code)
+        if status == 405:
+            assert r.headers["Allow"]
+        seen.add(code)
+
+    # Unexpected exceptions: a generic 500, details only in the server log.
+    boom = create_app(fake_index, searcher=FailingSearcher(fake_searcher, RuntimeError("disk /srv/secret.db on fire")))
+    with caplog.at_level(logging.ERROR):
+        r = boom.test_client().post("/api/ask", json={"question": "x"})
+    _assert_error_shape(r, 500, "internal_error")
+    assert "secret" not in r.get_data(as_text=True) and "/srv/secret.db" in caplog.text
+    seen.add("internal_error")
+
+    # Server-side QAErrors carry paths in their message: the client gets the generic sentence.
+    broken = create_app(fake_index, searcher=FailingSearcher(
+        fake_searcher, IndexCorrupt("The index in /srv/index cannot be read.")))
+    r = broken.test_client().get("/api/ask?q=x")
+    _assert_error_shape(r, 503, "index_corrupt")
+    seen.add("index_corrupt")
+
+    # Only codes no request can reach through this app are left: werkzeug-level 400/414 and the
+    # start-up failures (a worker that cannot load its index never serves).
+    assert set(ERROR_CODES) - seen == {"invalid_request", "bad_request", "request_uri_too_large",
+                                       "index_not_built", "index_mismatch", "model_not_found"}
+
+
+def test_error_messages_say_what_is_wrong(client):
+    def message(**kwargs):
+        return client.post("/api/ask", **kwargs).get_json()["error"]["message"]
+
+    assert "1000" in message(json={"question": "x" * 1001})
+    assert "between 1 and 50" in message(json={"question": "x", "k": 99})
+    assert "'k'" in client.get("/api/ask?q=x&k=1.5").get_json()["error"]["message"]
+    assert "'q'" in client.get("/api/ask").get_json()["error"]["message"]
+    assert "'top_k'" in message(json={"question": "x", "top_k": 1})
+    assert "'filters.sources'" in message(json={"question": "x", "filters": {"sources": 1}})
+    assert "'no-such-article'" in message(json={"question": "x", "filters": {"sources": ["no-such-article"]}})
+    assert "2025-02-30" in message(json={"question": "x", "filters": {"date_from": "2025-02-30"}})
+
+
+def test_limits_come_from_settings(fake_index, fake_searcher):
+    settings = fake_index.with_(max_k=7, max_question_chars=20, max_body_bytes=300)
+    app = create_app(settings, searcher=fake_searcher)
+    client = app.test_client()
+    assert client.post("/api/ask", json={"question": "x", "k": 7}).status_code == 200
+    assert client.post("/api/ask", json={"question": "x", "k": 8}).get_json()["error"]["code"] == "k_out_of_range"
+    assert client.post("/api/ask", json={"question": "x" * 21}).get_json()["error"]["code"] == "question_too_long"
+    assert client.post("/api/ask", json={"question": "x" * 400}).status_code == 413
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["AskRequest"]
+    assert schema["properties"]["k"]["maximum"] == 7
+    assert schema["properties"]["question"]["maxLength"] == 20
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+def test_openapi_documents_every_route_and_error(app, client):
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    routes = {(rule.rule, m.lower()) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+              for m in rule.methods - {"HEAD", "OPTIONS"}}
+    documented = set()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            documented.add((path.replace("{", "<").replace("}", ">"), method))
+            assert op["summary"] and "200" in op["responses"]
+            for status, response in op["responses"].items():
+                if status == "200":
+                    continue
+                assert int(status) >= 400
+                content = response["content"]
+                if "application/json" in content:
+                    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+                    for example in content["application/json"]["examples"].values():
+                        assert ERROR_CODES[example["value"]["error"]["code"]][0] == int(status)
+    assert documented == routes
+    ask = doc["paths"]["/api/ask"]["post"]
+    assert ask["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AskRequest"}
+    codes_400 = ask["responses"]["400"]["description"]
+    for code in ("question_empty", "question_too_long", "k_out_of_range", "date_range_inverted", "unknown_source",
+                 "invalid_json", "unknown_field", "wrong_type"):
+        assert f"`{code}`" in codes_400
+    assert {"413", "415", "405", "500"} <= set(ask["responses"])
+    assert "404" in doc["paths"]["/api/articles/{article_id}"]["get"]["responses"]
+    params = {p["name"]: p for p in doc["paths"]["/api/ask"]["get"]["parameters"]}
+    assert set(params) == {"q", "k", "source", "date_from", "date_to", "mode"}
+    assert params["q"]["required"] is True and params["k"]["schema"]["maximum"] == 50
+    assert params["source"]["schema"]["type"] == "array"
+    # every $ref resolves
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.add(node["$ref"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc)
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
+    assert set(doc["x-error-codes"]) == set(ERROR_CODES)
+
+
+def test_responses_match_the_documented_models(client, fake_searcher):
+    from qa_service.web.schemas import ArticleDetail, ArticleList, AskResponse, ErrorResponse, Health
+
+    AskResponse.model_validate(client.post("/api/ask", json={"question": QUESTION}).get_json())
+    ArticleList.model_validate(client.get("/api/articles").get_json())
+    ArticleDetail.model_validate(client.get(f"/api/articles/{fake_searcher.articles()[0].id}").get_json())
+    Health.model_validate(client.get("/healthz").get_json())
+    ErrorResponse.model_validate(client.get("/api/ask").get_json())
