@@ -85,10 +85,13 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 @cli.command()
 @click.argument("seeds_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default="seeds")
 @click.option("--force", is_flag=True, help="Rebuild even when the index is up to date.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), envvar="QA_QUANTIZE", default="none",
+              show_default=True, help="Precision of the ONNX encoder for passages and questions "
+              "(int8: faster, slightly different vectors). Changing it rebuilds the index.")
 @_common
-def index(settings: Settings, seeds_dir: Path, force: bool) -> None:
+def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str) -> None:
     """Build (or refresh) the index from the articles in SEEDS_DIR."""
-    click.echo(ensure_index(settings, seeds_dir, force=force))
+    click.echo(ensure_index(settings.with_(quantize=quantize), seeds_dir, force=force))
 
 
 def _print_hits(result: dict) -> None:

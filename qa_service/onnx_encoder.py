@@ -123,7 +123,7 @@ class OnnxEmbedder:
                        precision=entry.get("precision", "fp32"), threads=threads)
         except Exception as exc:  # a missing file, a damaged graph (onnxruntime's own error types), a bad entry
             raise IndexCorrupt(f"The index in {build.parent.parent} has an unreadable ONNX encoder "
-                               f"({type(exc).__name__}: {exc}). Rebuild it with: qa-service index SEEDS_DIR "
+                               f"({type(exc).__name__}). Rebuild it with: qa-service index SEEDS_DIR "
                                f"--index-dir {build.parent.parent} --force") from exc
 
     def _run(self, encodings: Sequence) -> np.ndarray:
@@ -312,13 +312,6 @@ def _reuse_export(builds: Iterable[Path], fingerprint: str, precision: str, fold
     return None
 
 
-def _agreement(reference: Embedder, candidate: Embedder, texts: Sequence[str]) -> float:
-    """Return the smallest cosine between the two encoders' vectors for ``texts``."""
-    a = reference.encode(texts, batch_size=16)
-    b = candidate.encode(texts, batch_size=16)
-    return float(np.min(np.sum(a * b, axis=1)))
-
-
 def _probe_texts(passages: Sequence[str], n: int = 8) -> list[str]:
     picks = [passages[i] for i in np.linspace(0, len(passages) - 1, min(n, len(passages)), dtype=int)] if passages else []
     return list(PROBE_TEXTS) + picks
@@ -360,11 +353,12 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
         # int8 is quantised from the fp32 graph, so an earlier fp32 export of the same model saves the export.
         base = _reuse_export(previous, fingerprint, "fp32", folder) if precision == "int8" else None
         if base is not None:
-            inputs, pad_id = base["inputs"], base["pad_id"]
+            inputs, pad_id, checked = base["inputs"], base["pad_id"], base.get("agreement_min_cosine")
         else:
             inputs, pad_id = _export_fp32(embedder, folder / MODEL_FILES["fp32"])
             (folder / TOKENIZER_FILE).write_text(embedder.model.tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
-        onnx, entry = _finish(embedder, precision, folder, inputs, pad_id, passages)
+            checked = None
+        onnx, entry = _finish(embedder, precision, folder, inputs, pad_id, passages, checked)
         entry.update(fingerprint=fingerprint, quantize=quantize, reused_from=None)
         logger.info("exported %s to ONNX %s (min cosine to sentence-transformers %.6f, %.1f s)", embedder.name,
                     entry["precision"], entry["agreement_min_cosine"], time.perf_counter() - started)
@@ -379,27 +373,38 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
 
 
 def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_id: int,
-            passages: Sequence[str]) -> tuple[OnnxEmbedder, dict]:
-    """Check the fp32 graph in ``folder`` against the model, quantise it if asked; return it and its entry."""
+            passages: Sequence[str], fp32_agreement: float | None = None) -> tuple[OnnxEmbedder, dict]:
+    """Check the fp32 graph in ``folder`` against the model, quantise it if asked; return it and its entry.
+
+    Args:
+        fp32_agreement: the fp32 graph's recorded agreement when it comes from an earlier build (not re-checked).
+    """
     import torch
 
     fp32 = folder / MODEL_FILES["fp32"]
     probes = _probe_texts(passages)
+    reference = embedder.encode(probes, batch_size=16)
 
     def load(path: Path, precision_: str) -> OnnxEmbedder:
         return OnnxEmbedder(path, folder / TOKENIZER_FILE, name=embedder.name, dimension=embedder.dimension,
                             max_seq_length=embedder.max_seq_length, input_names=inputs, pad_id=pad_id,
                             precision=precision_, threads=INDEXING_THREADS)
 
-    onnx = load(fp32, "fp32")
-    agreement = _agreement(embedder, onnx, probes)
-    if agreement < MIN_COSINE["fp32"]:
-        raise ValueError(f"the exported graph disagrees with sentence-transformers (min cosine {agreement:.6f})")
+    def agreement_of(candidate: OnnxEmbedder) -> float:
+        return float(np.min(np.sum(candidate.encode(probes, batch_size=16) * reference, axis=1)))
+
+    onnx = None
+    agreement = fp32_agreement
+    if agreement is None:
+        onnx = load(fp32, "fp32")
+        agreement = agreement_of(onnx)
+        if agreement < MIN_COSINE["fp32"]:
+            raise ValueError(f"the exported graph disagrees with sentence-transformers (min cosine {agreement:.6f})")
     if precision == "int8":
         int8 = folder / MODEL_FILES["int8"]
         _quantize_int8(fp32, int8)
         candidate = load(int8, "int8")
-        int8_agreement = _agreement(embedder, candidate, probes)
+        int8_agreement = agreement_of(candidate)
         if int8_agreement >= MIN_COSINE["int8"]:
             fp32.unlink()
             onnx, agreement = candidate, int8_agreement
@@ -407,6 +412,8 @@ def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_i
             logger.warning("The int8 encoder of %s agrees too little with the model (min cosine %.4f < %.2f); "
                            "keeping fp32.", embedder.name, int8_agreement, MIN_COSINE["int8"])
             int8.unlink()
+    if onnx is None:
+        onnx = load(fp32, "fp32")
     model_file = Path(onnx.model_file)
     entry = {
         "backend": "onnx",

@@ -1,0 +1,232 @@
+"""The torch-free query path: ONNX export at index time, its agreement with sentence-transformers, reuse, int8,
+fallback, and a serving process that never imports torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qa_service import onnx_encoder
+from qa_service.config import Settings
+from qa_service.errors import IndexCorrupt
+from qa_service.onnx_encoder import OnnxEmbedder
+from qa_service.store import BUILDS, build_index, index_status, read_manifest
+
+from .conftest import REPO, SHARED
+
+DEV = SHARED / "eval" / "dev.jsonl"
+HEAVY = ("torch", "sentence_transformers", "transformers")
+QUESTION = "How did Iran's Supreme Leader react to Hamas's October 7 attack?"
+
+
+def _dev_questions() -> list[str]:
+    return [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _passages(settings: Settings) -> list[str]:
+    build = Path(read_manifest(settings.index_dir)["_build_dir"])
+    con = sqlite3.connect(build / "passages.sqlite")
+    try:
+        return [r[0] for r in con.execute("SELECT text FROM passages ORDER BY id")]
+    finally:
+        con.close()
+
+
+def _copy_index(settings: Settings, root: Path) -> Settings:
+    shutil.copytree(settings.index_dir, root / "index")
+    return settings.with_(index_dir=root / "index")
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
+
+
+def test_import_paths_do_not_load_torch():
+    """Importing the store, the retrieval layer, the encoder module, the CLI or the web app loads no torch."""
+    script = textwrap.dedent("""
+        import importlib.util, json, sys
+        import qa_service, qa_service.store, qa_service.retrieval, qa_service.onnx_encoder, qa_service.cli
+        if importlib.util.find_spec("qa_service.web") is not None:
+            import qa_service.web
+        print(json.dumps(sorted(m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_clean_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_fake_embedder_index_records_its_encoder(fake_index, seed_articles):
+    manifest = read_manifest(fake_index.index_dir)
+    assert manifest["encoder"] == {"backend": "external", "class": "FakeEmbedder"}
+    assert not (Path(manifest["_build_dir"]) / onnx_encoder.MODEL_DIR).exists()
+    # nothing was exported, so the quantize setting cannot make a fake index stale
+    assert index_status(fake_index.with_(quantize="int8"), seed_articles) == (True, "up to date")
+
+
+def test_unknown_quantize_is_refused(tmp_path, seed_articles, fake_embedder):
+    with pytest.raises(ValueError, match="quantize must be one of none, int8"):
+        build_index(seed_articles[:1], fake_embedder, Settings(index_dir=tmp_path / "i", quantize="int4"))
+
+
+@pytest.mark.slow
+def test_real_index_carries_an_onnx_encoder(real_index, seed_articles):
+    manifest = read_manifest(real_index.index_dir)
+    entry = manifest["encoder"]
+    build = Path(manifest["_build_dir"])
+    assert entry["backend"] == "onnx" and entry["precision"] == "fp32" and entry["quantize"] == "none"
+    assert entry["file"] == "model/model.onnx" and entry["tokenizer"] == "model/tokenizer.json"
+    assert entry["max_seq_length"] == 256 and entry["agreement_min_cosine"] >= 0.9999
+    assert onnx_encoder._sha256(build / entry["file"]) == entry["sha256"]
+    assert {"model/model.onnx", "model/tokenizer.json"} <= set(manifest["files"])
+    assert index_status(real_index, seed_articles) == (True, "up to date")
+    assert index_status(real_index.with_(quantize="int8"), seed_articles) == (False, "the encoder precision changed")
+
+
+@pytest.mark.slow
+def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embedder):
+    """cosine >= 0.9999 on every seed passage and dev question, one at a time and batched; same token counts."""
+    manifest = read_manifest(real_index.index_dir)
+    onnx = OnnxEmbedder.from_manifest(manifest)
+    passages, questions = _passages(real_index), _dev_questions()
+    texts = passages + questions
+    reference = real_embedder.encode(texts)
+    batched = onnx.encode(texts, batch_size=8)
+    single = np.vstack([onnx.encode([t]) for t in questions])
+    assert batched.shape == reference.shape and batched.dtype == np.float32
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(batched * reference, axis=1)) >= 0.9999
+    assert np.min(np.sum(single * reference[len(passages):], axis=1)) >= 0.9999
+    # the stored passage vectors came from the ONNX encoder and agree with sentence-transformers too
+    stored = np.load(Path(manifest["_build_dir"]) / "sentences.npy")
+    assert stored.shape[1] == 384
+    import faiss
+
+    index = faiss.read_index(str(Path(manifest["_build_dir"]) / "vectors.faiss"))
+    vectors = index.reconstruct_n(0, index.ntotal)
+    assert np.min(np.sum(vectors * reference[: len(passages)], axis=1)) >= 0.9999
+    # tokens: the same counts (chunking) and the same truncation at max_seq_length
+    long_text = "word " * 400
+    for text in passages[:10] + [long_text, ""]:
+        assert onnx.count_tokens(text) == real_embedder.count_tokens(text)
+    assert float((onnx.encode([long_text]) @ real_embedder.encode([long_text]).T)[0, 0]) >= 0.9999
+
+
+@pytest.mark.slow
+def test_serving_process_never_imports_torch(real_index, real_searcher):
+    """A fresh process builds a Searcher from the index and answers, without torch or sentence-transformers."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from qa_service.config import Settings
+        from qa_service.retrieval import Searcher
+        searcher = Searcher(Settings(index_dir=Path({str(real_index.index_dir)!r})))
+        result = searcher.ask({QUESTION!r}, k=3)
+        print(json.dumps({{"embedder": type(searcher.embedder).__name__,
+                          "articles": [h["citation"]["article_id"] for h in result["results"]],
+                          "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_clean_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    assert got["embedder"] == "OnnxEmbedder"
+    # the same answer as asking with sentence-transformers in this process
+    expected = [h["citation"]["article_id"] for h in real_searcher.ask(QUESTION, k=3)["results"]]
+    assert got["articles"] == expected and expected[0] == "004_9aeb4bd2e5102b83"
+
+
+@pytest.mark.slow
+def test_rebuild_reuses_the_export(tmp_path, real_index, real_embedder, seed_articles, monkeypatch):
+    settings = _copy_index(real_index, tmp_path)
+    old = read_manifest(settings.index_dir)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the unchanged model must not be exported again")
+
+    monkeypatch.setattr(onnx_encoder, "_export_fp32", no_export)
+    summary = build_index(seed_articles[:3], real_embedder, settings)
+    new = read_manifest(settings.index_dir)
+    assert new["_build_dir"] == summary.build_dir
+    assert new["encoder"]["backend"] == "onnx"
+    assert new["encoder"]["reused_from"] == Path(old["_build_dir"]).name
+    assert new["encoder"]["sha256"] == old["encoder"]["sha256"]
+    old_file, new_file = (Path(m["_build_dir"]) / "model/model.onnx" for m in (old, new))
+    assert os.stat(old_file).st_ino == os.stat(new_file).st_ino  # hard link, not a copy
+
+
+@pytest.mark.slow
+def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_articles, monkeypatch):
+    settings = _copy_index(real_index, tmp_path).with_(quantize="int8")
+    assert index_status(settings, seed_articles) == (False, "the encoder precision changed")
+    monkeypatch.setattr(onnx_encoder, "_export_fp32", lambda *a, **k: pytest.fail("int8 re-exported fp32"))
+    build_index(seed_articles, real_embedder, settings)
+    manifest = read_manifest(settings.index_dir)
+    entry = manifest["encoder"]
+    build = Path(manifest["_build_dir"])
+    assert entry["backend"] == "onnx" and entry["precision"] == "int8" and entry["quantize"] == "int8"
+    assert entry["file"] == "model/model.int8.onnx" and not (build / "model/model.onnx").exists()
+    fp32 = Path(read_manifest(real_index.index_dir)["_build_dir"]) / "model/model.onnx"
+    assert (build / entry["file"]).stat().st_size < 0.4 * fp32.stat().st_size
+    assert index_status(settings, seed_articles) == (True, "up to date")
+    assert index_status(settings.with_(quantize="none"), seed_articles) == (False, "the encoder precision changed")
+    from qa_service.retrieval import Searcher
+
+    searcher = Searcher(settings)
+    assert isinstance(searcher.embedder, OnnxEmbedder) and searcher.embedder.precision == "int8"
+    questions = _dev_questions()
+    cosines = np.sum(searcher.embedder.encode(questions) * real_embedder.encode(questions), axis=1)
+    assert cosines.min() >= onnx_encoder.MIN_COSINE["int8"] and cosines.mean() >= 0.98
+    assert searcher.ask(QUESTION, k=1)["results"][0]["citation"]["article_id"] == "004_9aeb4bd2e5102b83"
+
+
+@pytest.mark.slow
+def test_failed_export_falls_back_to_sentence_transformers(tmp_path, real_embedder, seed_articles, monkeypatch,
+                                                            caplog):
+    def impossible(*args, **kwargs):
+        raise RuntimeError("no ONNX symbolic for this model's attention")
+
+    monkeypatch.setattr(onnx_encoder, "_export_fp32", impossible)
+    settings = Settings(index_dir=tmp_path / "index")
+    with caplog.at_level(logging.WARNING, logger="qa_service.onnx_encoder"):
+        build_index(seed_articles[:1], real_embedder, settings)
+    assert any("Could not export" in r.getMessage() and "sentence-transformers" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    manifest = read_manifest(settings.index_dir)
+    assert manifest["encoder"]["backend"] == "sentence-transformers"
+    assert "no ONNX symbolic" in manifest["encoder"]["reason"]
+    assert not (Path(manifest["_build_dir"]) / "model").exists()
+    assert index_status(settings, seed_articles[:1]) == (True, "up to date")  # no endless re-export attempts
+    loaded = []
+
+    def load_embedder(model):
+        loaded.append(model)
+        return real_embedder
+
+    monkeypatch.setattr("qa_service.embedding.load_embedder", load_embedder)
+    from qa_service.retrieval import Searcher
+
+    assert Searcher(settings).embedder is real_embedder and loaded == ["all-MiniLM-L6-v2"]
+
+
+@pytest.mark.slow
+def test_damaged_onnx_model_is_a_clear_error(tmp_path, real_index):
+    settings = _copy_index(real_index, tmp_path)
+    build = Path(read_manifest(settings.index_dir)["_build_dir"])
+    model = build / "model/model.onnx"
+    model.write_bytes(b"\0" * model.stat().st_size)  # same size: only loading can tell
+    from qa_service.retrieval import Searcher
+
+    with pytest.raises(IndexCorrupt, match="ONNX encoder.*qa-service index"):
+        Searcher(settings)
