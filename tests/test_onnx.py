@@ -214,7 +214,7 @@ def test_failed_export_falls_back_to_sentence_transformers(tmp_path, real_embedd
         loaded.append(model)
         return real_embedder
 
-    monkeypatch.setattr("qa_service.embedding.load_embedder", load_embedder)
+    monkeypatch.setattr("qa_service.retrieval.searcher.load_embedder", load_embedder)
     from qa_service.retrieval import Searcher
 
     assert Searcher(settings).embedder is real_embedder and loaded == ["all-MiniLM-L6-v2"]

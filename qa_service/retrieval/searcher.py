@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import Settings
-from ..embedding import Embedder, load_query_embedder
+from ..embedding import Embedder, load_embedder, load_index_encoder
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, InvalidRequest
 from ..store import (LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, check_model, read_manifest,
                      rebuild_hint)
@@ -80,7 +80,8 @@ class Searcher:
         manifest = read_manifest(index_dir)
         if embedder is None:
             check_model(manifest, self.settings.model, index_dir)
-            embedder = load_query_embedder(manifest, self.settings.model)  # ONNX when the index has it: no torch
+            # The index's ONNX export when it has one (no torch in this process), else the model itself.
+            embedder = load_index_encoder(manifest) or load_embedder(self.settings.model)
         elif manifest.get("model") != embedder.name:
             raise IndexMismatch(f"The index in {index_dir} was built with model {manifest.get('model')!r}, "
                                 f"not {embedder.name!r}. {rebuild_hint(index_dir)}")
