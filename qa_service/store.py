@@ -10,7 +10,7 @@ Layout::
         vectors.faiss         FAISS inner-product index over L2-normalised passage vectors
         sentences.npy         float32 [n_sentences, d] sentence vectors (answer sentence, scoring)
         model/                ONNX export of the model + tokenizer.json: the torch-free query encoder
-        lexical/              BM25 index (bm25s) over the same passages
+        lexical/              BM25 indexes (bm25s): passages, passage bigrams, sentences
         vocabulary.json       surface words and their passage counts (spelling-variant lookup)
 
 A build is written into a fresh ``builds/<id>`` folder, fsynced, and only then published by replacing
@@ -62,7 +62,7 @@ def rebuild_hint(index_dir: Path) -> str:
 
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
-            "splitter": "pysbd+news-abbrev-v1", "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v1"}
+            "splitter": "pysbd+news-abbrev-v1", "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -202,10 +202,12 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
 def _write_lexical(folder: Path, chunks: Chunks, articles: Sequence[Article]) -> None:
     from .retrieval.lexical import LexicalIndex, Vocabulary
 
-    titles = {a.id: a.title or "" for a in articles}
+    articles_by_id = {a.id: a for a in articles}
     # The headline is part of what a passage is about, so BM25 sees it with every passage.
-    texts = [f"{titles[p.article_id]}\n{p.text}" for p in chunks.passages]
-    LexicalIndex.build(texts).save(folder / LEXICAL)
+    texts = [f"{articles_by_id[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
+    LexicalIndex.build(texts).save(folder / LEXICAL / "passages")
+    LexicalIndex.build(texts, analyzer="bigrams").save(folder / LEXICAL / "bigrams")
+    LexicalIndex.build([articles_by_id[a].text[s:e] for a, s, e in chunks.sentences]).save(folder / LEXICAL / "sentences")
     Vocabulary.from_texts(texts).save(folder / VOCABULARY)
 
 

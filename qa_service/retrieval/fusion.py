@@ -34,11 +34,15 @@ def reciprocal_rank_fusion(score_lists: list[np.ndarray], weights: list[float], 
 
 
 def convex_fusion(dense: np.ndarray, lexical: np.ndarray, alpha: float) -> np.ndarray:
-    """Return ``alpha * dense + (1 - alpha) * lexical / max(lexical)`` per candidate.
+    """Return ``alpha * dense + (1 - alpha) * lexical`` per candidate.
 
-    Cosine scores are already on a fixed scale; BM25 scores are not, so they are divided by the
-    query's best BM25 score (0 when nothing matched lexically).
+    Both must be on a fixed scale: cosines are; BM25 is brought to 0..1 by dividing by the query's
+    best BM25 score (see ``scale_by_max``).
     """
-    top = float(lexical.max()) if len(lexical) else 0.0
-    lex = lexical / top if top > 0 else np.zeros_like(lexical)
-    return alpha * dense.astype(np.float64) + (1.0 - alpha) * lex
+    return alpha * dense.astype(np.float64) + (1.0 - alpha) * lexical.astype(np.float64)
+
+
+def scale_by_max(scores: np.ndarray) -> np.ndarray:
+    """Return ``scores / max(scores)`` (all zeros when nothing scored)."""
+    top = float(scores.max()) if len(scores) else 0.0
+    return scores / top if top > 0 else np.zeros_like(scores)

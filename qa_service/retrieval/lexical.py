@@ -64,6 +64,15 @@ def analyze(text: str) -> list[str]:
     return _stemmer().stemWords(kept) if kept else []
 
 
+def bigrams(text: str) -> list[str]:
+    """Return adjacent pairs of BM25 terms ("prison_exchang"): phrases shared with the question count extra."""
+    terms = analyze(text)
+    return [f"{a}_{b}" for a, b in zip(terms, terms[1:])]
+
+
+ANALYZERS = {"terms": analyze, "bigrams": bigrams}
+
+
 def translit_key(word: str) -> str:
     """Return a spelling-insensitive key for a transliterated name."""
     w = word.lower()
@@ -163,41 +172,43 @@ def _match_case(original: str, replacement: str) -> str:
 
 
 class LexicalIndex:
-    """BM25 over passages; ``search`` can be restricted to some passage ids before ranking."""
+    """BM25 over texts (passages or sentences), with terms or bigrams; ``search`` can be restricted to ids."""
 
-    def __init__(self, bm25, size: int):
+    def __init__(self, bm25, size: int, analyzer: str = "terms"):
         self.bm25 = bm25
         self.size = size
+        self.analyzer = analyzer
+        self._analyze = ANALYZERS[analyzer]
 
     @classmethod
-    def build(cls, texts: Sequence[str]) -> "LexicalIndex":
+    def build(cls, texts: Sequence[str], analyzer: str = "terms") -> "LexicalIndex":
         import bm25s
 
         bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        corpus = [analyze(t) or [""] for t in texts]
+        corpus = [ANALYZERS[analyzer](t) or [""] for t in texts]
         if texts:
             bm25.index(corpus, show_progress=False)
-        return cls(bm25, len(texts))
+        return cls(bm25, len(texts), analyzer)
 
     def save(self, folder: Path) -> None:
         self.bm25.save(str(folder))
 
     @classmethod
-    def load(cls, folder: Path, size: int) -> "LexicalIndex":
+    def load(cls, folder: Path, size: int, analyzer: str = "terms") -> "LexicalIndex":
         import bm25s
 
-        return cls(bm25s.BM25.load(str(folder), mmap=False), size)
+        return cls(bm25s.BM25.load(str(folder), mmap=False), size, analyzer)
 
     def scores(self, question: str) -> np.ndarray:
-        """Return the BM25 score of every passage for ``question`` (float32 ``[size]``)."""
-        terms = [t for t in analyze(question) if t in self.bm25.vocab_dict]
+        """Return the BM25 score of every text for ``question`` (float32 ``[size]``)."""
+        terms = [t for t in self._analyze(question) if t in self.bm25.vocab_dict]
         if not terms or self.size == 0:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
 
     def search(self, question: str, k: int, allowed: np.ndarray | None = None,
                scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(scores, ids)`` of the best ``k`` passages with a positive BM25 score, best first."""
+        """Return ``(scores, ids)`` of the best ``k`` texts with a positive BM25 score, best first."""
         all_scores = self.scores(question) if scores is None else scores
         if allowed is not None:
             masked = np.zeros_like(all_scores)
