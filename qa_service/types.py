@@ -55,7 +55,8 @@ class Hit:
     score: float
     text: str
     citation: Citation
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # serialised with the hit (answer, also_reported_by, ...)
+    signals: dict = field(default_factory=dict)  # internal evidence (answer-sentence cosine), not serialised
 
     def to_dict(self) -> dict:
         out = {"rank": self.rank, "score": round(float(self.score), 6), "text": self.text,

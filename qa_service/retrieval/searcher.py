@@ -313,6 +313,7 @@ class Searcher:
         hits = self.search(question, k, filters, mode)
         verdict = answerability(self, question, hits)
         return {"question": question, "mode": mode, "answerable": verdict.answerable,
+                "answer_confidence": verdict.score,
                 "results": [h.to_dict() for h in hits],
                 "took_ms": round((time.perf_counter() - started) * 1000, 3)}
 

@@ -1,0 +1,34 @@
+"""Answerability: the answer-type checks and the verdict's shape."""
+
+from __future__ import annotations
+
+from qa_service.answer import answer_type_present, answerability
+
+
+def test_time_questions_need_a_new_time():
+    assert answer_type_present("When did the ceasefire start?", ["The ceasefire started on January 19."])
+    assert not answer_type_present("When did Trump unveil his plan?", ["Trump's proposal to clear Gaza drew criticism."])
+    assert not answer_type_present("What happened in 2024, and when?", ["In 2024 talks failed."])  # only the asked year
+    assert answer_type_present("On which weekday did they meet?", ["They met on Thursday."])
+
+
+def test_number_questions_need_a_new_number():
+    assert answer_type_present("How many people were killed?", ["More than 47,400 people were killed."])
+    assert not answer_type_present("How many people were killed?", ["Many people were killed."])
+    assert answer_type_present("How many hostages were freed?", ["Hundreds of hostages were freed."])
+
+
+def test_which_focus_needs_a_name_next_to_it():
+    q = "Which Iranian security officials did the newspaper name as planners?"
+    assert not answer_type_present(q, ["The newspaper said Iranian security officials helped plan the attack."])
+    assert answer_type_present(q, ["The newspaper named Iranian security officials Ahmad Vahidi and others."])
+    assert answer_type_present(q, ["Unrelated sentence about a meeting."])  # focus absent: judged on the rest
+    assert answer_type_present("Which Iranian foreign minister met Hamas?", ["Foreign Minister Abbas Araghchi met them."])
+
+
+def test_verdict_on_a_real_search(fake_searcher):
+    hits = fake_searcher.search("Araghchi met Hamas leaders in Doha", k=3)
+    verdict = answerability(fake_searcher, "Araghchi met Hamas leaders in Doha", hits)
+    assert isinstance(verdict.answerable, bool) and 0.0 <= verdict.score <= 1.0
+    assert set(verdict.features) == {"coverage", "answer_cosine", "answer_type"}
+    assert answerability(fake_searcher, "anything", []).answerable is False
