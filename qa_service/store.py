@@ -230,6 +230,20 @@ def _fill(vectors: np.ndarray, texts: Sequence[str], embedder: Embedder, batch_s
         vectors[todo] = new
 
 
+def _same_vectors(old: dict, new: dict) -> bool:
+    """Would encoder ``new`` give the vectors encoder ``old`` gave (same model assumed)?
+
+    True for the same backend, precision and file checksum; and from sentence-transformers (or a build
+    from before encoders were recorded) to the fp32 ONNX export, which is checked against
+    sentence-transformers at export time (cosine >= 0.9999).
+    """
+    if all(old.get(key) == new.get(key) for key in ("backend", "precision", "sha256")):
+        return True
+    return (old.get("backend", "sentence-transformers") == "sentence-transformers"
+            and old.get("precision", "fp32") == "fp32"
+            and new.get("backend") == "onnx" and new.get("precision") == "fp32")
+
+
 def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settings: Settings,
                       articles: Sequence[Article], chunks: Chunks) -> tuple[np.ndarray, np.ndarray, int]:
     """Return passage and sentence vector arrays pre-filled (NaN elsewhere) from the live build.
@@ -246,9 +260,12 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
         old = read_manifest(index_dir)
     except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
         return pvecs, svecs, 0
-    same_encoder = all(old.get("encoder", {}).get(key) == encoder.get(key) for key in ("backend", "precision", "sha256"))
-    if (old.get("model") != embedder.name or old.get("dimension") != d or not same_encoder
-            or old.get("chunking") != chunking_settings(settings)):
+    def cut(chunking: dict) -> dict:  # how text is cut into passages; the lexical side does not matter here
+        return {k: v for k, v in (chunking or {}).items() if k != "lexical"}
+
+    if (old.get("model") != embedder.name or old.get("dimension") != d
+            or not _same_vectors(old.get("encoder") or {}, encoder)
+            or cut(old.get("chunking")) != cut(chunking_settings(settings))):
         return pvecs, svecs, 0
     unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
     if not unchanged:
@@ -290,10 +307,34 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     return pvecs, svecs, reused
 
 
+def _share_encoder(manifest: dict, build_dir: Path) -> tuple[Embedder, dict]:
+    """Hard-link the ONNX query encoder of the build ``manifest`` describes into ``build_dir``; return it and its entry."""
+    from .onnx_encoder import OnnxEmbedder
+
+    entry = dict(manifest["encoder"])
+    source = Path(manifest["_build_dir"])
+    for key in ("file", "tokenizer"):
+        target = build_dir / entry[key]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / entry[key], target)  # builds are immutable, so sharing the inode is safe
+        except OSError:
+            shutil.copy2(source / entry[key], target)
+    entry["reused_from"] = source.name
+    return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}), entry
+
+
 def build_index(
-    articles: Sequence[Article], embedder: Embedder, settings: Settings, progress: bool = False
+    articles: Sequence[Article], embedder: Embedder | None, settings: Settings, progress: bool = False,
+    encoder_of: dict | None = None,
 ) -> BuildSummary:
-    """Chunk, embed and store ``articles`` as a new build, then publish it atomically."""
+    """Chunk, embed and store ``articles`` as a new build, then publish it atomically.
+
+    Args:
+        encoder_of: a manifest (``read_manifest``) whose ONNX encoder this build shares and embeds with,
+            instead of exporting ``embedder`` (pass None): single-article updates use it, so a web
+            worker adds an article without loading torch, and unchanged articles keep their vectors.
+    """
     import faiss
 
     started = time.perf_counter()
@@ -305,10 +346,13 @@ def build_index(
     tmp = builds / f".tmp-{build_id}"
     tmp.mkdir()
     try:
+        if encoder_of is not None:
+            embedder, encoder = _share_encoder(encoder_of, tmp)
         chunks = chunk_articles(articles, embedder, settings)
         passages = chunks.passages
-        # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
-        embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
+        if encoder_of is None:
+            # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
+            embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
         texts = {a.id: a.text for a in articles}
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
         vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
