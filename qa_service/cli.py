@@ -61,7 +61,21 @@ def cli(verbose: bool) -> None:
 
 
 def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progress: bool = True) -> str:
-    """Build the index from ``seeds_dir`` unless it is fresh; return a one-line summary."""
+    """Build the index from ``seeds_dir`` unless it is fresh; return a one-line summary.
+
+    Holds the index's writer lock meanwhile (``articles.writer_lock``), after settling any article upload
+    that a crash interrupted, so a build never races a write from a running service.
+    """
+    from .articles import recover, writer_lock
+
+    with writer_lock(settings.index_dir, timeout=None):
+        recovered = recover(settings.index_dir, seeds_dir)
+        if recovered:
+            click.echo(recovered, err=True)
+        return _ensure_index(settings, seeds_dir, force, progress)
+
+
+def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
     from .ingest import load_articles
     from .store import build_index, index_status
@@ -231,8 +245,13 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
 @click.option("--public", is_flag=True, help="Allow a non-loopback --host (reachable from other machines).")
 @_common
 def serve(settings: Settings, host: str, port: int, workers: int, build_from: Path | None, public: bool) -> None:
-    """Serve the JSON API and the web form under gunicorn."""
+    """Serve the JSON API and the web form under gunicorn.
+
+    Articles can be added and removed over the API (POST/DELETE /api/articles) when QA_API_KEY is set;
+    they are written to the --build folder, or else to QA_SEEDS_DIR (default: seeds).
+    """
     from .web import server
+    from .web.auth import check_security_settings
 
     if server.debug_requested():
         raise click.ClickException("Refusing to serve with FLASK_DEBUG set: Flask's debugger can run arbitrary "
@@ -240,8 +259,13 @@ def serve(settings: Settings, host: str, port: int, workers: int, build_from: Pa
     if not public and not server.is_loopback(host):
         raise click.UsageError(f"{host} is not a loopback address, so other machines could use the service. "
                                "Pass --public to allow that.")
+    check_security_settings(settings)
     if build_from is not None:
+        settings = settings.with_(seeds_dir=build_from)
         click.echo(server.build_in_subprocess(settings, build_from), err=True)
+    recovered = server.recover_writes(settings)
+    if recovered:
+        click.echo(recovered, err=True)
     server.check_index(settings)
     click.echo(f"serving http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops", err=True)
     server.run(settings, host, port, workers)

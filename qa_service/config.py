@@ -26,7 +26,17 @@ class Settings:
     max_question_chars: int = 1000
     max_k: int = 50
     max_body_bytes: int = 64 * 1024
+    max_upload_bytes: int = 2 * 1024 * 1024  # POST /api/articles has its own, larger cap
     reranker: str | None = None  # optional cross-encoder (QA_RERANKER / --reranker)
+    # Writes (POST/DELETE /api/articles) need this key; without one they are disabled (QA_API_KEY).
+    api_key: str | None = field(default=None, repr=False)
+    require_key_for_read: bool = False  # QA_REQUIRE_KEY_FOR_READ=1: every question needs the key too
+    # Overload: per process, at most max_queue questions wait for the encoder, each at most queue_timeout s;
+    # beyond either the client gets 503 "overloaded" at once instead of waiting without end.
+    max_queue: int = 16
+    queue_timeout: float = 10.0
+    write_timeout: float = 30.0  # how long a write waits for another writer before 503 "write_busy"
+    reload_interval: float = 1.0  # web workers look for a new index (index/CURRENT) at most this often
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -44,6 +54,13 @@ class Settings:
             values["reranker"] = env["QA_RERANKER"]
         if env.get("QA_QUANTIZE"):
             values["quantize"] = env["QA_QUANTIZE"]
+        if env.get("QA_API_KEY"):
+            values["api_key"] = env["QA_API_KEY"]
+        if env.get("QA_REQUIRE_KEY_FOR_READ"):
+            values["require_key_for_read"] = env["QA_REQUIRE_KEY_FOR_READ"].strip().lower() not in ("0", "false", "no", "")
+        for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float)):
+            if env.get(f"QA_{name.upper()}"):
+                values[name] = convert(env[f"QA_{name.upper()}"])
         for key, value in overrides.items():
             if value is not None:
                 values[key] = Path(value) if key in ("index_dir", "seeds_dir") else value

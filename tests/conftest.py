@@ -67,3 +67,26 @@ def real_searcher(real_index, real_embedder):
     from qa_service.retrieval import Searcher
 
     return Searcher(real_index, embedder=real_embedder)
+
+
+@pytest.fixture(scope="session")
+def live_service(real_index, tmp_path_factory):
+    """A real ``qa-service serve`` (2 gunicorn workers, the real model, API key set) over a copy of the real index."""
+    from .live_server import LiveServer, link_copy
+
+    root = tmp_path_factory.mktemp("live")
+    link_copy(real_index.index_dir, root / "index")
+    shutil.copytree(real_index.seeds_dir, root / "seeds")
+    server = LiveServer(root / "index", root / "seeds", root / "server.log").start()
+    yield server
+    server.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what the reliability tests measured (load, memory, fuzzing, crash trials)."""
+    from .live_server import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

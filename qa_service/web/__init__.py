@@ -3,20 +3,35 @@
 ``create_app(settings)`` loads the index and the query encoder once (into ``app.extensions``); every
 request, JSON or HTML, goes through ``QAState.ask`` and so through ``Searcher.ask``. This package never
 imports faiss or torch itself: the ``Searcher`` does, and only when the app is created.
+
+Reloads: before a request, at most once per ``reload_interval`` (1 s), a worker stats ``index/CURRENT``.
+When it names another build, a background thread loads a fresh ``Searcher`` and swaps it in with one
+attribute assignment; requests already running keep the searcher they started with, and new ones use
+the old searcher until the new one is ready, so no request waits for or is dropped by a reload. A
+build that fails to load is logged and the old one kept. Writes go through ``articles`` (the only
+write path); the worker that wrote swaps in the new index before it answers.
+
+Overload: a process lets at most ``max_queue`` questions wait for its encoder, each for at most
+``queue_timeout`` seconds; past either limit the client gets 503 ``overloaded`` with ``Retry-After``
+at once, instead of a connection that hangs.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Flask, url_for
+from flask import Flask, request, url_for
 
 from ..config import Settings
+from ..errors import Overloaded, QAError
+from .auth import OPEN_ENDPOINTS, check_security_settings, require_key
 from .errors import register_error_handlers
 from .schemas import AskRequestBase, ask_request_model
 
@@ -61,6 +76,16 @@ class QAState:
     supports_mode: bool
     # The query encoder (a Rust tokenizer, torch) is not safe to call from two threads at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Loads the live index again (reloads); None: serve ``searcher`` for good.
+    load_searcher: Callable[[], "Searcher"] | None = None
+    write_embedder: Any = None  # embeds uploaded articles; None: the live index's own encoder
+
+    def __post_init__(self):
+        self._waiting = threading.BoundedSemaphore(max(1, self.settings.max_queue))
+        self._reload_lock = threading.Lock()
+        self._next_check = 0.0
+        self._seen: tuple | None = None  # (inode, mtime) of index/CURRENT when last looked at
+        self.reloads = 0
 
     def ask(self, req: AskRequestBase) -> dict:
         """Run ``Searcher.ask`` for a validated request; return its structure plus ``ok``, ``took_ms``, urls."""
@@ -68,9 +93,19 @@ class QAState:
         if req.mode is not None and self.supports_mode:
             kwargs["mode"] = req.mode
         filters = req.filters.to_filters() if req.filters is not None else None
+        searcher = self.searcher  # this request finishes on this searcher, even if a reload swaps another in
         started = time.perf_counter()
-        with self.lock:
-            result = self.searcher.ask(req.question, k=req.k, filters=filters, **kwargs)
+        if not self._waiting.acquire(blocking=False):
+            raise Overloaded("Too many questions are waiting; try again in a moment.")
+        try:
+            if not self.lock.acquire(timeout=self.settings.queue_timeout):
+                raise Overloaded("The question waited too long for its turn; try again in a moment.")
+            try:
+                result = searcher.ask(req.question, k=req.k, filters=filters, **kwargs)
+            finally:
+                self.lock.release()
+        finally:
+            self._waiting.release()
         took_ms = round((time.perf_counter() - started) * 1000, 3)
         out = {"ok": True, **result}
         results = []
@@ -83,6 +118,94 @@ class QAState:
         out["took_ms"] = took_ms
         return out
 
+    # ------------------------------------------------------------------ reloads
+    def _pointer(self) -> tuple[tuple | None, str | None]:
+        from ..store import CURRENT
+
+        path = Path(self.settings.index_dir) / CURRENT
+        try:
+            st = os.stat(path)
+            return (st.st_ino, st.st_mtime_ns, st.st_size), path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return None, None
+
+    def maybe_reload(self) -> None:
+        """At most once per ``reload_interval``: start loading the live index if it is not the one served."""
+        if self.load_searcher is None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.settings.reload_interval
+        from ..articles import JOURNAL, recover_if_idle
+
+        if (Path(self.settings.index_dir) / JOURNAL).exists():  # a writer died mid-write: settle it
+            try:
+                recover_if_idle(self.settings.index_dir)
+            except Exception:
+                logger.exception("recovering an interrupted write failed")
+        key, _ = self._pointer()
+        if key is None or key == self._seen or not self._reload_lock.acquire(blocking=False):
+            return
+
+        def run():
+            try:
+                self._swap()
+            finally:
+                self._reload_lock.release()
+
+        threading.Thread(target=run, name="index-reload", daemon=True).start()
+
+    def reload(self) -> bool:
+        """Load the live index now unless it is already served; return whether another one was swapped in."""
+        if self.load_searcher is None:
+            return False
+        with self._reload_lock:
+            return self._swap()
+
+    def _swap(self) -> bool:
+        key, build_id = self._pointer()
+        served = (getattr(self.searcher, "manifest", None) or {}).get("build_id")
+        if key is None or build_id == served:
+            self._seen = key
+            return False
+        try:
+            searcher = self.load_searcher()
+            warm_up(searcher)  # its own encoder, not yet shared with any request: no need for self.lock
+        except Exception as exc:  # a broken build: keep answering from the one we have
+            message = exc.message if isinstance(exc, QAError) else f"{type(exc).__name__}: {exc}"
+            logger.error("not switching to index build %s: %s", build_id, message)
+            self._seen = key
+            return False
+        self.searcher = searcher  # one assignment: atomic for the threads reading it
+        self._seen = key
+        self.reloads += 1
+        logger.info("now serving index build %s", searcher.manifest.get("build_id"))
+        return True
+
+    # ------------------------------------------------------------------ writes
+    def put_article(self, article_id: str, data: bytes):
+        from ..articles import put_article
+
+        result = put_article(self.settings, article_id, data, embedder=self.write_embedder)
+        self.reload()
+        return result
+
+    def delete_article(self, article_id: str):
+        from ..articles import delete_article
+
+        result = delete_article(self.settings, article_id, embedder=self.write_embedder)
+        self.reload()
+        return result
+
+
+def warm_up(searcher) -> None:
+    """Ask one question so the first real one does not pay for lazy initialisation."""
+    try:
+        searcher.ask("warm up", k=1)
+    except Exception:  # a failed warm-up must not stop anything; a real request will show the error
+        logger.warning("warm-up question failed", exc_info=True)
+
 
 def _accepts_mode(searcher) -> bool:
     try:
@@ -91,27 +214,46 @@ def _accepts_mode(searcher) -> bool:
         return False
 
 
-def create_app(settings: Settings | None = None, searcher: "Searcher | None" = None) -> Flask:
-    """Build the app; load the index and model now (unless a ready ``searcher`` is given, as tests do)."""
+def create_app(settings: Settings | None = None, searcher: "Searcher | None" = None, *,
+               load_searcher: Callable[[], "Searcher"] | None = None, write_embedder: Any = None) -> Flask:
+    """Build the app; load the index and model now (unless a ready ``searcher`` is given, as tests do).
+
+    Args:
+        load_searcher: loads the live index again when it changes; by default ``Searcher(settings)``
+            when no ``searcher`` is given, and no reloads when one is.
+        write_embedder: embeds uploaded articles (tests pass a fake); None: the index's own encoder.
+    """
     if settings is None:
         settings = searcher.settings if searcher is not None else Settings.from_env()
     app = Flask(__name__)
     if app.debug:
         raise DebugRefused("Refusing to start with Flask debug mode on (FLASK_DEBUG): its debugger can run "
                            "arbitrary code. Unset FLASK_DEBUG.")
-    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
+    check_security_settings(settings)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
     app.json.sort_keys = False
     app.json.ensure_ascii = False
 
     if searcher is None:
         from ..retrieval import Searcher
 
-        searcher = Searcher(settings)
-    app.extensions["qa_service"] = QAState(
+        if load_searcher is None:
+            def load_searcher():
+                return Searcher(settings)
+
+        searcher = load_searcher()
+    state = app.extensions["qa_service"] = QAState(
         settings=settings, searcher=searcher,
         ask_model=ask_request_model(settings.max_question_chars, settings.max_k),
-        supports_mode=_accepts_mode(searcher),
+        supports_mode=_accepts_mode(searcher), load_searcher=load_searcher, write_embedder=write_embedder,
     )
+
+    @app.before_request
+    def _before_request():
+        state.maybe_reload()
+        if settings.require_key_for_read and request.endpoint not in OPEN_ENDPOINTS:
+            require_key(settings, write=False)
 
     from . import api, pages
 

@@ -1,13 +1,16 @@
-"""The JSON API blueprint: /api/ask, /api/articles, /healthz and /openapi.json."""
+"""The JSON API blueprint: /api/ask, /api/articles (read; add and remove with an API key), /healthz, /openapi.json."""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import InvalidRequest
 from . import article_url, get_state
+from .auth import require_key
 from .openapi import build_openapi, operation
-from .schemas import ArticleDetail, ArticleList, AskResponse, Health, parse_json_body, parse_query
+from .schemas import (ArticleDetail, ArticleList, ArticleUpload, ArticleWritten, AskResponse, Health,
+                      parse_json_body, parse_query)
 
 bp = Blueprint("api", __name__)
 
@@ -20,6 +23,23 @@ def _ask_model(app):
     return app.extensions["qa_service"].ask_model
 
 
+def _require_json(what: str) -> None:
+    if not request.is_json:
+        raise InvalidRequest(f"Send the {what} as a JSON object with Content-Type: application/json.",
+                             code="unsupported_media_type", status=415)
+
+
+def _body() -> bytes:
+    """Return the request body, refusing one over the request's size cap (413 ``body_too_large``)."""
+    data = request.get_data(cache=False)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A chunked body has no Content-Length to check up front, and werkzeug stops reading it at the cap
+        # instead of refusing it: a body that filled the cap is treated as over it.
+        raise RequestEntityTooLarge()
+    return data
+
+
 @bp.post("/api/ask")
 @operation(summary="Ask a question", body=_ask_model, response=AskResponse, errors=ASK_ERRORS,
            description="Return the passages that best answer the question, best first, each with an exact "
@@ -27,10 +47,8 @@ def _ask_model(app):
                        "Filters are applied before ranking.")
 def ask_post():
     state = get_state()
-    if not request.is_json:
-        raise InvalidRequest("Send the question as a JSON object with Content-Type: application/json.",
-                             code="unsupported_media_type", status=415)
-    req = parse_json_body(state.ask_model, request.get_data(cache=False))
+    _require_json("question")
+    req = parse_json_body(state.ask_model, _body())
     return jsonify(state.ask(req))
 
 
@@ -63,6 +81,50 @@ def article(article_id: str):
     searcher = get_state().searcher
     found = searcher.article(article_id)  # a dict lookup: ids never reach the filesystem
     return jsonify({"ok": True, **_summary(searcher, found), "text": found.text})
+
+
+WRITE_ERRORS = ("unauthorized", "writes_disabled", "write_busy", "writes_unavailable", "seeds_out_of_sync",
+                "index_not_built")
+
+
+def _written(result) -> dict:
+    url = article_url(result.article_id) if result.action != "deleted" else None
+    return {"ok": True, "id": result.article_id, "action": result.action, "build_id": result.build_id,
+            "articles": result.articles, "embedded_articles": result.embedded_articles, "url": url}
+
+
+@bp.post("/api/articles")
+@operation(summary="Add an article, or replace the one with this id", body=ArticleUpload, response=ArticleWritten,
+           created=True, security=True,
+           errors=("article_id_invalid", "article_text_invalid", "duplicate_key", "unknown_field", "wrong_type",
+                   "invalid_request", *WRITE_ERRORS),
+           description="Needs the API key. Stores the text as `<id>.txt` in the articles folder and indexes it "
+                       "(only this article is embedded); the file and the index change together or not at "
+                       "all. 201 when the article is new, 200 when it replaced (or equalled) the old one. "
+                       "Bodies may be up to 2 MB.")
+def add_article():
+    state = get_state()
+    require_key(state.settings, write=True)  # before reading the body: no key, no upload
+    request.max_content_length = state.settings.max_upload_bytes
+    _require_json("article")
+    upload = parse_json_body(ArticleUpload, _body())
+    try:
+        data = upload.text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("The article text is not valid Unicode.", code="article_text_invalid") from None
+    result = state.put_article(upload.id, data)
+    return jsonify(_written(result)), 201 if result.action == "created" else 200
+
+
+@bp.delete("/api/articles/<article_id>")
+@operation(summary="Remove an article", response=ArticleWritten, security=True,
+           errors=("article_id_invalid", "article_not_found", "last_article", *WRITE_ERRORS),
+           description="Needs the API key. Removes `<id>.txt` from the articles folder and the article from "
+                       "the index, together or not at all.")
+def remove_article(article_id: str):
+    state = get_state()
+    require_key(state.settings, write=True)
+    return jsonify(_written(state.delete_article(article_id)))
 
 
 @bp.get("/healthz")

@@ -35,13 +35,24 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "mode_unknown": (400, "The search mode is not one of hybrid, dense or lexical."),
     "invalid_request": (400, "The request is not valid."),
     "bad_request": (400, "The request could not be understood."),
+    "duplicate_key": (400, "A key appears twice in the same JSON object."),
+    "article_id_invalid": (400, "The article id is not allowed: use ASCII letters, digits, '-' and '_'."),
+    "article_text_invalid": (400, "The article text cannot be used."),
+    "unauthorized": (401, "A valid API key is needed: send it in the X-API-Key header."),
+    "writes_disabled": (403, "Writing articles is disabled on this service."),
     "article_not_found": (404, "There is no article with that id."),
     "not_found": (404, "There is nothing at this address."),
     "method_not_allowed": (405, "This address does not accept that HTTP method."),
     "body_too_large": (413, "The request body is too large."),
     "request_uri_too_large": (414, "The address is too long."),
+    "header_fields_too_large": (431, "The request headers are too large."),
     "unsupported_media_type": (415, "Send the request body as JSON with Content-Type: application/json."),
+    "last_article": (409, "The only article cannot be removed; the index cannot be empty."),
+    "seeds_out_of_sync": (409, "The articles folder and the index disagree; the index must be rebuilt first."),
     "internal_error": (500, "Something went wrong on our side; the error has been logged."),
+    "overloaded": (503, "The service is busy; try again in a moment."),
+    "write_busy": (503, "Another change to the articles is in progress; try again in a few seconds."),
+    "writes_unavailable": (503, "Articles cannot be written right now."),
     "index_not_built": (503, "The search index is not available right now."),
     "index_corrupt": (503, "The search index is not available right now."),
     "index_mismatch": (503, "The search index is not available right now."),
@@ -49,7 +60,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 }
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-               414: "request_uri_too_large", 415: "unsupported_media_type"}
+               414: "request_uri_too_large", 415: "unsupported_media_type", 431: "header_fields_too_large"}
 
 
 def error_body(code: str, message: str) -> dict:
@@ -90,8 +101,9 @@ def handle_qa_error(exc: QAError) -> Response:
     if exc.status >= 500:
         # Server-side failures carry paths and internals in their message: log it, answer generically.
         logger.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.code if exc.code in ERROR_CODES else "internal_error", None, exc.status)
-    return error_response(exc.code, exc.message, exc.status)
+        return error_response(exc.code if exc.code in ERROR_CODES else "internal_error", None, exc.status,
+                              exc.headers)
+    return error_response(exc.code, exc.message, exc.status, exc.headers)
 
 
 def handle_http_error(exc: HTTPException) -> Response:

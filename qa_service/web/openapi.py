@@ -28,7 +28,15 @@ from .errors import ERROR_CODES, error_body
 from .schemas import QUERY_PARAMS, ErrorResponse
 
 # Errors any request can meet; request bodies add their own.
-COMMON_ERRORS = ("method_not_allowed", "internal_error")
+COMMON_ERRORS = ("method_not_allowed", "internal_error", "overloaded")
+# Answered by the HTTP server before the app sees the request (``server.write_error_body``): always JSON.
+TRANSPORT_ERRORS = ("bad_request", "request_uri_too_large", "header_fields_too_large")
+SECURITY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+               "description": "The service's QA_API_KEY. Writes always need it; reads only under "
+                              "QA_REQUIRE_KEY_FOR_READ=1."},
+    "bearer": {"type": "http", "scheme": "bearer", "description": "The same key as `Authorization: Bearer <key>`."},
+}
 BODY_ERRORS = ("unsupported_media_type", "body_too_large", "invalid_json", "body_not_object")
 
 
@@ -44,6 +52,8 @@ class Operation:
     response: type[BaseModel] | None = None
     html: bool = False  # answers text/html instead of JSON
     errors: tuple[str, ...] = field(default_factory=tuple)
+    security: bool = False  # needs the API key (writes); reads too under QA_REQUIRE_KEY_FOR_READ
+    created: bool = False  # may answer 201 (with the response model) as well as 200
 
 
 def operation(**kwargs) -> Callable:
@@ -94,17 +104,16 @@ def _error_responses(codes: tuple[str, ...], error_ref: dict, html: bool = False
     out = {}
     for status, group in sorted(by_status.items()):
         description = "Error codes: " + ", ".join(f"`{c}`" for c in group)
+        content = {}
         if html:  # pages show the same code and message on an HTML error page
-            out[str(status)] = {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
-            continue
-        out[str(status)] = {
-            "description": description,
-            "content": {"application/json": {
+            content["text/html"] = {"schema": {"type": "string"}}
+        if not html or any(c in TRANSPORT_ERRORS for c in group):
+            content["application/json"] = {
                 "schema": error_ref,
                 "examples": {c: {"summary": ERROR_CODES[c][1], "value": error_body(c, ERROR_CODES[c][1])}
                              for c in group},
-            }},
-        }
+            }
+        out[str(status)] = {"description": description, "content": content}
     return out
 
 
@@ -140,6 +149,12 @@ def build_openapi(app: Flask) -> dict[str, Any]:
         params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in sorted(rule.arguments)]
         codes = list(op.errors)
+        settings = app.extensions["qa_service"].settings
+        from .auth import OPEN_ENDPOINTS
+
+        if op.security or (settings.require_key_for_read and rule.endpoint not in OPEN_ENDPOINTS):
+            entry["security"] = [{"apiKey": []}, {"bearer": []}]
+            codes += ["unauthorized"]
         if op.query:
             ask_model = body or app.extensions["qa_service"].ask_model
             model_schema = ask_model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -157,13 +172,14 @@ def build_openapi(app: Flask) -> dict[str, Any]:
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": refs[(body, "validation")]}}}
             codes += BODY_ERRORS
-        codes += COMMON_ERRORS
+        codes += COMMON_ERRORS + TRANSPORT_ERRORS
         if op.html:
             ok = {"description": "An HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}
         else:
             schema = refs[(op.response, "serialization")] if op.response is not None else {"type": "object"}
             ok = {"description": "Success.", "content": {"application/json": {"schema": schema}}}
-        entry["responses"] = {"200": ok, **_error_responses(tuple(codes), error_ref, op.html)}
+        entry["responses"] = {"200": ok, **({"201": {**ok, "description": "Created."}} if op.created else {}),
+                              **_error_responses(tuple(codes), error_ref, op.html)}
         paths.setdefault(path, {})[method] = entry
 
     return {
@@ -178,7 +194,7 @@ def build_openapi(app: Flask) -> dict[str, Any]:
             ),
         },
         "paths": paths,
-        "components": {"schemas": defs},
+        "components": {"schemas": defs, "securitySchemes": SECURITY_SCHEMES},
         "tags": [{"name": "api", "description": "JSON API"}, {"name": "pages", "description": "HTML pages"}],
         "x-error-codes": {code: {"status": status, "message": message}
                           for code, (status, message) in sorted(ERROR_CODES.items())},

@@ -8,6 +8,7 @@ unknown fields are refused, and every pydantic error is translated to one stable
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from functools import lru_cache
 from typing import Any, Literal, Mapping
@@ -15,11 +16,13 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..articles import ARTICLE_ID_PATTERN
 from ..errors import InvalidRequest
 from ..types import Filters
 
 MODES = ("hybrid", "dense", "lexical")
 MAX_SOURCES = 100
+MAX_ARTICLE_CHARS = 1_000_000
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 
 
@@ -92,6 +95,19 @@ def ask_request_model(max_question_chars: int = 1000, max_k: int = 50) -> type[A
 AskRequest = ask_request_model()
 
 
+class ArticleUpload(BaseModel):
+    """One article to add, or to replace when the id exists (POST /api/articles)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=100, pattern=ARTICLE_ID_PATTERN,
+                    description="The article id; the file is stored as `<id>.txt` in the articles folder. "
+                                "1 to 100 ASCII letters, digits, `-` or `_`, starting with a letter or digit.")
+    text: str = Field(min_length=1, max_length=MAX_ARTICLE_CHARS,
+                      description="The file's text, as in the articles folder: an optional `date YYYY-MM-DD` "
+                                  "prefix or dateline and headline, then the body. No NUL characters.")
+
+
 # --------------------------------------------------------------------------- responses (documentation)
 
 class Citation(BaseModel):
@@ -156,6 +172,19 @@ class Health(BaseModel):
     build_id: str | None
 
 
+class ArticleWritten(BaseModel):
+    """What a write did; ``build_id`` is the index build that now holds the change."""
+
+    ok: Literal[True]
+    id: str
+    action: Literal["created", "replaced", "unchanged", "deleted"]
+    build_id: str | None
+    articles: int = Field(description="Articles in the index after the write.")
+    embedded_articles: int = Field(description="Articles whose text was embedded for this write (0 or 1): "
+                                               "unchanged articles keep their vectors.")
+    url: str | None = Field(description="The article's page (null after a removal).")
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable snake_case code; see the error codes in this document.")
     message: str = Field(description="A sentence for a person.")
@@ -180,8 +209,35 @@ QUERY_PARAMS: dict[str, tuple[str, ...]] = {
 _PARAM_NAMES = {path: name for name, path in QUERY_PARAMS.items()}
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def check_json(body: bytes) -> None:
+    """Refuse a body that is not JSON, or whose objects repeat a key (parsers disagree on which one wins)."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"The key {exc.key[:40]!r} appears twice in one JSON object; send it once.",
+                             code="duplicate_key") from None
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8; RecursionError very deep nesting
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
 def parse_json_body(model: type[BaseModel], body: bytes) -> BaseModel:
     """Validate a JSON request body against ``model``; raise ``InvalidRequest`` with a stable code."""
+    check_json(body)
     try:
         return model.model_validate_json(body, strict=True)
     except ValidationError as exc:
@@ -237,6 +293,12 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
     if kind == "extra_forbidden":
         return InvalidRequest(f"Unknown field {field[:60]!r}; see /openapi.json for the fields this endpoint takes.",
                               code="unknown_field")
+    if loc == ("id",) and kind in ("string_pattern_mismatch", "string_too_short", "string_too_long"):
+        return InvalidRequest("The article id is not allowed: use 1 to 100 ASCII letters, digits, '-' or '_', "
+                              "starting with a letter or digit.", code="article_id_invalid")
+    if loc == ("text",) and kind in ("string_too_short", "string_too_long"):
+        return InvalidRequest(f"The article text must be 1 to {MAX_ARTICLE_CHARS:,} characters.",
+                              code="article_text_invalid")
     if kind == "missing" and loc == ("question",):
         return InvalidRequest(f"The {field!r} field is required: send the question to ask.", code="question_missing")
     if last == "question" and kind == "string_too_short":

@@ -58,6 +58,9 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeo
         "timeout": timeout,
         "graceful_timeout": 10,
         "keepalive": 5,
+        # Connections a worker holds at once (idle keep-alive ones included); beyond them new connections wait
+        # in the listen backlog. Questions themselves are bounded in the app (Settings.max_queue/queue_timeout).
+        "worker_connections": 100,
         "preload_app": False,
         "limit_request_line": 8190,  # gunicorn's maximum: fits a 1,000-character ASCII question, URL-encoded
         "limit_request_fields": 64,
@@ -79,6 +82,35 @@ _worker = None  # the gunicorn worker of this process, for the heartbeat while t
 def _remember_worker(server, worker) -> None:
     global _worker
     _worker = worker
+    # gunicorn answers some malformed requests itself, before the app runs: give those our error shape too.
+    import gunicorn.util
+
+    gunicorn.util.write_error = write_error_body
+
+
+# Statuses gunicorn answers without the app (request line or headers too long, malformed requests).
+_TRANSPORT_CODES = {400: "bad_request", 414: "request_uri_too_large", 431: "header_fields_too_large"}
+
+
+def write_error_body(sock, status_int: int, reason: str, mesg: str) -> None:
+    """Replacement for ``gunicorn.util.write_error``: the JSON error body instead of gunicorn's HTML page.
+
+    gunicorn's message (it may quote the raw request line) is logged by gunicorn, not echoed to the client.
+    """
+    import json
+
+    from gunicorn.util import write_nonblock
+
+    from . import SECURITY_HEADERS
+    from .errors import ERROR_CODES, error_body
+
+    code = _TRANSPORT_CODES.get(status_int) or ("internal_error" if status_int >= 500 else "bad_request")
+    status, message = ERROR_CODES[code]
+    body = json.dumps(error_body(code, message)).encode("utf-8")
+    head = [f"HTTP/1.1 {status} {reason if status == status_int else 'Bad Request'}", "Connection: close",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items())]
+    write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
 class _Heartbeat:
@@ -164,6 +196,20 @@ def build_in_subprocess(settings: Settings, seeds_dir: Path) -> str:
     """Run ``ensure_index`` in a spawned process, so this one never runs the model before forking."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_build, (settings, seeds_dir))
+
+
+def recover_writes(settings: Settings) -> str | None:
+    """Settle an article write that a crash interrupted (see ``articles``); return what was done."""
+    from ..articles import recover, writer_lock
+    from ..errors import WriteBusy
+
+    if not Path(settings.index_dir).is_dir():
+        return None
+    try:
+        with writer_lock(settings.index_dir, timeout=0):
+            return recover(settings.index_dir, settings.seeds_dir if Path(settings.seeds_dir).is_dir() else None)
+    except WriteBusy:  # a writer is at work; it settles any interrupted write itself before its own
+        return None
 
 
 def check_index(settings: Settings) -> dict:
