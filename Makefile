@@ -29,6 +29,7 @@ test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
+	$(BIN)/python -m pip install -q -c requirements.lock txtai==9.14.0 msgpack==1.2.4  # the peer (optional extra)
 	$(BIN)/qa-service bench
 
 clean:

@@ -271,5 +271,42 @@ def serve(settings: Settings, host: str, port: int, workers: int, build_from: Pa
     server.run(settings, host, port, workers)
 
 
+def _load_benchmarks():
+    """Import this checkout's benchmarks/suite.py (by path: pysbd installs an unrelated top-level ``benchmarks``)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (folder / "suite.py").is_file():
+        raise click.ClickException("The benchmarks/ folder is not here: run qa-service bench from a checkout "
+                                   "installed with pip install -e .")
+    name = "qa_service_benchmarks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.suite")
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Tiny inputs (seconds, not minutes): checks that the suite runs.")
+@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer")),
+              show_default=True, help="Comma-separated sections to run.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the dated Markdown summary goes [default: benchmarks/results/ of this checkout].")
+def bench(quick: bool, sections: str, out_dir: Path | None) -> None:
+    """Measure latency, throughput, build, cold start, scale and a peer, each as a ratio to its floor."""
+    suite = _load_benchmarks()
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in suite.SECTIONS]
+    if unknown:
+        raise click.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(suite.SECTIONS)}",
+                                 param_hint="--sections")
+    out_dir = out_dir or suite.REPO / "benchmarks" / "results"
+    path = suite.run(out_dir, chosen, quick=quick, echo=lambda line: click.echo(line, err=True))
+    click.echo(path.read_text(encoding="utf-8"))
+
+
 def main() -> None:  # pragma: no cover
     cli()

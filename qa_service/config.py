@@ -28,6 +28,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 2 * 1024 * 1024  # POST /api/articles has its own, larger cap
     reranker: str | None = None  # optional cross-encoder (QA_RERANKER / --reranker)
+    # Above this many passages the dense index is approximate (IVF, retrieval/dense.py); exact below (QA_ANN_THRESHOLD).
+    # Measured: an exact scan of 50k vectors costs about as much as encoding the question.
+    ann_threshold: int = 50_000
     # Writes (POST/DELETE /api/articles) need this key; without one they are disabled (QA_API_KEY).
     api_key: str | None = field(default=None, repr=False)
     require_key_for_read: bool = False  # QA_REQUIRE_KEY_FOR_READ=1: every question needs the key too
@@ -58,6 +61,8 @@ class Settings:
             values["api_key"] = env["QA_API_KEY"]
         if env.get("QA_REQUIRE_KEY_FOR_READ"):
             values["require_key_for_read"] = env["QA_REQUIRE_KEY_FOR_READ"].strip().lower() not in ("0", "false", "no", "")
+        if env.get("QA_ANN_THRESHOLD"):
+            values["ann_threshold"] = int(env["QA_ANN_THRESHOLD"])
         for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float)):
             if env.get(f"QA_{name.upper()}"):
                 values[name] = convert(env[f"QA_{name.upper()}"])

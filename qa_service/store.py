@@ -7,7 +7,8 @@ Layout::
       builds/<build-id>/      one complete, immutable build
         manifest.json         format version, model, dimension, chunking, article hashes, file sizes
         passages.sqlite       articles, passages (row id == vector id) and sentences
-        vectors.faiss         FAISS inner-product index over L2-normalised passage vectors
+        vectors.faiss         FAISS inner-product index over L2-normalised passage vectors (exact, or IVF
+                              above Settings.ann_threshold passages; manifest "faiss" records its parameters)
         sentences.npy         float32 [n_sentences, d] sentence vectors (answer sentence, scoring)
         model/                ONNX export of the model + tokenizer.json: the torch-free query encoder
         lexical/              BM25 indexes (bm25s): passages, passage bigrams, sentences
@@ -251,7 +252,7 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     An article's vectors are reused only when the live build used the same model, encoder, precision and
     chunking, holds the same content hash for it, and cut it into exactly the same spans.
     """
-    import faiss
+    from .retrieval.dense import read_dense_index
 
     d = embedder.dimension
     pvecs = np.full((len(chunks.passages), d), np.nan, dtype=np.float32)
@@ -286,7 +287,7 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
         for sid, a, st, en in con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id'):
             old_s.setdefault(a, []).append((sid, st, en))
         con.close()
-        old_index = faiss.read_index(str(build / VECTORS))
+        old_index = read_dense_index(build / VECTORS)
         old_sent = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
     except (sqlite3.DatabaseError, RuntimeError, OSError, ValueError):
         logger.warning("previous build unreadable; embedding every article again")
@@ -337,6 +338,8 @@ def build_index(
     """
     import faiss
 
+    from .retrieval.dense import build_dense_index
+
     started = time.perf_counter()
     index_dir = Path(settings.index_dir)
     builds = index_dir / BUILDS
@@ -359,9 +362,8 @@ def build_index(
         _fill(vectors, [p.text for p in passages], embedder, settings.batch_size, progress)
         _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], embedder,
               settings.batch_size * 2, progress)
-        index = faiss.IndexFlatIP(embedder.dimension)
-        if len(vectors):
-            index.add(vectors)
+        # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
+        index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
         faiss.write_index(index, str(tmp / VECTORS))
         np.save(tmp / SENTENCE_VECTORS, sentence_vectors.astype(np.float32))
         _write_db(tmp / PASSAGES_DB, articles, chunks)
@@ -379,7 +381,7 @@ def build_index(
             "dimension": embedder.dimension,
             "chunking": chunking_settings(settings),
             "encoder": encoder,
-            "faiss": {"type": "IndexFlatIP", "metric": "inner_product"},
+            "faiss": dense_entry,
             "articles": {a.id: a.content_hash for a in articles},
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
                        "reused_articles": reused},

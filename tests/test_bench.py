@@ -1,0 +1,63 @@
+"""`qa-service bench` runs on tiny inputs and writes its Markdown summary; a real serving worker never maps torch.
+
+Benchmarks are not timed tests: these check that the code runs, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from qa_service.cli import _load_benchmarks, cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bench_work(tmp_path, real_index):
+    """A work folder whose seeds index is a hard-linked copy of the session's real index (no rebuild)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(real_index.index_dir, work / "seeds-index", copy_function=os.link)
+    return work
+
+
+def test_quick_bench_writes_markdown_and_workers_have_no_torch(tmp_path, bench_work):
+    suite = _load_benchmarks()
+    lines = []
+    path = suite.run(tmp_path / "out", ["query", "throughput", "cold", "scale"], quick=True, work=bench_work,
+                     echo=lines.append)
+    text = path.read_text(encoding="utf-8")
+    assert path.name.startswith("bench-") and (tmp_path / "out" / "latest-quick.md").read_text() == text
+    assert "| section | measure | value | floor | ratio | target | met | note |" in text
+    for section in ("query", "throughput", "cold", "scale"):
+        assert f"| {section} |" in text
+    assert "POST /api/ask p50" in text and "recall@10" in text and "first 200 answer" in text
+    facts = __import__("json").loads(path.with_suffix(".json").read_text())["facts"]
+    assert facts["worker_pids"] and facts["torch_in_workers"] is False  # /proc/<worker>/maps has no libtorch
+    assert "index re-embedded: no" in text
+
+
+def test_build_and_peer_sections_run(tmp_path, bench_work):
+    """The build section runs `qa-service index` on a tiny corpus; the peer section runs txtai or says why not."""
+    suite = _load_benchmarks()
+    sizes = suite.Sizes.quick()
+    sizes.build_docs = 3
+    sizes.latency_n = 3
+    path = suite.run(tmp_path / "out", ["build", "peer"], work=bench_work, sizes=sizes, echo=lambda _: None)
+    text = path.read_text(encoding="utf-8")
+    assert "qa-service index, passages/s" in text
+    try:
+        import txtai  # noqa: F401
+    except ImportError:
+        assert "peer: skipped" in text
+    else:
+        assert "txtai hybrid" in text
+
+
+def test_bench_command_rejects_unknown_sections():
+    result = CliRunner().invoke(cli, ["bench", "--sections", "query,nonsense"])
+    assert result.exit_code == 2 and "nonsense" in result.output
