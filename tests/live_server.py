@@ -53,8 +53,12 @@ def clean_env(**extra: str) -> dict:
 
 
 def link_copy(source: Path, target: Path) -> None:
-    """Copy an index folder by hard links: builds are immutable and CURRENT is replaced, never rewritten."""
-    shutil.copytree(source, target, copy_function=os.link)
+    """Copy an index folder by hard links: builds are immutable and CURRENT is replaced, never rewritten.
+
+    The writer lock and journal stay behind: a shared lock inode would tie the copy's writers to the original's.
+    """
+    shutil.copytree(source, target, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("write.lock", "write-journal.json", ".write-journal.json.*"))
 
 
 @dataclass
@@ -123,7 +127,7 @@ class LiveServer:
                     children.append(int(entry.name))
         return sorted(children)
 
-    def wait_for_build(self, build_id: str, timeout: float = 30, hits: int = 8) -> None:
+    def wait_for_build(self, build_id: str, timeout: float = 30, hits: int = 12) -> None:
         """Wait until ``hits`` health checks in a row (so every worker, most likely) serve ``build_id``."""
         deadline = time.monotonic() + timeout
         streak = 0

@@ -306,3 +306,40 @@ def test_killed_service_mid_upload_restarts_whole(real_index, tmp_path):
     assert "Traceback" not in log
     FIGURES.append(f"service kill test (real model, gunicorn SIGKILLed mid-upload): {trials} trials, "
                    f"{outcomes['old']} came back old, {outcomes['new']} new, 0 mixed, 0 lost")
+
+
+@pytest.mark.slow
+def test_index_command_updates_incrementally(real_index, tmp_path):
+    """`qa-service index` on a folder with an article added, one changed and one removed: only those two
+    are embedded, and the index then holds exactly the folder."""
+    index_dir, seeds_dir = tmp_path / "index", tmp_path / "seeds"
+    link_copy(real_index.index_dir, index_dir)
+    shutil.copytree(real_index.seeds_dir, seeds_dir)
+    (seeds_dir / f"{NEW_ID}.txt").write_text(NEW_TEXT, encoding="utf-8")
+    changed = seeds_dir / "001_714cc25dd3f7c4d2.txt"
+    changed.chmod(0o644)
+    with open(changed, "a", encoding="utf-8") as fh:
+        fh.write("\n\nThe okapi delegation arrived in Doha on Friday, officials said.\n")
+    (seeds_dir / f"{GONE_ID}.txt").unlink()
+
+    result = CliRunner().invoke(cli, ["index", str(seeds_dir), "--index-dir", str(index_dir)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(index_dir)
+    assert manifest["articles"] == {a.id: a.content_hash for a in load_articles(seeds_dir).articles}
+    assert manifest["counts"]["reused_articles"] == 3  # the three untouched articles were not re-embedded
+    searcher = Searcher(real_index.with_(index_dir=index_dir))
+    assert searcher.search("flamingo parade with zebras", k=1)[0].citation.article_id == NEW_ID
+    assert searcher.search("okapi delegation in Doha", k=1)[0].citation.article_id == "001_714cc25dd3f7c4d2"
+    again = CliRunner().invoke(cli, ["index", str(seeds_dir), "--index-dir", str(index_dir)])
+    assert "index is up to date: 5 articles" in again.output
+
+
+def test_serve_refuses_a_truncated_index_with_the_rebuild_message(settings, monkeypatch):
+    monkeypatch.delenv("FLASK_DEBUG", raising=False)
+    vectors = Path(read_manifest(settings.index_dir)["_build_dir"]) / "vectors.faiss"
+    data = vectors.read_bytes()
+    vectors.unlink()  # a hard link into the shared fixture: replace it, never write through it
+    vectors.write_bytes(data[: len(data) // 3])
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(settings.index_dir), "--model", "fake-hash-64"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "truncated" in result.output and f"qa-service index SEEDS_DIR --index-dir {settings.index_dir}" in result.output

@@ -25,7 +25,7 @@ def test_load_at_8_and_32_clients(live_service):
     url = live_service.url
     workers = live_service.worker_pids()
     assert len(workers) == 2
-    warm = run_load(url, 8, 200, time_cap=60)  # first touches: lazy allocations, thread pools, caches
+    warm = run_load(url, 8, 400, time_cap=90)  # first touches: lazy allocations, thread pools, caches
     assert warm.failed == 0, warm.failures[:3]
     before = {pid: rss_kb(pid) for pid in workers}
 
