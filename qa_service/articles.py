@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .files import fsync_dir
 from .config import Settings
 from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, SeedsOutOfSync, WriteBusy,
                      WritesUnavailable)
@@ -111,14 +112,6 @@ def _seeds_dir(settings: Settings) -> Path:
 
 # --------------------------------------------------------------------------- durable files
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -134,7 +127,7 @@ def _write_journal(index_dir: Path, journal: dict) -> None:
     tmp = index_dir / f".{JOURNAL}.{uuid.uuid4().hex[:8]}"
     _write_new_file(tmp, json.dumps(journal, indent=2, sort_keys=True).encode("utf-8"))
     os.replace(tmp, index_dir / JOURNAL)
-    _fsync_dir(index_dir)
+    fsync_dir(index_dir)
 
 
 def _read_journal(index_dir: Path) -> dict | None:
@@ -217,14 +210,14 @@ def recover(index_dir: Path, seeds_dir: Path | None = None) -> str | None:
                 os.replace(staged, target)
         else:
             target.unlink(missing_ok=True)
-        _fsync_dir(seeds)
+        fsync_dir(seeds)
         what = "finished"
     else:
         if staged is not None:
             staged.unlink(missing_ok=True)
         what = "undid"
     (index_dir / JOURNAL).unlink()
-    _fsync_dir(index_dir)
+    fsync_dir(index_dir)
     _remove_stray_staged(seeds, None)
     message = f"{what} an interrupted {'upload' if journal['op'] == 'put' else 'removal'} of article {article_id}"
     logger.warning("%s", message)
@@ -298,10 +291,10 @@ def _commit(settings: Settings, journal: dict, articles: list[Article], embedder
         os.replace(seeds / journal["staged"], target)
     else:
         target.unlink(missing_ok=True)
-    _fsync_dir(seeds)
+    fsync_dir(seeds)
     _checkpoint("applied")
     (index_dir / JOURNAL).unlink()
-    _fsync_dir(index_dir)
+    fsync_dir(index_dir)
     return Path(summary.build_dir).name
 
 
@@ -331,7 +324,7 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
             raise IndexNotBuilt(f"No index found in {index_dir}: build one before adding articles.")
         staged = seeds / f".{article_id}.txt.{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
         _write_new_file(staged, data)
-        _fsync_dir(seeds)
+        fsync_dir(seeds)
         _checkpoint("staged")
         try:
             from .ingest import LoadReport, load_article

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .files import sha256_file
 from .embedding import Embedder, normalize_rows
 from .errors import IndexCorrupt, ModelNotFound
 
@@ -189,14 +190,6 @@ def encoder_status(manifest: dict, quantize: str) -> str | None:
 
 # --------------------------------------------------------------------------- index time
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(embedder) -> str:
     """Return a digest of what the export depends on: weights, tokenizer, module layout, lengths, exporter."""
     import torch
@@ -308,7 +301,7 @@ def _reuse_export(builds: Iterable[Path], fingerprint: str, precision: str, fold
         try:
             for key in ("file", "tokenizer"):
                 _link_or_copy(build / entry[key], folder / Path(entry[key]).name)
-            if _sha256(folder / Path(entry["file"]).name) != entry["sha256"]:
+            if sha256_file(folder / Path(entry["file"]).name) != entry["sha256"]:
                 raise ValueError("checksum mismatch")
         except (OSError, KeyError, ValueError) as exc:
             logger.info("not reusing the ONNX export of build %s: %s", build.name, exc)
@@ -426,9 +419,9 @@ def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_i
         "backend": "onnx",
         "precision": onnx.precision,
         "file": f"{MODEL_DIR}/{model_file.name}",
-        "sha256": _sha256(model_file),
+        "sha256": sha256_file(model_file),
         "tokenizer": f"{MODEL_DIR}/{TOKENIZER_FILE}",
-        "tokenizer_sha256": _sha256(folder / TOKENIZER_FILE),
+        "tokenizer_sha256": sha256_file(folder / TOKENIZER_FILE),
         "max_seq_length": embedder.max_seq_length,
         "inputs": list(inputs),
         "pad_id": pad_id,

@@ -21,7 +21,6 @@ are pruned after a successful publish (the previous one is kept so a running rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,12 +29,13 @@ import sqlite3
 import time
 import uuid
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .files import fsync_dir, sha256_file
 from .chunking import pack_sentences, sentence_units
 from .config import Settings
 from .embedding import Embedder, canonical_model_name
@@ -132,22 +132,6 @@ def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool,
 
 
 # --------------------------------------------------------------------------- writing
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 @dataclass
 class Chunks:
@@ -372,7 +356,7 @@ def build_index(
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "build_id": build_id,
@@ -391,10 +375,10 @@ def build_index(
             json.dump(manifest, fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = builds / build_id
         os.replace(tmp, final)
-        _fsync_dir(builds)
+        fsync_dir(builds)
         _publish(index_dir, build_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -410,7 +394,7 @@ def _publish(index_dir: Path, build_id: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp_pointer, index_dir / CURRENT)
-    _fsync_dir(index_dir)
+    fsync_dir(index_dir)
 
 
 def _prune(index_dir: Path, keep: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -16,7 +14,6 @@ import pytest
 
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from qa_service.ingest import load_articles
 from qa_service.retrieval import Searcher
 from qa_service.store import BUILDS, CURRENT, index_status, read_manifest
 

@@ -18,7 +18,6 @@ re-embeds passages or sentences; the question vector is computed once and shared
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sqlite3
 import threading
