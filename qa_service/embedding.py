@@ -119,7 +119,7 @@ class SentenceTransformerEmbedder:
         return normalize_rows(vectors)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        return len(self._tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
 
 def load_embedder(model: str) -> Embedder:
