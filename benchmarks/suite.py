@@ -63,14 +63,14 @@ class Sizes:
     throughput_seconds: float = 12.0
     throughput_max: int = 4000
     clients: tuple[int, ...] = (1, 8, 32)
-    build_docs: int = 300
+    build_docs: int = 200
     cold_runs: int = 3
     scale: tuple[int, ...] = (100_000, 1_000_000)
     scale_threshold: int | None = None  # None: Settings().ann_threshold
     scale_queries: int = 200
     flat_timing_queries: int = 20
     peer_scifact_queries: int = 100
-    peer_scifact_distractors: int = 700
+    peer_scifact_distractors: int = 400
 
     @classmethod
     def quick(cls) -> "Sizes":
