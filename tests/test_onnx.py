@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qa_service.files import sha256_file
 from qa_service import onnx_encoder
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt
@@ -87,7 +88,7 @@ def test_real_index_carries_an_onnx_encoder(real_index, seed_articles):
     assert entry["backend"] == "onnx" and entry["precision"] == "fp32" and entry["quantize"] == "none"
     assert entry["file"] == "model/model.onnx" and entry["tokenizer"] == "model/tokenizer.json"
     assert entry["max_seq_length"] == 256 and entry["agreement_min_cosine"] >= 0.9999
-    assert onnx_encoder._sha256(build / entry["file"]) == entry["sha256"]
+    assert sha256_file(build / entry["file"]) == entry["sha256"]
     assert {"model/model.onnx", "model/tokenizer.json"} <= set(manifest["files"])
     assert index_status(real_index, seed_articles) == (True, "up to date")
     assert index_status(real_index.with_(quantize="int8"), seed_articles) == (False, "the encoder precision changed")
