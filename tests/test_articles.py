@@ -7,7 +7,6 @@ folder and the index hold the whole old or the whole new state, never a mix, and
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal

@@ -21,7 +21,7 @@ from qa_service import onnx_encoder
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt
 from qa_service.onnx_encoder import OnnxEmbedder
-from qa_service.store import BUILDS, build_index, index_status, read_manifest
+from qa_service.store import build_index, index_status, read_manifest
 
 from .conftest import REPO, SHARED
 
