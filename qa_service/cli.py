@@ -173,7 +173,7 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json, report.md and recall.png into this folder.")
 @click.option("--depth", type=click.IntRange(1, 1000), help="Passages retrieved per question "
-              "[default: 100 in-process, 50 over HTTP].")
+              "[default: 100 for question files; BEIR: 20 x passages per document, 30..100; 50 over HTTP].")
 @click.option("--seeds-dir", type=click.Path(file_okay=False, path_type=Path), envvar="QA_SEEDS_DIR",
               default="seeds", show_default=True, help="Articles the index is built from (question files).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -209,13 +209,10 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
         from .retrieval import Searcher
 
         if dataset.format == "beir":
-            from .embedding import load_embedder
-
-            embedder = load_embedder(settings.model)
             beir_settings, note = ev.ensure_beir_index(path, settings, cache_dir or settings.index_dir / "beir",
-                                                       embedder, progress=progress)
+                                                       progress=progress)
             click.echo(note, err=True)
-            searcher = Searcher(beir_settings, embedder=embedder)
+            searcher = Searcher(beir_settings)  # with the build's own query encoder, as the service does
         else:
             click.echo(ensure_index(settings, seeds_dir, progress=progress), err=True)
             searcher = Searcher(settings)

@@ -228,6 +228,23 @@ def test_several_modes_share_questions_and_report(tmp_path):
         ev.evaluate(ds, StubBackend(results, passages), modes=["dense", "dense"])
 
 
+def test_default_depth_gives_beir_runs_ten_documents():
+    beir = ev.Dataset("b", "beir", Path("."), [ev.Question("q", "q")], {"q": {"d": 1}})
+    questions, _, _ = _question_case()
+
+    class Sized(StubBackend):
+        def __init__(self, per_doc):
+            super().__init__({})
+            self.per_doc = per_doc
+
+        def passages_per_document(self):
+            return self.per_doc
+
+    assert [ev.default_depth(beir, Sized(p)) for p in (4.54, 2.03, 1.0, 12.0)] == [91, 41, 30, 100]
+    assert ev.default_depth(questions, Sized(2.0)) == ev.DEFAULT_DEPTH
+    assert ev.default_depth(beir, ev.HttpBackend("http://127.0.0.1:1")) == ev.HTTP_DEPTH
+
+
 # --------------------------------------------------------------------------- modes on a Searcher
 
 class _OldSearcher:
