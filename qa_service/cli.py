@@ -93,7 +93,10 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
     click.echo(f"building index ({reason})", err=True)
     embedder = load_embedder(settings.model)
     summary = build_index(report.articles, embedder, settings, progress=progress)
-    return f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
+    line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
+    if summary.reused_articles:
+        line += f" ({summary.reused_articles} unchanged articles not re-embedded)"
+    return line
 
 
 @cli.command()
