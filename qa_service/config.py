@@ -40,6 +40,14 @@ class Settings:
     queue_timeout: float = 10.0
     write_timeout: float = 30.0  # how long a write waits for another writer before 503 "write_busy"
     reload_interval: float = 1.0  # web workers look for a new index (index/CURRENT) at most this often
+    # Index backend: None keeps the FAISS directory (index_dir); a PostgreSQL URL (QA_DATABASE_URL /
+    # --database-url) stores articles, passages and vectors there instead (qa_service/backends/postgres.py).
+    database_url: str | None = field(default=None, repr=False)
+    hnsw_ef_search: int = 100  # PostgreSQL backend: pgvector hnsw.ef_search (QA_HNSW_EF_SEARCH)
+    # Distributed embedding at index time (qa_service/distributed.py): None embeds in this process;
+    # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
+    ray_address: str | None = None
+    ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,7 +71,12 @@ class Settings:
             values["require_key_for_read"] = env["QA_REQUIRE_KEY_FOR_READ"].strip().lower() not in ("0", "false", "no", "")
         if env.get("QA_ANN_THRESHOLD"):
             values["ann_threshold"] = int(env["QA_ANN_THRESHOLD"])
-        for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float)):
+        if env.get("QA_DATABASE_URL"):
+            values["database_url"] = env["QA_DATABASE_URL"]
+        if env.get("QA_RAY_ADDRESS"):
+            values["ray_address"] = env["QA_RAY_ADDRESS"]
+        for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float),
+                              ("hnsw_ef_search", int), ("ray_actors", int)):
             if env.get(f"QA_{name.upper()}"):
                 values[name] = convert(env[f"QA_{name.upper()}"])
         for key, value in overrides.items():
