@@ -408,7 +408,7 @@ def section_scale(b: Bench) -> None:
     basis = _basis(b)
     texts, qvecs = _query_vectors(b, b.sizes.scale_queries)
     searcher = b.searcher()
-    small = searcher.dense
+    small = searcher.backend.dense
 
     def question_p50(index) -> float:
         """encode a real question + dense top-50 search: the dense part of a question's cost."""

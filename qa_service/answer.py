@@ -57,7 +57,7 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
         answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense
         s, e = searcher.sentence_span(sids[best]) if sids else (start, end)
         answer_text = searcher.article(article_id).text[s:e]
-        vec = np.asarray(searcher.sentence_vectors[sids[best]]) if sids else None
+        vec = searcher.sentence_vector(sids[best]) if sids else None
 
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):

@@ -97,7 +97,7 @@ def test_build_index_switches_and_records_it(tmp_path, seed_articles, fake_embed
     assert on_disk["faiss"] == faiss_entry
     assert isinstance(faiss.read_index(str(Path(manifest["_build_dir"]) / VECTORS)), faiss.IndexIVFFlat)
     searcher = Searcher(settings, embedder=fake_embedder)
-    assert searcher.dense.is_ivf
+    assert searcher.backend.dense.is_ivf
     exact = Searcher(fake_index, embedder=fake_embedder)
     question = "What did Pezeshkian say about rebuilding Gaza?"
     # every list is probed at this size, so the approximate index must give the exact ranking

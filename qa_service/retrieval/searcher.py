@@ -19,25 +19,21 @@ re-embeds passages or sentences; the question vector is computed once and shared
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..config import Settings
-from ..embedding import Embedder, load_embedder, load_index_encoder
-from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, InvalidRequest
-from ..store import (LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, check_model, read_manifest,
-                     rebuild_hint)
+from ..backends import IndexBackend, open_backend
+from ..embedding import Embedder, load_embedder
+from ..errors import IndexMismatch, InvalidRequest
+from ..store import check_model
 from ..types import Article, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
-from .dense import DenseIndex
-from .lexical import LexicalIndex, Vocabulary, analyze
+from .lexical import analyze
 
 logger = logging.getLogger(__name__)
 
@@ -76,113 +72,62 @@ class Candidate:
 
 
 class Searcher:
-    """Answer questions from one index directory."""
+    """Answer questions from one index backend (``backends``: a FAISS directory or PostgreSQL)."""
 
     def __init__(self, settings: Settings | None = None, embedder: Embedder | None = None,
-                 config: RetrievalConfig | None = None):
+                 config: RetrievalConfig | None = None, backend: IndexBackend | None = None):
         self.settings = settings or Settings.from_env()
         self.config = config or RetrievalConfig(reranker=self.settings.reranker)
-        index_dir = Path(self.settings.index_dir)
-        manifest = read_manifest(index_dir)
+        self.backend = backend or open_backend(self.settings)
+        manifest = self.backend.manifest
+        where = self.backend.describe() if hasattr(self.backend, "describe") else str(self.settings.index_dir)
+        hint = self.backend.rebuild_hint() if hasattr(self.backend, "rebuild_hint") else ""
         if embedder is None:
-            check_model(manifest, self.settings.model, index_dir)
+            check_model(manifest, self.settings.model, where)
             # The index's ONNX export when it has one (no torch in this process), else the model itself.
-            embedder = load_index_encoder(manifest) or load_embedder(self.settings.model)
+            embedder = self.backend.load_encoder() or load_embedder(self.settings.model)
         elif manifest.get("model") != embedder.name:
-            raise IndexMismatch(f"The index in {index_dir} was built with model {manifest.get('model')!r}, "
-                                f"not {embedder.name!r}. {rebuild_hint(index_dir)}")
+            raise IndexMismatch(f"The index in {where} was built with model {manifest.get('model')!r}, "
+                                f"not {embedder.name!r}. {hint}".strip())
         if embedder.dimension != manifest.get("dimension"):
-            raise IndexMismatch(f"The index in {index_dir} holds {manifest.get('dimension')}-d vectors but the model "
-                                f"makes {embedder.dimension}-d ones. {rebuild_hint(index_dir)}")
+            raise IndexMismatch(f"The index in {where} holds {manifest.get('dimension')}-d vectors but the model "
+                                f"makes {embedder.dimension}-d ones. {hint}".strip())
         self.embedder = embedder
-        self.manifest = manifest
-        build = Path(manifest["_build_dir"])
-        try:
-            self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
-            self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
-            rows = self._db.execute("SELECT id, source, title, date, text, content_hash FROM articles ORDER BY id").fetchall()
-            self._articles = {r[0]: Article(*r) for r in rows}
-            prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
-            srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
-            self.lexical = LexicalIndex.load(build / LEXICAL / "passages", len(prow))
-            self.lexical_bigrams = LexicalIndex.load(build / LEXICAL / "bigrams", len(prow), "bigrams")
-            self.lexical_sentences = LexicalIndex.load(build / LEXICAL / "sentences", len(srow))
-            self.vocabulary = Vocabulary.load(build / VOCABULARY)
-            self.sentence_vectors = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
-        except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
-            raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
-        self._lock = threading.Lock()
         self.reranker = None
         if self.config.reranker:
             from .rerank import CrossEncoderReranker
 
             self.reranker = CrossEncoderReranker(self.config.reranker, self.config.rerank_top)
-        ids = sorted(self._articles)
-        self._article_pos = {a: i for i, a in enumerate(ids)}
-        self._article_ids = ids
-        self._passage_article = np.array([self._article_pos[r[0]] for r in prow], dtype=np.int32)
-        self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
-        self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
-        self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
-        self._article_dates = [self._articles[a].date for a in ids]
-        if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_vectors):
-            raise IndexCorrupt(f"The index in {index_dir} has {self.dense.size} vectors for "
-                               f"{len(prow)} passages. {rebuild_hint(index_dir)}")
 
     # ------------------------------------------------------------------ articles
+    @property
+    def manifest(self) -> dict:
+        return self.backend.manifest
+
     @property
     def model_name(self) -> str:
         return self.embedder.name
 
     @property
     def passage_count(self) -> int:
-        return int(self.dense.size)
+        return int(self.backend.passage_count)
+
+    @property
+    def vocabulary(self):
+        return self.backend.vocabulary
 
     def articles(self) -> list[Article]:
-        return [self._articles[a] for a in self._article_ids]
+        return self.backend.articles()
 
     def article(self, article_id: str) -> Article:
-        try:
-            return self._articles[article_id]
-        except (KeyError, TypeError):
-            raise ArticleNotFound(f"There is no article with id {article_id!r}.") from None
+        return self.backend.article(article_id)
 
     def passage_count_for(self, article_id: str) -> int:
-        return int(self._passage_counts[self._article_pos[article_id]])
+        return self.backend.passage_count_for(article_id)
 
     # ------------------------------------------------------------------ search
-    def _allowed_passages(self, filters: Filters | None) -> np.ndarray | None:
-        if filters is None or filters.is_empty():
-            return None
-        keep = np.ones(len(self._article_ids), dtype=bool)
-        if filters.sources:
-            by_name = {a.source: a.id for a in self._articles.values()}
-            wanted = set()
-            unknown = []
-            for s in filters.sources:
-                if s in self._articles:
-                    wanted.add(s)
-                elif s in by_name:
-                    wanted.add(by_name[s])
-                else:
-                    unknown.append(s)
-            if unknown:
-                raise InvalidRequest(f"Unknown source(s): {', '.join(map(repr, unknown[:5]))}. "
-                                     "Use article ids or file names from /api/articles.", code="unknown_source")
-            keep &= np.array([a in wanted for a in self._article_ids])
-        if filters.date_from or filters.date_to:
-            lo, hi = filters.date_from or "0000-00-00", filters.date_to or "9999-99-99"
-            keep &= np.array([bool(d) and lo <= d <= hi for d in self._article_dates])
-        return np.flatnonzero(keep[self._passage_article]).astype(np.int64)
-
     def _passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._db.execute(f'SELECT id, article_id, start, "end", text FROM passages WHERE id IN ({marks})',
-                                    [int(i) for i in ids]).fetchall()
-        return {r[0]: r[1:] for r in rows}
+        return self.backend.passages(ids)
 
     def prepare(self, question: str) -> tuple[str, str]:
         """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants."""
@@ -193,70 +138,29 @@ class Searcher:
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
         return self.embedder.encode(list(questions), batch_size=self.settings.batch_size)
 
-    def _sentence_max(self, pids: np.ndarray, qvec: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Return each passage's best sentence cosine, and all its sentence cosines."""
-        best = np.empty(len(pids), dtype=np.float32)
-        per_passage = []
-        for i, pid in enumerate(pids):
-            first, last = self._passage_sentences[pid]
-            sims = np.asarray(self.sentence_vectors[first:last + 1]) @ qvec
-            per_passage.append(sims)
-            best[i] = sims.max() if len(sims) else 0.0
-        return best, per_passage
-
-    def _lexical_mix(self, text: str, pids: np.ndarray, passage_scores: np.ndarray) -> np.ndarray:
-        """Return the lexical evidence of candidates ``pids`` on a 0..1 scale.
-
-        Passage BM25, the BM25 of the passage's best sentence and BM25 over word pairs, each divided by
-        its best score over the whole index for this question, then averaged with the configured weights.
-        """
-        cfg = self.config
-
-        def scaled(scores: np.ndarray, all_scores: np.ndarray) -> np.ndarray:
-            top = float(all_scores.max()) if len(all_scores) else 0.0  # best over the index, not the candidates
-            return scores / top if top > 0 else np.zeros_like(scores)
-
-        sentence_all = self.lexical_sentences.scores(text)
-        sentence_best = np.array([sentence_all[r[0]:r[1] + 1].max() if r[1] >= r[0] else 0.0
-                                  for r in self._passage_sentences[pids]], dtype=np.float32)
-        bigram_all = self.lexical_bigrams.scores(text)
-        ws, wb = cfg.sentence_bm25_weight, cfg.bigram_weight
-        mix = ((1 - ws) * scaled(passage_scores[pids], passage_scores) + ws * scaled(sentence_best, sentence_all)
-               + wb * scaled(bigram_all[pids], bigram_all))
-        return mix / (1 + wb)
-
     def _rank(self, question: str, qvec: np.ndarray, lexical_text: str, n: int, mode: str,
-              allowed: np.ndarray | None) -> tuple[list[Candidate], dict[int, np.ndarray]]:
+              selection) -> tuple[list[Candidate], dict[int, np.ndarray]]:
         cfg = self.config
         pool = max(cfg.candidates, n)
-        ids: set[int] = set()
-        if mode in ("dense", "hybrid"):
-            _, dids = self.dense.search(qvec.reshape(1, -1), pool, allowed)
-            ids.update(int(i) for i in dids[0] if i >= 0)
-        lex_all = None
-        if mode in ("lexical", "hybrid"):
-            lex_all = self.lexical.scores(lexical_text)
-            _, lids = self.lexical.search(lexical_text, pool, allowed, scores=lex_all)
-            ids.update(int(i) for i in lids)
-        if not ids:
+        want_mix = mode == "hybrid" and cfg.fusion == "convex"
+        ev = self.backend.candidates(qvec, lexical_text, pool, mode, selection, want_mix,
+                                     (cfg.sentence_bm25_weight, cfg.bigram_weight))
+        if not len(ev.pids):
             return [], {}
-        pids = np.array(sorted(ids), dtype=np.int64)
-        lex = np.zeros(len(pids), dtype=np.float32) if lex_all is None else lex_all[pids]
-        pvecs = self.dense.vectors(pids)
-        passage_cos = pvecs @ qvec
-        sent_best, sent_sims = self._sentence_max(pids, qvec)
+        pids, lex = ev.pids, ev.lexical
+        sent_best = np.array([c.max() if len(c) else 0.0 for c in ev.sentence_cosines], dtype=np.float32)
         w = cfg.sentence_weight
-        dense = (1 - w) * passage_cos + w * sent_best
+        dense = (1 - w) * ev.passage_cosine + w * sent_best
         if mode == "dense":
             fused = dense.astype(np.float64)
         elif mode == "lexical":
             fused = lex.astype(np.float64)
         elif cfg.fusion == "convex":
-            fused = fusion.convex_fusion(dense, self._lexical_mix(lexical_text, pids, lex_all), cfg.alpha)
+            fused = fusion.convex_fusion(dense, ev.lexical_mix, cfg.alpha)
         else:
             fused = fusion.reciprocal_rank_fusion([dense, lex], [cfg.dense_weight, cfg.lexical_weight], cfg.rrf_k,
                                                   present=[np.ones(len(pids), bool), lex > 0])
-        preference = date_preference(question, [self._article_dates[a] for a in self._passage_article[pids]])
+        preference = date_preference(question, ev.dates)
         if preference is not None and mode == "hybrid":
             # A bonus the size of a few ranks: enough to order close calls, not to override relevance.
             spread = float(fused.max() - fused.min()) if len(fused) > 1 else 0.0
@@ -265,7 +169,7 @@ class Searcher:
         cands = [Candidate(int(pids[i]), float(fused[i]), float(dense[i]), float(lex[i])) for i in order]
         if self.reranker is not None and cands:
             cands = self._rerank(question, cands)
-        sims = {int(pids[i]): sent_sims[i] for i in order}
+        sims = {int(pids[i]): ev.sentence_cosines[i] for i in order}
         return cands, sims
 
     def _rerank(self, question: str, cands: list[Candidate]) -> list[Candidate]:
@@ -295,13 +199,14 @@ class Searcher:
 
         if mode not in MODES:
             raise InvalidRequest(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.", code="invalid_mode")
-        allowed = self._allowed_passages(filters)
-        prepared = [self.prepare(q) for q in questions]
-        vectors = self.encode_questions([p[0] for p in prepared])
-        out = []
-        for question, (_dense_text, lexical_text), qvec in zip(questions, prepared, vectors):
-            cands, sims = self._rank(question, qvec, lexical_text, max(k * 4, 20), mode, allowed)
-            out.append(build_hits(self, question, cands, sims, k, group=group))
+        with self.backend.snapshot():
+            selection = self.backend.selection(filters)
+            prepared = [self.prepare(q) for q in questions]
+            vectors = self.encode_questions([p[0] for p in prepared])
+            out = []
+            for question, (_dense_text, lexical_text), qvec in zip(questions, prepared, vectors):
+                cands, sims = self._rank(question, qvec, lexical_text, max(k * 4, 20), mode, selection)
+                out.append(build_hits(self, question, cands, sims, k, group=group))
         return out
 
     def ask(self, question: str, k: int = 5, filters: Filters | None = None, mode: str = "hybrid") -> dict:
@@ -309,8 +214,9 @@ class Searcher:
         from ..answer import answerability
 
         started = time.perf_counter()
-        hits = self.search(question, k, filters, mode)
-        verdict = answerability(self, question, hits)
+        with self.backend.snapshot():  # one consistent view for the search and the verdict
+            hits = self.search(question, k, filters, mode)
+            verdict = answerability(self, question, hits)
         return {"question": question, "mode": mode, "answerable": verdict.answerable,
                 "answer_confidence": verdict.score,
                 "results": [h.to_dict() for h in hits],
@@ -318,15 +224,16 @@ class Searcher:
 
     # helpers used by ``answer``
     def sentence_span(self, sid: int) -> tuple[int, int]:
-        s, e = self._sentence_spans[sid]
-        return int(s), int(e)
+        return self.backend.sentence_span(sid)
 
-    def passage_sentence_ids(self, pid: int) -> range:
-        first, last = self._passage_sentences[pid]
-        return range(int(first), int(last) + 1)
+    def passage_sentence_ids(self, pid: int) -> Sequence[int]:
+        return self.backend.passage_sentence_ids(pid)
+
+    def sentence_vector(self, sid: int) -> np.ndarray:
+        return self.backend.sentence_vector(sid)
 
     def citation(self, article_id: str, start: int, end: int) -> Citation:
-        a = self._articles[article_id]
+        a = self.backend.article(article_id)
         return Citation(a.id, a.source, a.title, a.date, start, end)
 
     def question_terms(self, question: str) -> list[str]:

@@ -1,0 +1,96 @@
+"""Index backends: where articles, passages, sentences and their vectors live, behind one interface.
+
+The ``Searcher`` (``retrieval/searcher.py``) holds the question encoder and does everything that is
+the same whatever the storage: spelling variants, fusing dense and lexical evidence, date preference,
+reranking, answer sentences and grouping. A backend does the part that depends on the storage:
+
+- ``FaissBackend`` (``backends/faiss.py``, the default): one immutable build folder of an index
+  directory, loaded into the serving process (FAISS for vectors, bm25s for BM25, SQLite for text);
+- ``PostgresBackend`` (``backends/postgres.py``, ``--database-url``): articles, passages and
+  sentences are rows of a PostgreSQL database with pgvector, shared by any number of service
+  processes on any number of hosts; a write is one transaction and is visible to all of them at once.
+
+Both answer the same questions (``IndexBackend`` below). ``candidates`` is the heart of it: for one
+question vector and its lexical text, the union of the best dense and the best lexical candidates,
+each with every piece of evidence the fusion needs (passage cosine, the cosine of each of its
+sentences, its raw lexical score and a 0..1 lexical mix), so fusion stays one piece of code above.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..config import Settings
+from ..types import Article, Filters
+
+
+@dataclass
+class Evidence:
+    """What a backend knows about candidate passages for one question (parallel arrays over ``pids``)."""
+
+    pids: np.ndarray  # int64 passage ids
+    passage_cosine: np.ndarray  # float32 cosine of the question and the passage vector
+    sentence_cosines: list[np.ndarray]  # per passage, the cosine of each of its sentences, in order
+    lexical: np.ndarray  # float32 raw lexical score of the passage (0 when no term matches)
+    lexical_mix: np.ndarray | None  # float32 0..1 lexical evidence for convex fusion (None unless asked)
+    dates: list[str | None]  # the date of each passage's article
+
+    @classmethod
+    def empty(cls) -> "Evidence":
+        z = np.zeros(0, dtype=np.float32)
+        return cls(np.zeros(0, dtype=np.int64), z, [], z, z, [])
+
+
+class IndexBackend(Protocol):
+    """The storage side of a ``Searcher``; see the module docstring."""
+
+    manifest: dict  # model, dimension, build_id, encoder ... (what was indexed and how)
+
+    @property
+    def passage_count(self) -> int: ...
+
+    @property
+    def vocabulary(self): ...  # lexical.Vocabulary of the indexed words (spelling variants, answerability)
+
+    def load_encoder(self): ...  # the index's torch-free question encoder, or None
+
+    def snapshot(self) -> AbstractContextManager: ...  # one consistent view for the queries inside it
+
+    def articles(self) -> list[Article]: ...
+
+    def article(self, article_id: str) -> Article: ...  # raises ArticleNotFound
+
+    def passage_count_for(self, article_id: str) -> int: ...
+
+    def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)
+
+    def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
+                   lexical_mix: bool, weights: tuple[float, float]) -> Evidence: ...
+
+    def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]: ...
+
+    def passage_sentence_ids(self, pid: int) -> Sequence[int]: ...
+
+    def sentence_span(self, sid: int) -> tuple[int, int]: ...
+
+    def sentence_vector(self, sid: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(settings: Settings) -> IndexBackend:
+    """Open the backend ``settings`` choose: PostgreSQL when ``database_url`` is set, else the FAISS directory."""
+    if settings.database_url:
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(settings)
+    from .faiss import FaissBackend
+
+    return FaissBackend(settings)
+
+
+__all__ = ["Evidence", "IndexBackend", "open_backend"]

@@ -1,0 +1,186 @@
+"""The default backend: one immutable build of an index directory, loaded into the serving process.
+
+Vectors are a FAISS index (exact, or IVF above ``Settings.ann_threshold`` passages), sentence vectors
+a memory-mapped ``.npy``, BM25 three bm25s indexes (passages, word pairs, sentences), and text and
+offsets a read-only SQLite file (``store.py`` describes the layout). Everything is read once at load;
+a new build is picked up by loading a new backend (the web app swaps searchers when ``CURRENT`` moves).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import Settings
+from ..embedding import load_index_encoder
+from ..errors import ArticleNotFound, IndexCorrupt, InvalidRequest
+from ..retrieval.dense import DenseIndex
+from ..retrieval.lexical import LexicalIndex, Vocabulary
+from ..store import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
+from ..types import Article, Filters
+from . import Evidence
+
+
+class FaissBackend:
+    """Answer ``IndexBackend`` queries from the live build of ``settings.index_dir``."""
+
+    def __init__(self, settings: Settings):
+        index_dir = Path(settings.index_dir)
+        manifest = read_manifest(index_dir)
+        self.manifest = manifest
+        self.index_dir = index_dir
+        build = Path(manifest["_build_dir"])
+        try:
+            self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
+            self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
+            rows = self._db.execute("SELECT id, source, title, date, text, content_hash FROM articles ORDER BY id").fetchall()
+            self._articles = {r[0]: Article(*r) for r in rows}
+            prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
+            srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
+            self.lexical = LexicalIndex.load(build / LEXICAL / "passages", len(prow))
+            self.lexical_bigrams = LexicalIndex.load(build / LEXICAL / "bigrams", len(prow), "bigrams")
+            self.lexical_sentences = LexicalIndex.load(build / LEXICAL / "sentences", len(srow))
+            self._vocabulary = Vocabulary.load(build / VOCABULARY)
+            self.sentence_vectors = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
+        except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
+            raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
+        self._lock = threading.Lock()
+        ids = sorted(self._articles)
+        self._article_pos = {a: i for i, a in enumerate(ids)}
+        self._article_ids = ids
+        self._passage_article = np.array([self._article_pos[r[0]] for r in prow], dtype=np.int32)
+        self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
+        self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
+        self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
+        self._article_dates = [self._articles[a].date for a in ids]
+        if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_vectors):
+            raise IndexCorrupt(f"The index in {index_dir} has {self.dense.size} vectors for "
+                               f"{len(prow)} passages. {rebuild_hint(index_dir)}")
+
+    # ------------------------------------------------------------------ what is indexed
+    @property
+    def passage_count(self) -> int:
+        return int(self.dense.size)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocabulary
+
+    def load_encoder(self):
+        return load_index_encoder(self.manifest)
+
+    def snapshot(self):
+        return nullcontext()  # a build never changes once published
+
+    def articles(self) -> list[Article]:
+        return [self._articles[a] for a in self._article_ids]
+
+    def article(self, article_id: str) -> Article:
+        try:
+            return self._articles[article_id]
+        except (KeyError, TypeError):
+            raise ArticleNotFound(f"There is no article with id {article_id!r}.") from None
+
+    def passage_count_for(self, article_id: str) -> int:
+        return int(self._passage_counts[self._article_pos[article_id]])
+
+    # ------------------------------------------------------------------ search
+    def selection(self, filters: Filters | None) -> np.ndarray | None:
+        """Return the passage ids ``filters`` allow (None: all)."""
+        if filters is None or filters.is_empty():
+            return None
+        keep = np.ones(len(self._article_ids), dtype=bool)
+        if filters.sources:
+            by_name = {a.source: a.id for a in self._articles.values()}
+            wanted = set()
+            unknown = []
+            for s in filters.sources:
+                if s in self._articles:
+                    wanted.add(s)
+                elif s in by_name:
+                    wanted.add(by_name[s])
+                else:
+                    unknown.append(s)
+            if unknown:
+                raise unknown_sources(unknown)
+            keep &= np.array([a in wanted for a in self._article_ids])
+        if filters.date_from or filters.date_to:
+            lo, hi = filters.date_from or "0000-00-00", filters.date_to or "9999-99-99"
+            keep &= np.array([bool(d) and lo <= d <= hi for d in self._article_dates])
+        return np.flatnonzero(keep[self._passage_article]).astype(np.int64)
+
+    def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
+                   lexical_mix: bool, weights: tuple[float, float]) -> Evidence:
+        ids: set[int] = set()
+        if mode in ("dense", "hybrid"):
+            _, dids = self.dense.search(qvec.reshape(1, -1), pool, selection)
+            ids.update(int(i) for i in dids[0] if i >= 0)
+        lex_all = None
+        if mode in ("lexical", "hybrid"):
+            lex_all = self.lexical.scores(lexical_text)
+            _, lids = self.lexical.search(lexical_text, pool, selection, scores=lex_all)
+            ids.update(int(i) for i in lids)
+        if not ids:
+            return Evidence.empty()
+        pids = np.array(sorted(ids), dtype=np.int64)
+        lexical = np.zeros(len(pids), dtype=np.float32) if lex_all is None else lex_all[pids]
+        sentence_cosines = []
+        for first, last in self._passage_sentences[pids]:
+            sentence_cosines.append(np.asarray(self.sentence_vectors[first:last + 1]) @ qvec)
+        mix = self._lexical_mix(lexical_text, pids, lex_all, weights) if lexical_mix and lex_all is not None else None
+        return Evidence(pids, self.dense.vectors(pids) @ qvec, sentence_cosines, lexical, mix,
+                        [self._article_dates[a] for a in self._passage_article[pids]])
+
+    def _lexical_mix(self, text: str, pids: np.ndarray, passage_scores: np.ndarray,
+                     weights: tuple[float, float]) -> np.ndarray:
+        """Return the lexical evidence of candidates ``pids`` on a 0..1 scale.
+
+        Passage BM25, the BM25 of the passage's best sentence and BM25 over word pairs, each divided by
+        its best score over the whole index for this question, then averaged with the configured weights.
+        """
+        def scaled(scores: np.ndarray, all_scores: np.ndarray) -> np.ndarray:
+            top = float(all_scores.max()) if len(all_scores) else 0.0  # best over the index, not the candidates
+            return scores / top if top > 0 else np.zeros_like(scores)
+
+        sentence_all = self.lexical_sentences.scores(text)
+        sentence_best = np.array([sentence_all[r[0]:r[1] + 1].max() if r[1] >= r[0] else 0.0
+                                  for r in self._passage_sentences[pids]], dtype=np.float32)
+        bigram_all = self.lexical_bigrams.scores(text)
+        ws, wb = weights
+        mix = ((1 - ws) * scaled(passage_scores[pids], passage_scores) + ws * scaled(sentence_best, sentence_all)
+               + wb * scaled(bigram_all[pids], bigram_all))
+        return mix / (1 + wb)
+
+    # ------------------------------------------------------------------ rows
+    def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
+        if not len(ids):
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f'SELECT id, article_id, start, "end", text FROM passages WHERE id IN ({marks})',
+                                    [int(i) for i in ids]).fetchall()
+        return {r[0]: r[1:] for r in rows}
+
+    def passage_sentence_ids(self, pid: int) -> range:
+        first, last = self._passage_sentences[pid]
+        return range(int(first), int(last) + 1)
+
+    def sentence_span(self, sid: int) -> tuple[int, int]:
+        s, e = self._sentence_spans[sid]
+        return int(s), int(e)
+
+    def sentence_vector(self, sid: int) -> np.ndarray:
+        return np.asarray(self.sentence_vectors[sid])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def unknown_sources(unknown: Sequence[str]) -> InvalidRequest:
+    return InvalidRequest(f"Unknown source(s): {', '.join(map(repr, unknown[:5]))}. "
+                          "Use article ids or file names from /api/articles.", code="unknown_source")
