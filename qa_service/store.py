@@ -340,11 +340,15 @@ def build_index(
         if encoder_of is None:
             # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
             embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
+        from .distributed import maybe_distributed
+
+        # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
+        fill_with = maybe_distributed(embedder, settings)
         texts = {a.id: a.text for a in articles}
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
         vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
-        _fill(vectors, [p.text for p in passages], embedder, settings.batch_size, progress)
-        _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], embedder,
+        _fill(vectors, [p.text for p in passages], fill_with, settings.batch_size, progress)
+        _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], fill_with,
               settings.batch_size * 2, progress)
         # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
         index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)

