@@ -105,10 +105,29 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
 @click.option("--quantize", type=click.Choice(["none", "int8"]), envvar="QA_QUANTIZE", default="none",
               show_default=True, help="Precision of the ONNX encoder for passages and questions "
               "(int8: faster, slightly different vectors). Changing it rebuilds the index.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray actor pool: alone (or --ray=local) starts a local Ray, else the address of a "
+              "Ray cluster [env QA_RAY_ADDRESS]. Needs the ray extra. Put it after SEEDS_DIR.")
+@click.option("--ray-actors", type=click.IntRange(1, 1024), default=None,
+              help="Encoder actors in the Ray pool [env QA_RAY_ACTORS; default 2].")
 @_common
-def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str) -> None:
+def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_address: str | None,
+          ray_actors: int | None) -> None:
     """Build (or refresh) the index from the articles in SEEDS_DIR."""
-    click.echo(ensure_index(settings.with_(quantize=quantize), seeds_dir, force=force))
+    from .distributed import RayUnavailable, import_ray, ray_scope
+
+    settings = settings.with_(quantize=quantize)
+    if ray_address is not None:
+        settings = settings.with_(ray_address=ray_address)
+    if ray_actors is not None:
+        settings = settings.with_(ray_actors=ray_actors)
+    if settings.ray_address:
+        try:
+            import_ray()  # say it is missing before the build, not after its ONNX export
+        except RayUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    with ray_scope():  # a Ray started by the build serves both its passes, and is shut down here
+        click.echo(ensure_index(settings, seeds_dir, force=force))
 
 
 def _print_hits(result: dict) -> None:

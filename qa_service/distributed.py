@@ -41,6 +41,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -264,8 +265,10 @@ class RayEmbedder:
         saved = context.enable_progress_bars
         data_logger = logging.getLogger("ray.data")
         saved_level = data_logger.level
-        context.enable_progress_bars = bool(progress)
-        if not progress:
+        # Ray Data's progress bars on a terminal; elsewhere it would log a dozen INFO lines per pass instead.
+        bars = bool(progress) and sys.stderr.isatty()
+        context.enable_progress_bars = bars
+        if not bars:
             data_logger.setLevel(logging.ERROR)  # "Starting execution of Dataset ..." and friends
         # A local actor that dies (a bug, out of memory) would only die again: fail the build at once (this also
         # silences Ray's warning about restarting actors whose arguments live in the object store). On a
