@@ -314,6 +314,8 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidArticle(f"The article text is not valid UTF-8 (byte {exc.start}).") from None
+    if settings.database_url:
+        return _put_in_database(settings, article_id, data, embedder, started)
     seeds = _seeds_dir(settings)
     target = article_path(seeds, article_id)
     index_dir = Path(settings.index_dir)
@@ -360,6 +362,8 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
     """Remove the article ``<id>.txt`` from the seeds folder and the index, atomically."""
     started = time.perf_counter()
     article_id = check_article_id(article_id)
+    if settings.database_url:
+        return _delete_in_database(settings, article_id, started)
     seeds = _seeds_dir(settings)
     target = article_path(seeds, article_id)
     index_dir = Path(settings.index_dir)
@@ -381,3 +385,52 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
                    "base_build": base}
         build_id = _commit(settings, journal, articles, embedder)
     return WriteResult(article_id, "deleted", build_id, len(articles), 0, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+def _parse_upload(article_id: str, data: bytes) -> Article:
+    """Clean uploaded bytes exactly as ``load_articles`` cleans a file named ``<id>.txt``."""
+    import tempfile
+
+    from .ingest import LoadReport, load_article
+
+    with tempfile.TemporaryDirectory(prefix="qa-upload-") as folder:
+        path = Path(folder) / f"{article_id}.txt"
+        path.write_bytes(data)
+        report = LoadReport()
+        article = load_article(path, report)
+    if article is None:
+        reason = report.skipped[0][1] if report.skipped else "unusable"
+        raise InvalidArticle(f"The article text cannot be used: {reason}.")
+    return dataclasses.replace(article, id=article_id, source=f"{article_id}.txt")
+
+
+def _put_in_database(settings: Settings, article_id: str, data: bytes, embedder, started: float) -> WriteResult:
+    """Add or replace one article in the PostgreSQL index: one transaction, seen by every service at once.
+
+    The database is the source of truth here (no seeds folder is written): the new text is embedded
+    first, then its rows replace the old ones in a single transaction (``PostgresWriter.sync``).
+    """
+    from .backends.postgres import PostgresWriter
+
+    article = _parse_upload(article_id, data)
+    with PostgresWriter(settings) as writer:
+        before = writer.indexed().get(article_id)
+        if before == article.content_hash:
+            manifest = writer.manifest() or {}
+            return WriteResult(article_id, "unchanged", manifest.get("build_id"), len(writer.indexed()), 0,
+                               time.perf_counter() - started)
+        summary = writer.sync([article], embedder, remove_missing=False)
+        build_id = (writer.manifest() or {}).get("build_id")
+    return WriteResult(article_id, "replaced" if before else "created", build_id, summary["articles"], 1,
+                       time.perf_counter() - started)
+
+
+def _delete_in_database(settings: Settings, article_id: str, started: float) -> WriteResult:
+    from .backends.postgres import PostgresWriter
+
+    with PostgresWriter(settings) as writer:
+        remaining = writer.delete(article_id)
+        build_id = (writer.manifest() or {}).get("build_id")
+    return WriteResult(article_id, "deleted", build_id, remaining, 0, time.perf_counter() - started)

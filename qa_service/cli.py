@@ -25,9 +25,12 @@ def _common(func):
                   help="sentence-transformers model name or folder (default: the shipped offline copy).")
     @click.option("--reranker", envvar="QA_RERANKER", default=None,
                   help="Optional cross-encoder name or folder to rerank the best candidates (off by default).")
+    @click.option("--database-url", envvar="QA_DATABASE_URL", default=None, metavar="URL",
+                  help="Keep the index in PostgreSQL with pgvector (postgresql://user@host/db) instead of the "
+                  "FAISS folder; every service pointed at it shares it.")
     @functools.wraps(func)
-    def wrapper(*args, index_dir, model, reranker, **kwargs):
-        settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker)
+    def wrapper(*args, index_dir, model, reranker, database_url, **kwargs):
+        settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker, database_url=database_url)
         try:
             return func(settings, *args, **kwargs)
         except QAError as exc:
@@ -68,6 +71,8 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
     """
     from .articles import recover, writer_lock
 
+    if settings.database_url:  # the database serialises its writers itself (an advisory lock)
+        return _ensure_database_index(settings, seeds_dir, force, progress)
     with writer_lock(settings.index_dir, timeout=None):
         recovered = recover(settings.index_dir, seeds_dir)
         if recovered:
@@ -77,8 +82,23 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
-    from .ingest import load_articles
     from .store import build_index, index_status
+
+    articles = _load_seeds(seeds_dir)
+    fresh, reason = index_status(settings, articles)
+    if fresh and not force:
+        return f"index is up to date: {len(articles)} articles"
+    click.echo(f"building index ({reason})", err=True)
+    embedder = load_embedder(settings.model)
+    summary = build_index(articles, embedder, settings, progress=progress)
+    line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
+    if summary.reused_articles:
+        line += f" ({summary.reused_articles} unchanged articles not re-embedded)"
+    return line
+
+
+def _load_seeds(seeds_dir: Path):
+    from .ingest import load_articles
 
     report = load_articles(seeds_dir)
     for name, reason in report.skipped:
@@ -87,16 +107,23 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
         click.echo(f"warning {name}: {reason}", err=True)
     if not report.articles:
         raise click.ClickException(f"No usable articles in {seeds_dir}.")
-    fresh, reason = index_status(settings, report.articles)
-    if fresh and not force:
-        return f"index is up to date: {len(report.articles)} articles"
-    click.echo(f"building index ({reason})", err=True)
-    embedder = load_embedder(settings.model)
-    summary = build_index(report.articles, embedder, settings, progress=progress)
-    line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
-    if summary.reused_articles:
-        line += f" ({summary.reused_articles} unchanged articles not re-embedded)"
-    return line
+    return report.articles
+
+
+def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
+    from .backends.postgres import PostgresWriter
+    from .embedding import load_embedder
+
+    articles = _load_seeds(seeds_dir)
+    with PostgresWriter(settings) as writer:
+        fresh, reason = writer.status(articles)
+        if fresh and not force:
+            return f"index is up to date: {len(articles)} articles (PostgreSQL)"
+        click.echo(f"building index in PostgreSQL ({reason})", err=True)
+        summary = writer.sync(articles, load_embedder(settings.model), progress=progress, force=force)
+    line = (f"indexed {summary['embedded']} new or changed articles ({summary.get('passages', 0)} passages), removed "
+            f"{summary['removed']}; the database holds {summary['articles']} articles ({summary['seconds']:.1f} s)")
+    return line + (" [re-indexed everything]" if summary["full"] else "")
 
 
 @cli.command()
@@ -234,7 +261,8 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
             beir_settings, note = ev.ensure_beir_index(path, settings, cache_dir or settings.index_dir / "beir",
                                                        progress=progress)
             click.echo(note, err=True)
-            searcher = Searcher(beir_settings)  # with the build's own query encoder, as the service does
+            # with the build's own query encoder, as the service does; BEIR corpora are always a FAISS folder
+            searcher = Searcher(beir_settings.with_(database_url=None))
         else:
             click.echo(ensure_index(settings, seeds_dir, progress=progress), err=True)
             searcher = Searcher(settings)

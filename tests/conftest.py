@@ -29,7 +29,7 @@ def fake_embedder():
 
 
 @pytest.fixture(scope="session")
-def fake_index(tmp_path_factory, seed_articles, fake_embedder) -> Settings:
+def fake_faiss_index(tmp_path_factory, seed_articles, fake_embedder) -> Settings:
     """Settings for an index of the seeds built with the fake embedder (fast)."""
     root = tmp_path_factory.mktemp("fake-index")
     settings = Settings(index_dir=root / "index", seeds_dir=root / "seeds", model=FakeEmbedder.name)
@@ -39,10 +39,16 @@ def fake_index(tmp_path_factory, seed_articles, fake_embedder) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def fake_searcher(fake_index, fake_embedder):
+def fake_index(fake_faiss_index) -> Settings:
+    """The FAISS index of the seeds (a module may override this to run its tests on other backends too)."""
+    return fake_faiss_index
+
+
+@pytest.fixture(scope="session")
+def fake_searcher(fake_faiss_index, fake_embedder):
     from qa_service.retrieval import Searcher
 
-    return Searcher(fake_index, embedder=fake_embedder)
+    return Searcher(fake_faiss_index, embedder=fake_embedder)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +86,39 @@ def live_service(real_index, tmp_path_factory):
     server = LiveServer(root / "index", root / "seeds", root / "server.log").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL 18 + pgvector server on a free loopback port, stopped by its pid at the end."""
+    from qa_service.backends.local_postgres import LocalPostgres
+
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+def new_database(server, name: str) -> str:
+    """Create an empty database on ``server``; return its URL."""
+    import psycopg
+
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def fake_pg_index(tmp_path_factory, postgres, seed_articles, fake_embedder) -> Settings:
+    """Settings for the seeds indexed into PostgreSQL with the fake embedder."""
+    from qa_service.backends.postgres import PostgresWriter
+
+    root = tmp_path_factory.mktemp("fake-pg-index")
+    settings = Settings(index_dir=root / "index", seeds_dir=root / "seeds", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "fake_seeds"))
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles, fake_embedder)
+    return settings
 
 
 def pytest_terminal_summary(terminalreporter):

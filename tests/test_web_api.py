@@ -17,6 +17,19 @@ from .web_support import FailingSearcher, ModeSearcher, NoModeSearcher
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
 
 
+@pytest.fixture(scope="module", params=["faiss", "postgres"])
+def fake_index(request):
+    """The whole API suite runs twice: on the FAISS folder and on PostgreSQL (same seeds, same fake model)."""
+    return request.getfixturevalue("fake_faiss_index" if request.param == "faiss" else "fake_pg_index")
+
+
+@pytest.fixture(scope="module")
+def fake_searcher(fake_index, fake_embedder):
+    from qa_service.retrieval import Searcher
+
+    return Searcher(fake_index, embedder=fake_embedder)
+
+
 @pytest.fixture(scope="module")
 def app(fake_index, fake_searcher):
     return create_app(fake_index, searcher=NoModeSearcher(fake_searcher))

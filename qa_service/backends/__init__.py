@@ -93,4 +93,15 @@ def open_backend(settings: Settings) -> IndexBackend:
     return FaissBackend(settings)
 
 
-__all__ = ["Evidence", "IndexBackend", "open_backend"]
+def read_index_manifest(settings: Settings) -> tuple[dict, str]:
+    """Return the live index's manifest and where it lives, cheaply (no vectors loaded); raise if there is none."""
+    if settings.database_url:
+        from .postgres import read_database_manifest
+
+        return read_database_manifest(settings.database_url)
+    from ..store import read_manifest
+
+    return read_manifest(settings.index_dir), str(settings.index_dir)
+
+
+__all__ = ["Evidence", "IndexBackend", "open_backend", "read_index_manifest"]

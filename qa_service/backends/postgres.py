@@ -133,6 +133,20 @@ def _manifest(conn) -> dict | None:
     return row[0] if row else None
 
 
+def read_database_manifest(url: str) -> tuple[dict, str]:
+    """Return the manifest of the index in the database at ``url`` and a printable name for it."""
+    conn = _connect(url)
+    try:
+        exists = conn.execute("SELECT to_regclass('qa_meta') IS NOT NULL").fetchone()[0]
+        manifest = _manifest(conn) if exists else None
+    finally:
+        conn.close()
+    if manifest is None:
+        raise IndexNotBuilt(f"The database {_redact(url)} holds no index yet. "
+                            "Build it with: qa-service index SEEDS_DIR --database-url URL")
+    return manifest, f"database {_redact(url)}"
+
+
 # --------------------------------------------------------------------------- reading
 
 class PostgresBackend:
@@ -219,12 +233,20 @@ class PostgresBackend:
         return cache[name] if cache is not None else {}
 
     # ------------------------------------------------------------------ what is indexed
+    def _current(self) -> None:
+        """Outside a snapshot, catch up with writes first (inside one, the snapshot's start did)."""
+        conn = self._conn()
+        if not self._local.depth:
+            self._refresh(conn)
+
     @property
     def passage_count(self) -> int:
+        self._current()
         return int(self._stats.get(PASSAGE_TERMS, (0, 0))[0])
 
     @property
     def vocabulary(self) -> Vocabulary:
+        self._current()
         return self._vocabulary
 
     def load_encoder(self):
@@ -246,7 +268,7 @@ class PostgresBackend:
         if article_id in cache:
             return cache[article_id]
         row = None
-        if isinstance(article_id, str):
+        if isinstance(article_id, str) and "\x00" not in article_id:  # PostgreSQL text cannot hold NUL
             row = self._conn().execute("SELECT id, source, title, date, text, content_hash FROM qa_articles "
                                        "WHERE id = %s", (article_id,)).fetchone()
         if row is None:
@@ -255,7 +277,8 @@ class PostgresBackend:
         return cache[article_id]
 
     def passage_count_for(self, article_id: str) -> int:
-        row = self._conn().execute("SELECT passages FROM qa_articles WHERE id = %s", (article_id,)).fetchone()
+        row = self._conn().execute("SELECT passages FROM qa_articles WHERE id = %s",
+                                   (str(article_id).replace("\x00", ""),)).fetchone()
         return int(row[0]) if row else 0
 
     # ------------------------------------------------------------------ search
@@ -265,7 +288,7 @@ class PostgresBackend:
             return None
         clauses, params = [], {}
         if filters.sources:
-            wanted = list(filters.sources)
+            wanted = [s.replace("\x00", "") for s in filters.sources]  # PostgreSQL text cannot hold NUL
             rows = self._conn().execute("SELECT id, source FROM qa_articles WHERE id = ANY(%s) OR source = ANY(%s)",
                                         (wanted, wanted)).fetchall()
             known = {r[0] for r in rows} | {r[1] for r in rows}
@@ -291,7 +314,7 @@ class PostgresBackend:
         n, total = self._stats.get(kind, (0.0, 0.0))
         if not terms or n == 0:
             return 0.0, {}, []
-        counted = Counter(terms)
+        counted = Counter(t.replace("\x00", "") for t in terms)  # PostgreSQL text cannot hold NUL
         q_terms, q_weights = list(counted), [float(v) for v in counted.values()]
         avgdl = total / n
         sql = """

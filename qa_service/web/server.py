@@ -214,10 +214,11 @@ def recover_writes(settings: Settings) -> str | None:
 
 def check_index(settings: Settings) -> dict:
     """Raise a ``QAError`` unless the index is there, whole, and built with ``settings.model``."""
-    from ..store import check_model, read_manifest
+    from ..backends import read_index_manifest
+    from ..store import check_model
 
-    manifest = read_manifest(settings.index_dir)
-    check_model(manifest, settings.model, Path(settings.index_dir))
+    manifest, where = read_index_manifest(settings)
+    check_model(manifest, settings.model, where)
     return manifest
 
 

@@ -1,0 +1,229 @@
+"""The PostgreSQL backend against a real PostgreSQL 18 + pgvector started on loopback (tests/conftest.py).
+
+It must answer exactly as the FAISS backend does (same passages, scores, citations, filters, modes), take
+writes as single transactions that every reader sees at once, and keep its schema under versioned
+migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import psycopg
+import pytest
+
+from qa_service.backends.postgres import (MIGRATIONS, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, PostgresBackend,
+                                          PostgresWriter, migrate)
+from qa_service.config import Settings
+from qa_service.errors import ArticleNotFound, InvalidRequest, LastArticle
+from qa_service.retrieval import Searcher
+from qa_service.types import Article, Filters
+
+from .conftest import SHARED, new_database
+from .fakes import FakeEmbedder
+
+DEV_QUESTIONS = [json.loads(line)["question"] for line in (SHARED / "eval" / "dev.jsonl").read_text().splitlines()
+                 if line.strip()] if (SHARED / "eval" / "dev.jsonl").exists() else []
+QUESTIONS = DEV_QUESTIONS + ["What did Araqchi say?", "Haniya al-Hayyah ceasefire", "47,400 killed", "zzzz qqqq"]
+
+
+def _cited(result: dict) -> list[tuple]:
+    return [(h["citation"]["article_id"], h["citation"]["start"], h["citation"]["end"], round(h["score"], 4),
+             h["answer"]["start"], h["answer"]["end"], len(h["also_reported_by"])) for h in result["results"]]
+
+
+@pytest.fixture(scope="module")
+def pg_searcher(fake_pg_index, fake_embedder):
+    return Searcher(fake_pg_index, embedder=fake_embedder)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "dense", "lexical"])
+def test_same_results_as_the_faiss_backend(fake_searcher, pg_searcher, mode):
+    assert pg_searcher.passage_count == fake_searcher.passage_count
+    assert [a.id for a in pg_searcher.articles()] == [a.id for a in fake_searcher.articles()]
+    for question in QUESTIONS:
+        a, b = fake_searcher.ask(question, k=5, mode=mode), pg_searcher.ask(question, k=5, mode=mode)
+        assert _cited(b) == _cited(a), question
+        assert b["answerable"] == a["answerable"]
+
+
+def test_same_results_under_filters(fake_searcher, pg_searcher):
+    articles = fake_searcher.articles()
+    dates = sorted(a.date for a in articles if a.date)
+    for filters in (Filters(sources=(articles[1].id,)), Filters(sources=(articles[0].source, articles[3].id)),
+                    Filters(date_from=dates[1]), Filters(date_to=dates[-2]), Filters(date_from=dates[0], date_to=dates[0])):
+        for question in QUESTIONS[:6]:
+            a, b = fake_searcher.ask(question, 5, filters), pg_searcher.ask(question, 5, filters)
+            assert _cited(b) == _cited(a), (question, filters)
+    with pytest.raises(InvalidRequest) as err:
+        pg_searcher.search("anything", filters=Filters(sources=("no-such-article",)))
+    assert err.value.code == "unknown_source"
+
+
+def test_citations_slice_the_article_text_for_every_passage(pg_searcher, seed_articles):
+    backend = pg_searcher.backend
+    with psycopg.connect(backend.url) as conn:
+        rows = conn.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence FROM qa_passages').fetchall()
+        sentences = dict((r[0], r[1:]) for r in conn.execute('SELECT id, article_id, start, "end" FROM qa_sentences'))
+    texts = {a.id: a.text for a in seed_articles}
+    assert rows
+    for article_id, start, end, text, first, last in rows:
+        assert texts[article_id][start:end] == text
+        assert sentences[first][1] == start and sentences[last][2] == end  # passages are whole sentences
+
+
+def test_bm25_in_sql_equals_bm25s(fake_searcher, pg_searcher):
+    faiss_backend, pg = fake_searcher.backend, pg_searcher.backend
+    from qa_service.retrieval.lexical import analyze, bigrams
+
+    for question in QUESTIONS:
+        text = pg_searcher.prepare(question)[1]
+        with pg.snapshot():
+            for kind, index, terms in ((PASSAGE_TERMS, faiss_backend.lexical, analyze(text)),
+                                       (PASSAGE_PAIRS, faiss_backend.lexical_bigrams, bigrams(text)),
+                                       (SENTENCE_TERMS, faiss_backend.lexical_sentences, analyze(text))):
+                expected = index.scores(text)
+                # ids differ by the sequences' start (1 in PostgreSQL, 0 in FAISS)
+                best, scores, _ = pg._bm25(kind, terms, list(range(1, len(expected) + 1)))
+                got = np.array([scores.get(i + 1, 0.0) for i in range(len(expected))])
+                np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+                assert best == pytest.approx(float(expected.max()) if len(expected) else 0.0, rel=1e-4, abs=1e-5)
+
+
+def test_migrations_are_versioned_and_idempotent(postgres):
+    url = new_database(postgres, "migrations")
+    conn = psycopg.connect(url, autocommit=True)
+    errors = []
+
+    def run():
+        try:
+            with psycopg.connect(url, autocommit=True) as c:
+                migrate(c)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert migrate(conn) == MIGRATIONS[-1][0]
+    versions = [r[0] for r in conn.execute("SELECT version FROM qa_schema_migrations ORDER BY version")]
+    assert versions == [v for v, _ in MIGRATIONS]
+    conn.close()
+
+
+def _article(article_id: str, text: str, date: str = "2025-02-01") -> Article:
+    import hashlib
+
+    return Article(article_id, f"{article_id}.txt", f"Title of {article_id}", date, text,
+                   hashlib.sha256(text.encode()).hexdigest())
+
+
+def test_writes_are_seen_by_running_readers_at_once_and_only_whole(postgres, tmp_path, seed_articles, fake_embedder):
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "writes"))
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles[:3], fake_embedder)
+    reader = Searcher(settings, embedder=fake_embedder)  # stays open across the writes, like a service worker
+    other = Searcher(settings, embedder=fake_embedder)
+    before = reader.passage_count
+    story = _article("zebra-report", "The Zanzibar zebra count reached 4,812 animals in January. "
+                     "Rangers from Pemba said the census took nine days.")
+    with PostgresWriter(settings) as writer:
+        summary = writer.sync([story], fake_embedder, remove_missing=False)
+    assert summary["embedded"] == 1 and summary["articles"] == 4
+    for searcher in (reader, other):
+        top = searcher.ask("How many zebras were counted in Zanzibar?", k=1)["results"][0]
+        assert top["citation"]["article_id"] == "zebra-report"
+        assert searcher.article("zebra-report").text[top["answer"]["start"]:top["answer"]["end"]].startswith("The Zanzibar")
+    assert reader.passage_count > before
+    assert "zanzibar" in reader.vocabulary.counts  # the in-memory vocabulary followed the write
+
+    # A write that fails inside its transaction leaves every row as it was.
+    replaced = _article("zebra-report", "Completely different text about quokkas on Rottnest.")
+    with PostgresWriter(settings) as writer:
+        original = writer._insert
+
+        def broken(*args, **kwargs):
+            original(*args, **kwargs)
+            raise RuntimeError("crash after the new rows were copied")
+
+        writer._insert = broken
+        with pytest.raises(RuntimeError):
+            writer.sync([replaced], fake_embedder, remove_missing=False)
+    assert "Zanzibar" in reader.article("zebra-report").text
+    assert reader.ask("quokkas Rottnest", k=1)["results"][0]["citation"]["article_id"] != "zebra-report"
+
+    with PostgresWriter(settings) as writer:
+        assert writer.delete("zebra-report") == 3
+        with pytest.raises(ArticleNotFound):
+            writer.delete("zebra-report")
+    with pytest.raises(ArticleNotFound):
+        reader.article("zebra-report")
+    assert reader.passage_count == before
+    assert "zanzibar" not in reader.vocabulary.counts
+    assert all(h["citation"]["article_id"] != "zebra-report" for h in reader.ask("Zanzibar zebra count")["results"])
+
+
+def test_sync_embeds_only_changed_articles_and_removes_missing(postgres, tmp_path, seed_articles):
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "sync"))
+
+    class Counting(FakeEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.texts = []
+
+        def encode(self, texts, batch_size=32, progress=False):
+            self.texts.extend(texts)
+            return super().encode(texts, batch_size, progress)
+
+    with PostgresWriter(settings) as writer:
+        first = writer.sync(seed_articles, Counting())
+        assert first["full"] and first["embedded"] == len(seed_articles)
+        assert writer.status(seed_articles) == (True, "up to date")
+        counting = Counting()
+        again = writer.sync(seed_articles, counting)
+        assert again["embedded"] == 0 and counting.texts == []
+        changed = Article(**{**seed_articles[1].__dict__, "text": seed_articles[1].text + " A new closing line.",
+                             "content_hash": "changed"})
+        counting = Counting()
+        third = writer.sync([seed_articles[0], changed], counting)
+        assert third["embedded"] == 1 and third["removed"] == len(seed_articles) - 2
+        assert any("A new closing line." in t for t in counting.texts)
+        assert not any(seed_articles[0].text[:60] in t for t in counting.texts)
+        assert set(writer.indexed()) == {seed_articles[0].id, changed.id}
+        with pytest.raises(LastArticle):
+            writer.sync([], Counting())
+    fresh = Settings(index_dir=tmp_path / "fresh", model=FakeEmbedder.name, database_url=new_database(postgres, "sync2"))
+    with PostgresWriter(fresh) as writer:
+        writer.sync([seed_articles[0], changed], FakeEmbedder())
+    a = PostgresBackend(settings)
+    b = PostgresBackend(fresh)
+    for question in QUESTIONS[:5]:
+        qa = Searcher(settings, embedder=FakeEmbedder(), backend=a).ask(question)
+        qb = Searcher(fresh, embedder=FakeEmbedder(), backend=b).ask(question)
+        assert _cited(qa) == _cited(qb)
+
+
+def test_no_index_in_the_database_is_a_clear_error(postgres, tmp_path):
+    from qa_service.errors import IndexNotBuilt
+
+    settings = Settings(index_dir=tmp_path, model=FakeEmbedder.name, database_url=new_database(postgres, "empty"))
+    with pytest.raises(IndexNotBuilt) as err:
+        Searcher(settings, embedder=FakeEmbedder())
+    assert "qa-service index" in err.value.message
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path):
+    from qa_service.backends.local_postgres import free_port
+    from qa_service.errors import QAError
+
+    settings = Settings(index_dir=tmp_path, database_url=f"postgresql://qa:secret@127.0.0.1:{free_port()}/qa")
+    with pytest.raises(QAError) as err:
+        Searcher(settings, embedder=FakeEmbedder())
+    assert err.value.code == "database_unavailable" and "secret" not in err.value.message
