@@ -227,3 +227,75 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path):
     with pytest.raises(QAError) as err:
         Searcher(settings, embedder=FakeEmbedder())
     assert err.value.code == "database_unavailable" and "secret" not in err.value.message
+
+
+# --------------------------------------------------------------------------- the API on a shared database
+
+ARTICLE = "date 2025-03-01 The flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n\n" \
+          "The zebras walked from Azadi Square to the bazaar, where traders sold them carrots."
+
+
+def test_api_writes_reach_every_app_sharing_the_database(postgres, tmp_path, seed_articles):
+    from qa_service.web import create_app
+
+    from .live_server import API_KEY
+
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name, api_key=API_KEY,
+                        database_url=new_database(postgres, "api_writes"))
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles, FakeEmbedder())
+    # Two apps, as two service processes on two hosts: each with its own searcher over the one database.
+    a, b = [create_app(settings, load_searcher=lambda: Searcher(settings, embedder=FakeEmbedder()),
+                       write_embedder=FakeEmbedder()).test_client() for _ in range(2)]
+    key = {"X-API-Key": API_KEY}
+    r = a.post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE}, headers=key)
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["action"] == "created" and r.get_json()["articles"] == len(seed_articles) + 1
+    hits = b.post("/api/ask", json={"question": "flamingo parade zebras", "k": 1}).get_json()["results"]
+    assert hits[0]["citation"]["article_id"] == "flamingo-1"
+    text = b.get("/api/articles/flamingo-1").get_json()["text"]
+    assert text[hits[0]["citation"]["start"]:hits[0]["citation"]["end"]] == hits[0]["text"]
+    assert b.get("/healthz").get_json()["passages"] == a.get("/healthz").get_json()["passages"]
+
+    same = a.post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE}, headers=key)
+    assert same.status_code == 200 and same.get_json()["action"] == "unchanged"
+    r = b.post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE.replace("zebras", "okapis")}, headers=key)
+    assert r.status_code == 200 and r.get_json()["action"] == "replaced"
+    assert "okapis" in a.get("/api/articles/flamingo-1").get_json()["text"]
+    r = a.delete("/api/articles/flamingo-1", headers=key)
+    assert r.status_code == 200 and r.get_json()["action"] == "deleted"
+    assert b.get("/api/articles/flamingo-1").status_code == 404
+    assert a.delete("/api/articles/flamingo-1", headers=key).status_code == 404
+
+
+@pytest.mark.slow
+def test_two_served_processes_share_one_database(postgres, tmp_path, seed_articles, real_embedder):
+    """Two real ``qa-service serve`` processes (gunicorn, 2 workers each, the real model's ONNX export taken
+    from the database) answer alike, and an article added through one is answered by the other at once."""
+    import requests
+
+    from .live_server import API_KEY, LiveServer
+
+    url = new_database(postgres, "served")
+    settings = Settings(index_dir=tmp_path / "indexer", database_url=url)
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles, real_embedder)
+    servers = [LiveServer(tmp_path / f"host{i}", tmp_path / f"seeds{i}", tmp_path / f"server{i}.log",
+                          env={"QA_DATABASE_URL": url}).start() for i in range(2)]
+    try:
+        question = {"question": "Who met Iran's foreign minister in Doha?", "k": 3}
+        answers = [requests.post(s.url + "/api/ask", json=question, timeout=30).json() for s in servers]
+        assert _cited(answers[0]) == _cited(answers[1]) and answers[0]["results"]
+        for i in range(2):  # the encoder came from the database into each host's own cache
+            assert list((tmp_path / f"host{i}" / "pg-encoders").glob("*/model/*.onnx"))
+        r = requests.post(servers[0].url + "/api/articles", json={"id": "flamingo-1", "text": ARTICLE},
+                          headers={"X-API-Key": API_KEY}, timeout=60)
+        assert r.status_code == 201, r.text
+        for _ in range(4):  # every worker of the other process, whichever answers
+            hits = requests.post(servers[1].url + "/api/ask", json={"question": "Where did the flamingo parade "
+                                 "take place?", "k": 1}, timeout=30).json()["results"]
+            assert hits[0]["citation"]["article_id"] == "flamingo-1"
+        assert not list(tmp_path.glob("seeds*/flamingo-1.txt"))  # the database is the store, not a folder
+    finally:
+        for s in servers:
+            s.stop()
