@@ -43,6 +43,8 @@ class Settings:
     # Index backend: None keeps the FAISS directory (index_dir); a PostgreSQL URL (QA_DATABASE_URL /
     # --database-url) stores articles, passages and vectors there instead (qa_service/backends/postgres.py).
     database_url: str | None = field(default=None, repr=False)
+    # Where writes go when database_url is a read replica (QA_DATABASE_WRITE_URL); None: database_url itself.
+    database_write_url: str | None = field(default=None, repr=False)
     hnsw_ef_search: int = 100  # PostgreSQL backend: pgvector hnsw.ef_search (QA_HNSW_EF_SEARCH)
     # Distributed embedding at index time (qa_service/distributed.py): None embeds in this process;
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
@@ -73,6 +75,8 @@ class Settings:
             values["ann_threshold"] = int(env["QA_ANN_THRESHOLD"])
         if env.get("QA_DATABASE_URL"):
             values["database_url"] = env["QA_DATABASE_URL"]
+        if env.get("QA_DATABASE_WRITE_URL"):
+            values["database_write_url"] = env["QA_DATABASE_WRITE_URL"]
         if env.get("QA_RAY_ADDRESS"):
             values["ray_address"] = env["QA_RAY_ADDRESS"]
         for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float),

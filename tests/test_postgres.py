@@ -299,3 +299,39 @@ def test_two_served_processes_share_one_database(postgres, tmp_path, seed_articl
     finally:
         for s in servers:
             s.stop()
+
+
+def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, tmp_path, seed_articles):
+    """Scaling questions out: a streaming replica (pg_basebackup -R) answers like the primary; an app reading
+    from the replica sends its writes to the primary (QA_DATABASE_WRITE_URL) and then sees them replayed."""
+    import time
+
+    from qa_service.web import create_app
+
+    from .live_server import API_KEY
+
+    primary_url = new_database(postgres, "replicated")
+    with PostgresWriter(Settings(index_dir=tmp_path / "w", model=FakeEmbedder.name, database_url=primary_url)) as w:
+        w.sync(seed_articles, FakeEmbedder())
+    replica = postgres.start_replica()
+    try:
+        replica_url = f"postgresql://{replica.user}@127.0.0.1:{replica.port}/replicated"
+        settings = Settings(index_dir=tmp_path / "r", model=FakeEmbedder.name, api_key=API_KEY,
+                            database_url=replica_url, database_write_url=primary_url)
+        on_primary = Searcher(settings.with_(database_url=primary_url), embedder=FakeEmbedder())
+        on_replica = Searcher(settings, embedder=FakeEmbedder())
+        for question in QUESTIONS[:5]:
+            assert _cited(on_replica.ask(question)) == _cited(on_primary.ask(question))
+        with psycopg.connect(replica_url) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+        client = create_app(settings, load_searcher=lambda: on_replica, write_embedder=FakeEmbedder()).test_client()
+        r = client.post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE}, headers={"X-API-Key": API_KEY})
+        assert r.status_code == 201, r.get_json()
+        deadline = time.monotonic() + 30
+        while client.get("/api/articles/flamingo-1").status_code != 200:  # replication is asynchronous
+            assert time.monotonic() < deadline, "the replica never replayed the write"
+            time.sleep(0.1)
+        hits = client.post("/api/ask", json={"question": "flamingo parade zebras", "k": 1}).get_json()["results"]
+        assert hits[0]["citation"]["article_id"] == "flamingo-1"
+    finally:
+        replica.stop()

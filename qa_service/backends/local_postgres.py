@@ -83,6 +83,13 @@ class LocalPostgres:
         subprocess.run([str(bin_dir / "initdb"), "-D", str(pgdata), "-U", self.user, "--auth=trust",
                         "--encoding=UTF8", "--locale=C", "--no-instructions"],
                        check=True, capture_output=True, **self._as_user())
+        self._launch(pgdata, timeout)
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
+                        self.database], check=True, capture_output=True)
+        return self
+
+    def _launch(self, pgdata: Path, timeout: float) -> None:
+        bin_dir = binaries()
         log = open(self.data / "server.log", "ab")
         self.process = subprocess.Popen(
             [str(bin_dir / "postgres"), "-D", str(pgdata), "-p", str(self.port), "-h", "127.0.0.1", "-k", "",
@@ -101,9 +108,23 @@ class LocalPostgres:
                 self.stop()
                 raise RuntimeError("PostgreSQL did not accept connections in time")
             time.sleep(0.1)
-        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                        self.database], check=True, capture_output=True)
-        return self
+
+    def start_replica(self, timeout: float = 60.0) -> "LocalPostgres":
+        """Start a streaming read replica of this server (``pg_basebackup -R``) on another free port."""
+        replica = LocalPostgres(database=self.database, user=self.user)
+        replica._run_as = self._run_as
+        replica.data = Path(tempfile.mkdtemp(prefix="qa-pg-replica-"))
+        if self._run_as:
+            import pwd
+
+            entry = pwd.getpwnam(self._run_as)
+            os.chown(replica.data, entry.pw_uid, entry.pw_gid)
+        pgdata = replica.data / "pgdata"
+        subprocess.run([str(binaries() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
+                        "-D", str(pgdata), "-R", "-X", "stream", "-c", "fast"],
+                       check=True, capture_output=True, **replica._as_user())
+        replica._launch(pgdata, timeout)
+        return replica
 
     def log(self) -> str:
         try:

@@ -520,7 +520,8 @@ class PostgresWriter:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.conn = _connect(settings.database_url)
+        # A service reading from a replica writes to the primary.
+        self.conn = _connect(settings.database_write_url or settings.database_url)
         migrate(self.conn)
 
     def close(self) -> None:
