@@ -14,6 +14,9 @@ Sections (``--sections``, in this order):
                  the approximate index against exact search;
 * ``peer``       txtai ``Embeddings`` (same model, hybrid BM25 + dense) on the same passages: quality on the dev
                  questions and a SciFact subset, single-question latency.
+* ``ray``        (not run by default; needs the ``ray`` extra) ``qa-service index --ray``'s encoder pool on a local
+                 Ray, 1 and 2 actors, in passages/s against single-process encode of the same passages, and
+                 the local Ray's start time.
 
 Why these floors: a ratio measured in one run cancels most of the noise of a shared 2-core machine, where
 absolute times move by 2-3x with the neighbours' load.
@@ -40,7 +43,7 @@ from . import load
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer")
+SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer", "ray")
 # Questions about the shipped seeds (the dev file adds more when it is there).
 SEED_QUESTIONS = [
     "What did Pezeshkian say about rebuilding Gaza?",
@@ -71,12 +74,14 @@ class Sizes:
     flat_timing_queries: int = 20
     peer_scifact_queries: int = 100
     peer_scifact_distractors: int = 400
+    ray_passages: int = 300
+    ray_actors: tuple[int, ...] = (1, 2)
 
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(latency_n=15, torch_n=5, throughput_seconds=1.0, throughput_max=60, clients=(1, 8),
                    build_docs=8, cold_runs=1, scale=(3_000,), scale_threshold=1_000, scale_queries=20,
-                   flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0)
+                   flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0, ray_passages=24)
 
 
 @dataclass
@@ -590,6 +595,104 @@ def section_peer(b: Bench) -> None:
                   "ours includes answer sentences, grouping and the no-answer verdict"))
 
 
+# ---------------------------------------------------------------------- ray
+
+def _ray_passages(b: Bench, encoder) -> tuple[list[str], str]:
+    """The first ``ray_passages`` passages of the build section's corpus, cut as ``qa-service index`` cuts them."""
+    from qa_service.config import Settings
+    from qa_service.ingest import load_articles
+    from qa_service.store import chunk_articles
+
+    corpus, what = _build_corpus(b)
+    passages = chunk_articles(load_articles(corpus).articles, encoder, Settings()).passages
+    return [p.text for p in passages[:b.sizes.ray_passages]], what
+
+
+def _ray_processes() -> list[int]:
+    """Ray's processes started from this one (GCS, raylet, workers, actors)."""
+    out, todo = [], [os.getpid()]
+    while todo:
+        kids = load.children(todo.pop())
+        todo += kids
+        for pid in kids:
+            try:
+                if b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes().lower():
+                    out.append(pid)
+            except OSError:
+                continue
+    return out
+
+
+def section_ray(b: Bench) -> None:
+    """The build's ONNX encoder on a local Ray actor pool (1, 2 actors) against single-process encode of the same passages.
+
+    The floor is ``OnnxEmbedder.encode`` in this process with the build's threads (what ``_fill`` does without
+    ``--ray``), timed before and after the Ray runs (their mean), so a neighbour's load falls on both sides. Each
+    pool run's wall time includes starting its actors and loading the encoder from the object store (what a
+    build pays per pass); that fixed cost is measured separately on a handful of texts.
+    """
+    try:
+        from qa_service.distributed import RayEmbedder, RayUnavailable, _Session, import_ray, ray_scope
+
+        import_ray()
+    except RayUnavailable:
+        b.echo("  ray: skipped - Ray is not installed (pip install -e '.[ray]')")
+        b.facts["ray_skipped"] = "Ray is not installed (pip install -e '.[ray]')"
+        return
+    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.store import read_manifest
+
+    encoder = OnnxEmbedder.from_manifest(read_manifest(b.seed_index), threads=INDEXING_THREADS)
+    texts, what = _ray_passages(b, encoder)
+    n = len(texts)
+    encoder.encode(texts[:8], batch_size=32)  # warm-up
+
+    def single() -> float:
+        t0 = time.perf_counter()
+        encoder.encode(texts, batch_size=32)
+        return time.perf_counter() - t0
+
+    top = max(b.sizes.ray_actors)
+    before = single()
+    runs = {}
+    facts = b.facts["ray"] = {}
+    with ray_scope():
+        t0 = time.perf_counter()
+        # Starts Ray, ships the encoder to the object store, and gets Ray's worker start-up warm.
+        RayEmbedder(encoder, "local", top).encode(texts[:top], batch_size=32)
+        facts["first_call"] = time.perf_counter() - t0
+        facts["start"] = _Session.started_seconds
+        for actors in b.sizes.ray_actors:
+            pool = RayEmbedder(encoder, "local", actors)
+            t0 = time.perf_counter()
+            pool.encode(texts[:actors], batch_size=32)  # one text per actor: a pass's fixed cost
+            fixed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pool.encode(texts, batch_size=32)
+            runs[actors] = (time.perf_counter() - t0, fixed)
+            if actors == top:
+                mem = [load.memory_mb(p) for p in _ray_processes()]
+                facts["processes"], facts["pss_mb"] = len(mem), sum(m.get("pss", 0.0) for m in mem)
+        t0 = time.perf_counter()  # leaving the scope shuts the local Ray down
+    facts["shutdown"] = time.perf_counter() - t0
+    after = single()
+    floor = n / ((before + after) / 2)
+    b.add(Row("ray", f"local Ray start (ray.init, {max(2, top)} CPUs, no dashboard)", facts["start"], "s",
+              note=f"first pass incl. the start and shipping the encoder {facts['first_call']:.1f} s; shutdown "
+                   f"{facts['shutdown']:.1f} s; with the {top}-actor pool up, {facts.get('processes', 0)} Ray "
+                   f"processes, PSS {facts.get('pss_mb', 0):,.0f} MiB in all"))
+    for actors, (seconds, fixed) in runs.items():
+        after_start = f"{n / (seconds - fixed):.3g}" if seconds > fixed else "n/a"
+        b.add(Row("ray", f"{actors} actor(s): passages/s vs single-process encode", n / seconds, "passages/s", floor,
+                  "one process", note=f"{what}: {n} passages in {seconds:.1f} s, of which ~{fixed:.1f} s starting the "
+                  f"actors and loading the encoder (every pass pays it); {after_start} passages/s after that; one "
+                  f"ONNX thread per actor; single process {n / before:.3g} before, {n / after:.3g} after"))
+    if len(runs) >= 2:
+        few, many = min(runs), max(runs)
+        b.add(Row("ray", f"{many} actors vs {few} actor(s), passages/s", n / runs[many][0], "passages/s",
+                  n / runs[few][0], f"{few} actor(s)", note=f"{os.cpu_count()} cores on this machine, shared"))
+
+
 # ---------------------------------------------------------------------- report
 
 def format_row(row: Row) -> str:
@@ -620,6 +723,8 @@ def markdown(rows: list[Row], facts: dict, started: datetime, seconds: float, qu
                      f"{met} | {r.note} |")
     if facts.get("peer_skipped"):
         lines += ["", f"peer: skipped, {facts['peer_skipped']}."]
+    if facts.get("ray_skipped"):
+        lines += ["", f"ray: skipped, {facts['ray_skipped']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,8 @@ Design:
   the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
   wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for both the
   passage and the sentence pass. A Ray that was already running (``ray.init`` by the caller) is used and
-  never shut down by us.
+  never shut down by us. Workers' own log lines stay in Ray's session logs (``log_to_driver=False``); an
+  actor's exception still reaches the build, with its traceback.
 """
 
 from __future__ import annotations
@@ -142,11 +143,11 @@ def _connect(address: str, actors: int):
         if address == LOCAL:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the local cluster's listeners on loopback
             ray.init(num_cpus=max(LOCAL_CPUS, actors * ACTOR_CPUS), include_dashboard=False,
-                     logging_level=logging.ERROR)
+                     logging_level=logging.ERROR, log_to_driver=False)
         else:
             import qa_service
 
-            ray.init(address=address, logging_level=logging.ERROR,
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
                      runtime_env={"py_modules": [qa_service], "excludes": ["__pycache__", "*.pyc"]})
         _Session.owned, _Session.address = True, address
         _Session.started_seconds = time.perf_counter() - started

@@ -58,6 +58,13 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
         assert "txtai hybrid" in text
 
 
+def test_ray_section_is_skipped_without_ray(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # ``import ray`` now raises ImportError
+    suite = _load_benchmarks()
+    path = suite.run(tmp_path / "out", ["ray"], quick=True, work=tmp_path / "work", echo=lambda _: None)
+    assert "ray: skipped, Ray is not installed" in path.read_text(encoding="utf-8")
+
+
 def test_bench_command_rejects_unknown_sections():
     result = CliRunner().invoke(cli, ["bench", "--sections", "query,nonsense"])
     assert result.exit_code == 2 and "nonsense" in result.output

@@ -138,3 +138,22 @@ def test_index_command_without_ray_installed_says_how_to_get_it(tmp_path, monkey
     result = CliRunner().invoke(cli, ["index", str(tmp_path / "seeds"), "--ray", "--index-dir", str(tmp_path / "i")])
     assert result.exit_code == 1 and "pip install 'ray[data]==2.60.0'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_ray_section_runs(tmp_path, real_index, ray_stopped):
+    """``qa-service bench --sections ray`` on tiny inputs: Ray's start, 1 and 2 actors against one process."""
+    import os
+    import shutil
+
+    from qa_service.cli import _load_benchmarks
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(real_index.index_dir, work / "seeds-index", copy_function=os.link)
+    suite = _load_benchmarks()
+    text = suite.run(tmp_path / "out", ["ray"], quick=True, work=work, echo=lambda _: None).read_text()
+    assert "| ray | local Ray start" in text
+    for actors in (1, 2):
+        assert f"| ray | {actors} actor(s): passages/s vs single-process encode |" in text
+    assert "| ray | 2 actors vs 1 actor(s), passages/s |" in text
+    assert not ray.is_initialized()
