@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,16 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
 
 
+@lru_cache(maxsize=65536)
+def _terms(text: str) -> frozenset[str]:
+    """The BM25 terms of a sentence; cached, since the same sentences come back question after question."""
+    return frozenset(analyze(text))
+
+
 def _term_overlap(question_terms: set[str], text: str) -> float:
     if not question_terms:
         return 0.0
-    return len(question_terms & set(analyze(text))) / len(question_terms)
+    return len(question_terms & _terms(text)) / len(question_terms)
 
 
 def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], sims: dict[int, np.ndarray],

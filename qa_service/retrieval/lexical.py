@@ -28,7 +28,10 @@ BM25_B = 0.4
 
 def fold(text: str) -> str:
     """Return ``text`` lower-cased, without accents and with straight quotes."""
-    text = unicodedata.normalize("NFKD", text.translate(_QUOTES))
+    text = text.translate(_QUOTES)
+    if text.isascii():  # nothing to decompose (the common case, and 20x faster)
+        return text.lower()
+    text = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
 
 
