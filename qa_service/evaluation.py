@@ -335,7 +335,16 @@ class Backend(Protocol):
 
 
 def _hit_dict(hit) -> dict:
-    return hit if isinstance(hit, dict) else hit.to_dict()
+    """The parts of a hit that evaluation reads (rank, score, text, citation).
+
+    A ``Hit`` is read field by field instead of ``Hit.to_dict()``, which deep-copies answers and groups
+    that scoring never looks at (0.6 ms of about 15 ms per SQuAD dev question at depth 41).
+    """
+    if isinstance(hit, dict):
+        return hit
+    c = hit.citation
+    return {"rank": hit.rank, "score": hit.score, "text": hit.text,
+            "citation": {"article_id": c.article_id, "source": c.source, "start": c.start, "end": c.end}}
 
 
 class LocalBackend:
