@@ -62,6 +62,7 @@ LOCAL_CPUS = 2  # a local Ray gets at least this many logical CPUs (more when mo
 ACTOR_CPUS = 1  # CPUs reserved by each encoder actor; its ONNX session uses as many intra-op threads
 BATCHES_PER_CALL = 4  # an actor call encodes this many encoder batches (its length sorting works within a call)
 BLOCKS_PER_ACTOR = 4  # input blocks per actor, so a slow actor does not hold back the end of the run
+MAX_BLOCK_ROWS = 8192  # more texts than actors x this: more, smaller blocks (bounded memory per task)
 
 
 class RayUnavailable(RuntimeError):
@@ -258,8 +259,12 @@ class RayEmbedder:
 
         n = len(texts)
         per_call = batch_size * BATCHES_PER_CALL
-        blocks = min(n, max(self.actors, min(-(-n // per_call), self.actors * BLOCKS_PER_ACTOR)))
+        # Blocks in a multiple of the actor count, each one map call at most: Ray Data bundles smaller blocks
+        # up to a call's batch size, which could hand one actor twice the rows of another (seen: 200 vs 100).
+        blocks = max(self.actors, min(-(-n // per_call), self.actors * BLOCKS_PER_ACTOR), -(-n // MAX_BLOCK_ROWS))
+        blocks = min(n, -(-blocks // self.actors) * self.actors)
         step = -(-n // blocks)
+        per_call = min(per_call, step)
         tables = [pa.table({"id": np.arange(s, min(s + step, n), dtype=np.int64), "text": texts[s:s + step]})
                   for s in range(0, n, step)]
         context = DataContext.get_current()
