@@ -18,6 +18,10 @@ Sections (``--sections``, in this order):
                  Ray, 1 and 2 actors, in passages/s against single-process encode of the same passages, and
                  the local Ray's start time.
 
+* ``postgres``   (needs the ``postgres`` extra) the PostgreSQL backend against the FAISS folder on the same data
+                 (the seeds, and ``pg_synthetic`` synthetic passages): in-process and HTTP p50, answers/s at 8
+                 and 32 clients (``benchmarks/postgres.py``).
+
 Why these floors: a ratio measured in one run cancels most of the noise of a shared 2-core machine, where
 absolute times move by 2-3x with the neighbours' load.
 """
@@ -39,11 +43,12 @@ from typing import Callable
 import numpy as np
 
 from . import load
+from .postgres import section_postgres  # noqa: F401  (run() finds each section by its name)
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer", "ray")
+SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer", "ray", "postgres")
 # Questions about the shipped seeds (the dev file adds more when it is there).
 SEED_QUESTIONS = [
     "What did Pezeshkian say about rebuilding Gaza?",
@@ -76,12 +81,16 @@ class Sizes:
     peer_scifact_distractors: int = 400
     ray_passages: int = 300
     ray_actors: tuple[int, ...] = (1, 2)
+    pg_latency_n: int = 100
+    pg_clients: tuple[int, ...] = (8, 32)
+    pg_synthetic: int = 100_000
 
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(latency_n=15, torch_n=5, throughput_seconds=1.0, throughput_max=60, clients=(1, 8),
                    build_docs=8, cold_runs=1, scale=(3_000,), scale_threshold=1_000, scale_queries=20,
-                   flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0, ray_passages=24)
+                   flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0, ray_passages=24,
+                   pg_latency_n=5, pg_clients=(8,), pg_synthetic=300)
 
 
 @dataclass

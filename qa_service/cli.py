@@ -338,7 +338,8 @@ def _load_benchmarks():
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Tiny inputs (seconds, not minutes): checks that the suite runs.")
-@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer")),
+@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer", "ray",
+                                              "postgres")),
               show_default=True, help="Comma-separated sections to run.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the dated Markdown summary goes [default: benchmarks/results/ of this checkout].")

@@ -58,6 +58,19 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
         assert "txtai hybrid" in text
 
 
+def test_postgres_section_runs(tmp_path, bench_work):
+    """Both backends served side by side on the seeds and a tiny synthetic corpus; every row has its FAISS floor."""
+    suite = _load_benchmarks()
+    path = suite.run(tmp_path / "out", ["postgres"], quick=True, work=bench_work, echo=lambda _: None)
+    rows = __import__("json").loads(path.with_suffix(".json").read_text())["rows"]
+    measures = {r["measure"]: r for r in rows if r["section"] == "postgres"}
+    for label in ("seeds", "300 synthetic"):
+        for what in ("in-process Searcher.ask p50", "POST /api/ask p50", "answers/s at 8 clients"):
+            row = measures[f"{label}: {what}, PostgreSQL vs FAISS"]
+            assert row["value"] > 0 and row["floor"] > 0 and row["ratio"] is not None
+    assert "failures 0 vs 0" in measures["seeds: answers/s at 8 clients, PostgreSQL vs FAISS"]["note"]
+
+
 def test_ray_section_is_skipped_without_ray(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # ``import ray`` now raises ImportError
     suite = _load_benchmarks()
