@@ -14,7 +14,7 @@ Sections (``--sections``, in this order):
                  the approximate index against exact search;
 * ``peer``       txtai ``Embeddings`` (same model, hybrid BM25 + dense) on the same passages: quality on the dev
                  questions and a SciFact subset, single-question latency.
-* ``ray``        (not run by default; needs the ``ray`` extra) ``qa-service index --ray``'s encoder pool on a local
+* ``ray``        (needs the ``ray`` extra; skipped without it) ``qa-service index --ray``'s encoder pool on a local
                  Ray, 1 and 2 actors, in passages/s against single-process encode of the same passages, and
                  the local Ray's start time.
 
