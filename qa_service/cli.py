@@ -233,11 +233,13 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
               help="In-process: time this many single questions (Searcher.ask).")
 @click.option("--grouped", is_flag=True, help="In-process, score the grouped results the API shows "
               "instead of the raw passage ranking (question files).")
+@click.option("--whole-documents", is_flag=True, help="BEIR folders: index each document as one passage "
+              "(title + text, truncated by the model) scored by its plain cosine, as MTEB does; cached apart.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 @_common
 def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as_json: bool, out_dir: Path | None,
           depth: int | None, seeds_dir: Path, cache_dir: Path | None, split: str, limit: int | None,
-          latency_sample: int, grouped: bool, progress: bool | None) -> None:
+          latency_sample: int, grouped: bool, whole_documents: bool, progress: bool | None) -> None:
     """Evaluate retrieval on PATH: a JSON Lines question file or a BEIR folder."""
     import time
 
@@ -252,6 +254,9 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
         raise click.BadParameter(exc.message, param_hint="PATH") from None
     if limit:
         dataset.questions = dataset.questions[:limit]
+    if whole_documents and (url or dataset.format != "beir"):
+        raise click.UsageError("--whole-documents applies to BEIR folders searched in-process (their own index), "
+                               "not to question files or --url.")
     if url:
         backend = ev.HttpBackend(url)
     else:
@@ -259,10 +264,11 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
 
         if dataset.format == "beir":
             beir_settings, note = ev.ensure_beir_index(path, settings, cache_dir or settings.index_dir / "beir",
-                                                       progress=progress)
+                                                       progress=progress, whole_documents=whole_documents)
             click.echo(note, err=True)
             # with the build's own query encoder, as the service does; BEIR corpora are always a FAISS folder
-            searcher = Searcher(beir_settings.with_(database_url=None))
+            searcher = Searcher(beir_settings.with_(database_url=None),
+                                config=ev.retrieval_config(settings, whole_documents))
         else:
             click.echo(ensure_index(settings, seeds_dir, progress=progress), err=True)
             searcher = Searcher(settings)

@@ -245,37 +245,90 @@ def beir_articles(folder: Path | str) -> list[Article]:
     return articles
 
 
-def beir_index_dir(folder: Path | str, cache_root: Path | str) -> Path:
-    """Return ``cache_root/<name>-<corpus sha256[:12]>``: a new corpus gets a new folder."""
+def beir_index_dir(folder: Path | str, cache_root: Path | str, whole_documents: bool = False) -> Path:
+    """Return ``cache_root/<name>-<corpus sha256[:12]>`` (``-whole`` added for whole-document passages).
+
+    A new corpus gets a new folder, and the two ways of cutting it into passages each keep their own,
+    so switching ``whole_documents`` back and forth never rebuilds either.
+    """
     folder = Path(folder)
     h = hashlib.sha256()
     with open(folder / "corpus.jsonl", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return Path(cache_root) / f"{folder.name}-{h.hexdigest()[:12]}"
+    return Path(cache_root) / f"{folder.name}-{h.hexdigest()[:12]}{WHOLE_DOCUMENT_SUFFIX if whole_documents else ''}"
+
+
+# Whole-document passages (the MTEB/BEIR protocol: one vector per document, ``title + text`` cut by the
+# model at its max_seq_length). The store caps passages at the model's window, so documents are packed
+# into one passage by counting tokens as the model reads them (at most max_seq_length - 2 of any text);
+# the encoder then truncates each document exactly as sentence-transformers does.
+WHOLE_DOCUMENT_MAX_TOKENS = 1 << 20
+WHOLE_DOCUMENT_SUFFIX = "-whole"
+
+
+def whole_document_embedder(embedder):
+    """Return a copy of ``embedder`` whose ``count_tokens`` counts only the tokens the model reads.
+
+    With it every text fits one window, so chunking makes one passage per document (and never cuts a
+    long sentence: the encoder truncates it). Encoding, the model and its ONNX export are unchanged.
+    """
+    import copy
+
+    window = max(1, int(embedder.max_seq_length) - 2)  # [CLS] and [SEP] take two places
+    count = embedder.count_tokens
+    whole = copy.copy(embedder)
+    whole.count_tokens = lambda text: min(count(text), window)
+    return whole
+
+
+def beir_settings_for(settings: Settings, index_dir: Path, whole_documents: bool = False) -> Settings:
+    """Settings of a BEIR corpus's index: its own folder, and whole-document passages if asked."""
+    if whole_documents:
+        return settings.with_(index_dir=index_dir, max_tokens=WHOLE_DOCUMENT_MAX_TOKENS)
+    return settings.with_(index_dir=index_dir)
+
+
+def retrieval_config(settings: Settings, whole_documents: bool = False):
+    """The Searcher's ``RetrievalConfig`` for an evaluation; None keeps the service's defaults.
+
+    Whole documents are scored by the plain passage cosine (``sentence_weight=0``), as MTEB scores them,
+    instead of mixing in the cosine of the document's best sentence.
+    """
+    if not whole_documents:
+        return None
+    from .retrieval.searcher import RetrievalConfig
+
+    return RetrievalConfig(reranker=settings.reranker, sentence_weight=0.0)
 
 
 def ensure_beir_index(folder: Path | str, settings: Settings, cache_root: Path | str, embedder=None,
-                      progress: bool = False) -> tuple[Settings, str]:
+                      progress: bool = False, whole_documents: bool = False) -> tuple[Settings, str]:
     """Index the BEIR corpus under ``cache_root`` unless a fresh build is there; return its settings and a note.
 
     Freshness is the store's own check (model, chunking settings, every document's hash), so a
     changed model or chunking rebuilds too.
+
+    Args:
+        whole_documents: one passage per document (see ``whole_document_embedder``), in its own folder.
     """
     from .articles import writer_lock
     from .store import build_index, index_status
 
-    index_dir = beir_index_dir(folder, cache_root)
-    beir_settings = settings.with_(index_dir=index_dir)
+    index_dir = beir_index_dir(folder, cache_root, whole_documents)
+    beir_settings = beir_settings_for(settings, index_dir, whole_documents)
     articles = beir_articles(folder)
+    each = ", one passage each" if whole_documents else ""
     with writer_lock(index_dir, timeout=None):  # two evaluations of one corpus build it once
         fresh, reason = index_status(beir_settings, articles)
         if fresh:
-            return beir_settings, f"using cached index {index_dir} ({len(articles)} documents)"
+            return beir_settings, f"using cached index {index_dir} ({len(articles)} documents{each})"
         if embedder is None:  # torch only when there is something to embed
             from .embedding import load_embedder
 
             embedder = load_embedder(settings.model)
+        if whole_documents:
+            embedder = whole_document_embedder(embedder)
         logger.info("indexing %s into %s (%s)", folder, index_dir, reason)
         summary = build_index(articles, embedder, beir_settings, progress=progress)
     reused = f", vectors of {summary.reused_articles} reused" if getattr(summary, "reused_articles", 0) else ""

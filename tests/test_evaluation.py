@@ -323,6 +323,61 @@ def test_beir_index_is_cached_by_content(tmp_path):
     assert note.startswith("indexed 7 documents") and changed.index_dir != beir_settings.index_dir
 
 
+def _long_beir(root: Path) -> Path:
+    """Three documents of about 400 fake tokens each: several 128-token passages by default, over the model's window."""
+    topics = ["volcano lava eruption magma crater", "penguin antarctic ice colony krill",
+              "violin orchestra concerto bow strings"]
+    docs = [{"_id": f"d{i}", "title": t.split()[0].title(),
+             "text": " ".join(f"Sentence {j} tells more about the {t} and nothing else." for j in range(30))}
+            for i, t in enumerate(topics)]
+    queries = [{"_id": f"q{i}", "text": " ".join(t.split()[1:3])} for i, t in enumerate(topics)]
+    return _beir_folder(root, docs, queries, [(f"q{i}", f"d{i}", 1) for i in range(len(topics))])
+
+
+def test_whole_documents_index_one_passage_per_document(tmp_path):
+    from qa_service.config import Settings
+    from qa_service.retrieval import Searcher
+
+    folder = _long_beir(tmp_path / "long")
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name)
+    emb = FakeEmbedder()
+    articles = {a.id: a for a in ev.beir_articles(folder)}
+    assert all(emb.count_tokens(a.text) > emb.max_seq_length for a in articles.values())
+
+    chunked, _ = ev.ensure_beir_index(folder, settings, tmp_path / "cache", emb)
+    whole, note = ev.ensure_beir_index(folder, settings, tmp_path / "cache", emb, whole_documents=True)
+    assert note.startswith("indexed 3 documents, 3 passages")
+    assert whole.index_dir != chunked.index_dir and whole.index_dir.name.endswith(ev.WHOLE_DOCUMENT_SUFFIX)
+    assert Searcher(chunked, embedder=emb).passage_count > 3 * 3  # the default cuts each into 128-token windows
+
+    config = ev.retrieval_config(settings, whole_documents=True)
+    assert config.sentence_weight == 0.0 and ev.retrieval_config(settings) is None
+    searcher = Searcher(whole, embedder=emb, config=config)
+    assert searcher.passage_count == 3
+    assert all(searcher.passage_count_for(doc) == 1 for doc in articles)
+    (hits,) = searcher.search_many(["penguin krill"], k=3, mode="dense", group=False)
+    assert len(hits) == 3 and hits[0].citation.article_id == "d1"
+    qvec = emb.encode([searcher.prepare("penguin krill")[0]])[0]
+    for hit in hits:  # each passage is its whole document, and its dense score is the plain cosine
+        text = articles[hit.citation.article_id].text
+        assert (hit.citation.start, hit.citation.end, hit.text) == (0, len(text), text)
+        assert hit.extra["scores"]["dense"] == pytest.approx(float(emb.encode([text])[0] @ qvec), abs=1e-5)
+
+    # Cached under its own key: both stay fresh, neither rebuilds the other.
+    assert ev.ensure_beir_index(folder, settings, tmp_path / "cache", emb)[1].startswith("using cached index")
+    again = ev.ensure_beir_index(folder, settings, tmp_path / "cache", emb, whole_documents=True)[1]
+    assert again.startswith("using cached index") and "one passage each" in again
+
+
+def test_whole_document_embedder_counts_what_the_model_reads():
+    emb = FakeEmbedder()
+    whole = ev.whole_document_embedder(emb)
+    long_text = "word " * 1000
+    assert emb.count_tokens(long_text) == 1000 and whole.count_tokens(long_text) == emb.max_seq_length - 2
+    assert whole.count_tokens("two words") == 2
+    assert isinstance(whole, FakeEmbedder) and whole.name == emb.name and emb.count_tokens(long_text) == 1000
+
+
 # --------------------------------------------------------------------------- HTTP
 
 class _StubService:
@@ -458,6 +513,11 @@ def test_cli_eval_beir_folder(tmp_path, fake_model):
     assert summary["metrics"]["recall@1"] >= 0.5  # the fake embedder matches shared words
     table = CliRunner().invoke(cli, ["eval", str(folder), "--cache-dir", str(tmp_path / "cache"), *fake_model])
     assert table.exit_code == 0 and "ndcg@10" in table.stdout and "using cached index" in table.stderr
+    whole = CliRunner().invoke(cli, ["eval", str(folder), "--cache-dir", str(tmp_path / "cache"), "--json",
+                                     "--mode", "dense", "--whole-documents", *fake_model])
+    assert whole.exit_code == 0, whole.output
+    assert "indexed 6 documents, 6 passages" in whole.stderr
+    assert json.loads(whole.stdout)["metrics"]["recall@10"] == 1.0
 
 
 def test_cli_eval_bad_inputs(tmp_path):
@@ -471,6 +531,8 @@ def test_cli_eval_bad_inputs(tmp_path):
     assert result.exit_code == 2 and "not a BEIR folder" in result.output
     result = CliRunner().invoke(cli, ["eval", str(DEV), "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "Cannot reach the service" in result.output
+    result = CliRunner().invoke(cli, ["eval", str(DEV), "--whole-documents"])
+    assert result.exit_code == 2 and "--whole-documents applies to BEIR folders" in result.output
 
 
 # --------------------------------------------------------------------------- end to end, real model
