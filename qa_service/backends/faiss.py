@@ -129,15 +129,24 @@ class FaissBackend:
             return Evidence.empty()
         pids = np.array(sorted(ids), dtype=np.int64)
         lexical = np.zeros(len(pids), dtype=np.float32) if lex_all is None else lex_all[pids]
-        sentence_cosines = []
-        for first, last in self._passage_sentences[pids]:
-            sentence_cosines.append(np.asarray(self.sentence_vectors[first:last + 1]) @ qvec)
-        mix = self._lexical_mix(lexical_text, pids, lex_all, weights) if lexical_mix and lex_all is not None else None
+        sids, bounds = self._sentence_ids(pids)
+        sentence_cosines = np.split(np.asarray(self.sentence_vectors[sids]) @ qvec, bounds[1:-1])
+        mix = (self._lexical_mix(lexical_text, pids, lex_all, weights, sids, bounds)
+               if lexical_mix and lex_all is not None else None)
         return Evidence(pids, self.dense.vectors(pids) @ qvec, sentence_cosines, lexical, mix,
                         [self._article_dates[a] for a in self._passage_article[pids]])
 
+    def _sentence_ids(self, pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the sentence ids of passages ``pids``, concatenated, and where each passage's run starts and ends."""
+        first, last = self._passage_sentences[pids].T
+        counts = np.maximum(last - first + 1, 0)
+        bounds = np.zeros(len(pids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        sids = np.arange(bounds[-1], dtype=np.int64) - np.repeat(bounds[:-1] - first, counts)
+        return sids, bounds
+
     def _lexical_mix(self, text: str, pids: np.ndarray, passage_scores: np.ndarray,
-                     weights: tuple[float, float]) -> np.ndarray:
+                     weights: tuple[float, float], sids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         """Return the lexical evidence of candidates ``pids`` on a 0..1 scale.
 
         Passage BM25, the BM25 of the passage's best sentence and BM25 over word pairs, each divided by
@@ -148,8 +157,10 @@ class FaissBackend:
             return scores / top if top > 0 else np.zeros_like(scores)
 
         sentence_all = self.lexical_sentences.scores(text)
-        sentence_best = np.array([sentence_all[r[0]:r[1] + 1].max() if r[1] >= r[0] else 0.0
-                                  for r in self._passage_sentences[pids]], dtype=np.float32)
+        sentence_best = np.zeros(len(pids), dtype=np.float32)
+        has = bounds[1:] > bounds[:-1]
+        if has.any():
+            sentence_best[has] = np.maximum.reduceat(sentence_all[sids], bounds[:-1][has])
         bigram_all = self.lexical_bigrams.scores(text)
         ws, wb = weights
         mix = ((1 - ws) * scaled(passage_scores[pids], passage_scores) + ws * scaled(sentence_best, sentence_all)
