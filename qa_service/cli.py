@@ -150,7 +150,7 @@ def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_a
         settings = settings.with_(ray_actors=ray_actors)
     if settings.ray_address:
         try:
-            import_ray()  # say it is missing before the build, not after its ONNX export
+            import_ray(settings.ray_address)  # say it is missing before the build, not after its ONNX export
         except RayUnavailable as exc:
             raise click.ClickException(str(exc)) from None
     with ray_scope():  # a Ray started by the build serves both its passes, and is shut down here

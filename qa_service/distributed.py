@@ -25,8 +25,9 @@ Design:
   match a single-process build to float rounding (the test asks for 1e-5).
 
 * **Ray's lifetime.** ``ray`` is imported only here and only when used (``pip install 'qa-service[ray]'``).
-  ``ray_address == "local"`` starts a private local Ray (``num_cpus=max(2, actors)``, no dashboard,
-  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` so its listeners stay on loopback); any other value connects to
+  ``ray_address == "local"`` starts a private local Ray (``num_cpus=max(2, actors)``, no dashboard, node
+  address 127.0.0.1 and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` so its listeners stay on loopback, even when
+  ``ray`` was imported before that variable was set); any other value connects to
   that cluster and ships this package's code with ``runtime_env={"py_modules": [qa_service]}`` (the nodes
   need numpy, onnxruntime and tokenizers). Ray is started lazily by the first ``encode`` and shut down when
   the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
@@ -58,6 +59,8 @@ from .embedding import Embedder
 logger = logging.getLogger(__name__)
 
 LOCAL = "local"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray's node address is 127.0.0.1
+LOOPBACK = "127.0.0.1"
 LOCAL_CPUS = 2  # a local Ray gets at least this many logical CPUs (more when more actors are asked for)
 ACTOR_CPUS = 1  # CPUs reserved by each encoder actor; its ONNX session uses as many intra-op threads
 BATCHES_PER_CALL = 4  # an actor call encodes this many encoder batches (its length sorting works within a call)
@@ -69,8 +72,14 @@ class RayUnavailable(RuntimeError):
     """Ray was asked for but is not installed."""
 
 
-def import_ray():
-    """Return the ``ray`` module, or raise ``RayUnavailable`` saying how to install it."""
+def import_ray(address: str | None = None):
+    """Return the ``ray`` module, or raise ``RayUnavailable`` saying how to install it.
+
+    For a local Ray (``address == "local"``) this first sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray reads
+    it once, at import, to decide that this node's address is the loopback one rather than the machine's.
+    """
+    if address == LOCAL:
+        os.environ[LOOPBACK_ENV] = "0"
     try:
         import ray
         import ray.data  # noqa: F401  (the ``data`` extra: pandas, pyarrow)
@@ -133,7 +142,7 @@ def _shutdown() -> None:
 
 def _connect(address: str, actors: int):
     """Make sure this process is connected to a Ray (started or joined per ``address``); return ``ray``."""
-    ray = import_ray()
+    ray = import_ray(address)
     with _Session.lock:
         if ray.is_initialized():
             if _Session.owned and _Session.address != address:
@@ -142,9 +151,7 @@ def _connect(address: str, actors: int):
         _Session.shipped = {}
         started = time.perf_counter()
         if address == LOCAL:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the local cluster's listeners on loopback
-            ray.init(num_cpus=max(LOCAL_CPUS, actors * ACTOR_CPUS), include_dashboard=False,
-                     logging_level=logging.ERROR, log_to_driver=False)
+            _init_local(ray, max(LOCAL_CPUS, actors * ACTOR_CPUS))
         else:
             import qa_service
 
@@ -155,6 +162,26 @@ def _connect(address: str, actors: int):
         logger.info("Ray %s in %.1f s", "started locally" if address == LOCAL else f"connected at {address}",
                     _Session.started_seconds)
         return ray
+
+
+def _init_local(ray, cpus: int) -> None:
+    """Start a private Ray on this machine with every listener on loopback."""
+    from ray._private import ray_constants
+
+    # Ray decides between loopback and the machine's address from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once
+    # when ``ray`` is imported (into ray_constants.ENABLE_RAY_CLUSTER). import_ray sets the variable, which Ray's
+    # own processes inherit; if ``ray`` was imported before that, the driver's copy of the flag is corrected for
+    # the start (once connected, Ray takes the node's address from the running node instead).
+    enabled = getattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                 _node_ip_address=LOOPBACK)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:
+        logger.warning("the local Ray runs at %s, not on loopback: other machines may reach its ports", node)
 
 
 # --------------------------------------------------------------------------- shipping the encoder

@@ -66,6 +66,7 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
     with distributed.ray_scope():  # one local Ray for the passage and the sentence pass
         summary = build_index(seed_articles, real_embedder, on_ray)
         assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # listeners on loopback, though ray was imported first
     ray_seconds = time.perf_counter() - t0
     assert not ray.is_initialized(), "the Ray started for the build is shut down when the scope ends"
 
