@@ -20,9 +20,10 @@ Design:
   a callable class on an actor pool of ``settings.ray_actors`` actors (``ActorPoolStrategy``, one CPU
   each), and returns ``(id, vector)`` rows. Ray Data does not keep output order, so the rows are scattered
   back by id, and a missing or repeated id is an error rather than a silently shifted vector. A failed
-  actor fails a local build at once; on a cluster Ray restarts actors lost with a node. Each actor
-  encodes a batch of ``4 x batch_size`` texts with the encoder's own length-sorted batching, so vectors
-  match a single-process build to float rounding (the test asks for 1e-5).
+  actor fails a local build at once; on a cluster Ray restarts actors lost with a node. The input is cut
+  into blocks in a multiple of the actor count (so no actor gets twice another's share), and each map call
+  encodes at most ``4 x batch_size`` texts, never two blocks, with the encoder's own length-sorted batching, so
+  vectors match a single-process build to float rounding (the test asks for 1e-5; they came out identical).
 
 * **Ray's lifetime.** ``ray`` is imported only here and only when used (``pip install 'qa-service[ray]'``).
   ``ray_address == "local"`` starts a private local Ray (``num_cpus=max(2, actors)``, no dashboard, node
