@@ -308,6 +308,7 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
     """
     started = time.perf_counter()
     article_id = check_article_id(article_id)
+    settings = settings.with_(ray_address=None)  # one article is never worth starting (or joining) a Ray
     if b"\x00" in data:
         raise InvalidArticle("The article text contains NUL characters.")
     try:
@@ -362,6 +363,7 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
     """Remove the article ``<id>.txt`` from the seeds folder and the index, atomically."""
     started = time.perf_counter()
     article_id = check_article_id(article_id)
+    settings = settings.with_(ray_address=None)  # the rebuild re-embeds nothing new: no Ray
     if settings.database_url:
         return _delete_in_database(settings, article_id, started)
     seeds = _seeds_dir(settings)

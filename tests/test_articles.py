@@ -342,3 +342,23 @@ def test_serve_refuses_a_truncated_index_with_the_rebuild_message(settings, monk
     result = CliRunner().invoke(cli, ["serve", "--index-dir", str(settings.index_dir), "--model", "fake-hash-64"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "truncated" in result.output and f"qa-service index SEEDS_DIR --index-dir {settings.index_dir}" in result.output
+
+
+def test_single_article_writes_never_start_ray(tmp_path, fake_index, monkeypatch):
+    """QA_RAY_ADDRESS is for indexing jobs: an upload through the API embeds one article in-process."""
+    import shutil
+
+    from qa_service import distributed
+    from qa_service.articles import delete_article, put_article
+    from .fakes import FakeEmbedder
+    from .live_server import link_copy
+
+    settings = fake_index.with_(index_dir=tmp_path / "index", seeds_dir=tmp_path / "seeds", ray_address="local")
+    link_copy(fake_index.index_dir, settings.index_dir)
+    shutil.copytree(fake_index.seeds_dir, settings.seeds_dir)
+    seen = []
+    real = distributed.maybe_distributed
+    monkeypatch.setattr(distributed, "maybe_distributed", lambda e, s: seen.append(s.ray_address) or real(e, s))
+    put_article(settings, "ray-free", b"A short article about quokkas on Rottnest Island.", embedder=FakeEmbedder())
+    delete_article(settings, "ray-free", embedder=FakeEmbedder())
+    assert seen and set(seen) == {None}
