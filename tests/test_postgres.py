@@ -197,6 +197,11 @@ def test_sync_embeds_only_changed_articles_and_removes_missing(postgres, tmp_pat
         assert any("A new closing line." in t for t in counting.texts)
         assert not any(seed_articles[0].text[:60] in t for t in counting.texts)
         assert set(writer.indexed()) == {seed_articles[0].id, changed.id}
+        # The kept document frequencies equal a recount of the postings after the removals and the change.
+        mismatched = writer.conn.execute("""
+            SELECT count(*) FROM (SELECT kind, term, count(*) AS df FROM qa_postings GROUP BY kind, term) p
+            FULL JOIN qa_term_stats t USING (kind, term) WHERE p.df IS DISTINCT FROM t.df""").fetchone()[0]
+        assert mismatched == 0
         with pytest.raises(LastArticle):
             writer.sync([], Counting())
     fresh = Settings(index_dir=tmp_path / "fresh", model=FakeEmbedder.name, database_url=new_database(postgres, "sync2"))
@@ -335,3 +340,20 @@ def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, 
         assert hits[0]["citation"]["article_id"] == "flamingo-1"
     finally:
         replica.stop()
+
+
+def test_an_index_made_at_schema_version_1_is_upgraded_in_place(postgres, tmp_path, seed_articles, fake_embedder,
+                                                                 fake_searcher):
+    """Migration 2 adds per-term document frequencies and fills them from an existing index's postings."""
+    url = new_database(postgres, "upgrade")
+    settings = Settings(index_dir=tmp_path, model=FakeEmbedder.name, database_url=url)
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles, fake_embedder)
+    with psycopg.connect(url, autocommit=True) as conn:  # back to the state schema version 1 left
+        conn.execute("DROP TABLE qa_term_stats")
+        conn.execute("DELETE FROM qa_schema_migrations WHERE version > 1")
+        assert migrate(conn) == 2
+        assert conn.execute("SELECT count(*) FROM qa_term_stats").fetchone()[0] > 0
+    upgraded = Searcher(settings, embedder=fake_embedder)
+    for question in QUESTIONS[:6]:
+        assert _cited(upgraded.ask(question)) == _cited(fake_searcher.ask(question))

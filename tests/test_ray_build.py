@@ -158,3 +158,25 @@ def test_bench_ray_section_runs(tmp_path, real_index, ray_stopped):
         assert f"| ray | {actors} actor(s): passages/s vs single-process encode |" in text
     assert "| ray | 2 actors vs 1 actor(s), passages/s |" in text
     assert not ray.is_initialized()
+
+
+def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, seed_articles, fake_embedder,
+                                                          fake_searcher, ray_stopped):
+    """`qa-service index --ray --database-url ...`: the Ray pool fills PostgreSQL, which then answers exactly
+    as the single-process FAISS index of the same articles (fake embedder, pickled to the actors)."""
+    from qa_service import distributed
+    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.retrieval import Searcher
+
+    from .conftest import new_database
+    from .test_postgres import QUESTIONS, _cited
+
+    settings = Settings(index_dir=tmp_path / "pg", model=fake_embedder.name, ray_address="local", ray_actors=2,
+                        database_url=new_database(postgres, "ray_build"))
+    with distributed.ray_scope(), PostgresWriter(settings) as writer:
+        summary = writer.sync(seed_articles, fake_embedder)
+        assert ray.is_initialized()
+    assert not ray.is_initialized() and summary["embedded"] == len(seed_articles)
+    on_pg = Searcher(settings.with_(ray_address=None), embedder=fake_embedder)
+    for question in QUESTIONS[:6]:
+        assert _cited(on_pg.ask(question)) == _cited(fake_searcher.ask(question))

@@ -13,7 +13,7 @@ Schema (``MIGRATIONS``; versions recorded in ``qa_schema_migrations``, applied u
 - ``qa_passages`` / ``qa_sentences``: spans into the article text and their vectors (``vector(d)``);
   HNSW (``vector_ip_ops``) over passage vectors, ``hnsw.ef_search`` from ``Settings.hnsw_ef_search``,
   iterative scans for filtered queries;
-- ``qa_postings`` + ``qa_lexical_stats``: the lexical side as BM25 postings (passage terms, passage
+- ``qa_postings`` + ``qa_term_stats`` + ``qa_lexical_stats``: the lexical side as BM25 postings (passage terms, passage
   word pairs, sentence terms), made by the same analyzer as the FAISS backend's bm25s indexes and
   scored in SQL with the same formula (Lucene BM25, k1=0.9, b=0.4), so both backends give the same
   lexical scores and the ``Searcher`` fuses them the same way. A stock ``tsvector`` full-text index
@@ -81,6 +81,12 @@ MIGRATIONS: list[tuple[int, str]] = [
     CREATE TABLE qa_encoder_files (path text PRIMARY KEY, sha256 text NOT NULL, data bytea NOT NULL);
     CREATE SEQUENCE qa_passage_ids;
     CREATE SEQUENCE qa_sentence_ids;
+    """),
+    # Document frequencies kept per term, so a question's BM25 reads its terms' postings once, not twice.
+    (2, """
+    CREATE TABLE qa_term_stats (kind smallint NOT NULL, term text NOT NULL, df integer NOT NULL,
+                                PRIMARY KEY (kind, term));
+    INSERT INTO qa_term_stats (kind, term, df) SELECT kind, term, count(*) FROM qa_postings GROUP BY kind, term;
     """),
 ]
 
@@ -319,8 +325,8 @@ class PostgresBackend:
         avgdl = total / n
         sql = """
         WITH q AS (SELECT * FROM unnest(%(terms)s::text[], %(weights)s::float8[]) AS q(term, w)),
-        df AS (SELECT po.term, count(*)::float8 AS df FROM qa_postings po JOIN q USING (term)
-               WHERE po.kind = %(kind)s GROUP BY po.term),
+        df AS (SELECT ts.term, ts.df::float8 AS df FROM qa_term_stats ts JOIN q USING (term)
+               WHERE ts.kind = %(kind)s AND ts.df > 0),
         s AS MATERIALIZED (
             SELECT po.doc, sum(q.w * ln(1 + (%(n)s - df.df + 0.5) / (df.df + 0.5))
                                * po.tf / (po.tf + %(k1)s * (1 - %(b)s + %(b)s * po.dl / %(avgdl)s)))::float8 AS score
@@ -684,7 +690,7 @@ class PostgresWriter:
 
     def _reset(self, dimension: int) -> None:
         c = self.conn
-        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_lexical_stats, qa_vocabulary, "
+        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_term_stats, qa_lexical_stats, qa_vocabulary, "
                   "qa_encoder_files")
         c.execute("DROP INDEX IF EXISTS qa_passages_hnsw")
         c.execute(f"ALTER TABLE qa_passages ALTER COLUMN embedding TYPE vector({int(dimension)})")
@@ -704,8 +710,13 @@ class PostgresWriter:
                 UPDATE qa_lexical_stats SET docs = docs - (SELECT count(*) FROM gone),
                                             total_length = total_length - (SELECT coalesce(sum(dl), 0) FROM gone)
                 WHERE kind = %s""", (kind, article_ids, kind))
-            c.execute(f"DELETE FROM qa_postings po USING {table} t WHERE po.kind = %s AND po.doc = t.id "
-                      "AND t.article_id = ANY(%s)", (kind, article_ids))
+            c.execute(f"""
+                WITH gone AS (DELETE FROM qa_postings po USING {table} t WHERE po.kind = %s AND po.doc = t.id
+                              AND t.article_id = ANY(%s) RETURNING po.term),
+                counted AS (SELECT term, count(*) AS n FROM gone GROUP BY term)
+                UPDATE qa_term_stats ts SET df = ts.df - counted.n FROM counted
+                WHERE ts.kind = %s AND ts.term = counted.term""", (kind, article_ids, kind))
+        c.execute("DELETE FROM qa_term_stats WHERE df <= 0")
         rows = c.execute("SELECT a.title, p.text FROM qa_passages p JOIN qa_articles a ON a.id = p.article_id "
                          "WHERE p.article_id = ANY(%s)", (article_ids,)).fetchall()
         gone = Counter()
@@ -756,6 +767,11 @@ class PostgresWriter:
                 for term, doc, tf, dl in rows:
                     copy.write_row((kind, term, base[kind] + doc, tf, dl))
         for kind, rows in postings.items():
+            df = Counter(term for term, _doc, _tf, _dl in rows)
+            if df:
+                c.execute("""INSERT INTO qa_term_stats (kind, term, df) SELECT %s, * FROM unnest(%s::text[], %s::int[])
+                             ON CONFLICT (kind, term) DO UPDATE SET df = qa_term_stats.df + EXCLUDED.df""",
+                          (kind, list(df), list(df.values())))
             docs = {doc: dl for _t, doc, _tf, dl in rows}
             c.execute("""INSERT INTO qa_lexical_stats (kind, docs, total_length) VALUES (%s, %s, %s)
                          ON CONFLICT (kind) DO UPDATE SET docs = qa_lexical_stats.docs + EXCLUDED.docs,
