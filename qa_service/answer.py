@@ -45,26 +45,35 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
                k: int, group: bool = True) -> list[Hit]:
     """Turn ranked candidates into at most ``k`` hits with answer sentences (and groups, if ``group``)."""
     qterms = set(searcher.question_terms(question))
-    rows = searcher._passages([c.pid for c in cands[: max(4 * k, 20)]])
-    hits: list[Hit] = []
-    chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
-    for cand in cands:
-        if len(hits) >= k or cand.pid not in rows:
+    considered = cands[: max(4 * k, 20)]  # enough for k results after dropping overlaps and grouping
+    rows = searcher._passages([c.pid for c in considered])
+    prepared = []
+    for cand in considered:
+        if cand.pid not in rows:
             break
         article_id, start, end, text = rows[cand.pid]
         sids = list(searcher.passage_sentence_ids(cand.pid))
+        article_text = searcher.article(article_id).text
         # The answering sentence: closest to the question, nudged by shared words.
         sent_scores = []
         for sid, sim in zip(sids, sims.get(cand.pid, np.zeros(len(sids)))):
             s, e = searcher.sentence_span(sid)
-            sent_text = searcher.article(article_id).text[s:e]
-            sent_scores.append(float(sim) + 0.2 * _term_overlap(qterms, sent_text))
+            sent_scores.append(float(sim) + 0.2 * _term_overlap(qterms, article_text[s:e]))
         best = int(np.argmax(sent_scores)) if sent_scores else 0
         cosines = sims.get(cand.pid)
         answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense
         s, e = searcher.sentence_span(sids[best]) if sids else (start, end)
-        answer_text = searcher.article(article_id).text[s:e]
-        vec = searcher.sentence_vector(sids[best]) if sids else None
+        prepared.append((cand, article_id, start, end, text, s, e, article_text[s:e], answer_cosine,
+                         sids[best] if sids else None))
+    # The answer sentences' vectors (for grouping), fetched together: one lookup, not one per result.
+    wanted = [p[9] for p in prepared if p[9] is not None]
+    vectors = dict(zip(wanted, searcher.sentence_vectors(wanted))) if group and wanted else {}
+    hits: list[Hit] = []
+    chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
+    for cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid in prepared:
+        if len(hits) >= k:
+            break
+        vec = vectors.get(best_sid)
 
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):

@@ -197,5 +197,5 @@ def test_incremental_build_reembeds_only_changed_articles(tmp_path, seed_article
     assert a.passage_count == b.passage_count
     ids = np.arange(a.passage_count)
     np.testing.assert_allclose(a.backend.dense.vectors(ids), b.backend.dense.vectors(ids), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(a.backend.sentence_vectors), np.asarray(b.backend.sentence_vectors), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a.backend.sentence_matrix), np.asarray(b.backend.sentence_matrix), atol=1e-6)
     assert {x.id for x in a.articles()} == {x.id for x in articles}

@@ -46,7 +46,7 @@ class FaissBackend:
             self.lexical_bigrams = LexicalIndex.load(build / LEXICAL / "bigrams", len(prow), "bigrams")
             self.lexical_sentences = LexicalIndex.load(build / LEXICAL / "sentences", len(srow))
             self._vocabulary = Vocabulary.load(build / VOCABULARY)
-            self.sentence_vectors = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
+            self.sentence_matrix = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class FaissBackend:
         self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
         self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
         self._article_dates = [self._articles[a].date for a in ids]
-        if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_vectors):
+        if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_matrix):
             raise IndexCorrupt(f"The index in {index_dir} has {self.dense.size} vectors for "
                                f"{len(prow)} passages. {rebuild_hint(index_dir)}")
 
@@ -130,7 +130,7 @@ class FaissBackend:
         pids = np.array(sorted(ids), dtype=np.int64)
         lexical = np.zeros(len(pids), dtype=np.float32) if lex_all is None else lex_all[pids]
         sids, bounds = self._sentence_ids(pids)
-        sentence_cosines = np.split(np.asarray(self.sentence_vectors[sids]) @ qvec, bounds[1:-1])
+        sentence_cosines = np.split(np.asarray(self.sentence_matrix[sids]) @ qvec, bounds[1:-1])
         mix = (self._lexical_mix(lexical_text, pids, lex_all, weights, sids, bounds)
                if lexical_mix and lex_all is not None else None)
         return Evidence(pids, self.dense.vectors(pids) @ qvec, sentence_cosines, lexical, mix,
@@ -185,8 +185,8 @@ class FaissBackend:
         s, e = self._sentence_spans[sid]
         return int(s), int(e)
 
-    def sentence_vector(self, sid: int) -> np.ndarray:
-        return np.asarray(self.sentence_vectors[sid])
+    def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
+        return np.asarray(self.sentence_matrix[np.asarray(sids, dtype=np.int64)])
 
     def close(self) -> None:
         self._db.close()

@@ -421,6 +421,12 @@ class PostgresBackend:
         cache = self._cache("passages")
         for r in rows:
             cache[r[0]] = (r[5], r[6])
+        articles = self._cache("articles")
+        wanted = sorted({r[1] for r in rows} - set(articles))
+        if wanted and getattr(self._local, "cache", None) is not None:  # the answer step reads their text next
+            for row in self._conn().execute("SELECT id, source, title, date, text, content_hash FROM qa_articles "
+                                            "WHERE id = ANY(%s)", (wanted,)):
+                articles[row[0]] = Article(*row)
         return {r[0]: r[1:5] for r in rows}
 
     def passage_sentence_ids(self, pid: int) -> range:
@@ -439,12 +445,14 @@ class PostgresBackend:
             cache[sid] = (int(row[0]), int(row[1]))
         return cache[sid]
 
-    def sentence_vector(self, sid: int) -> np.ndarray:
+    def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
         cache = self._cache("vectors")
-        if sid not in cache:
-            row = self._conn().execute("SELECT embedding FROM qa_sentences WHERE id = %s", (int(sid),)).fetchone()
-            cache[sid] = np.asarray(row[0].to_numpy() if hasattr(row[0], "to_numpy") else row[0], dtype=np.float32)
-        return cache[sid]
+        missing = sorted({int(s) for s in sids} - set(cache))
+        if missing:
+            for sid, vec in self._conn().execute("SELECT id, embedding FROM qa_sentences WHERE id = ANY(%s)", (missing,)):
+                cache[sid] = np.asarray(vec.to_numpy() if hasattr(vec, "to_numpy") else vec, dtype=np.float32)
+        dim = int(self.manifest.get("dimension") or 0)
+        return np.array([cache[int(s)] for s in sids], dtype=np.float32).reshape(len(sids), dim)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

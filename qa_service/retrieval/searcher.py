@@ -229,8 +229,8 @@ class Searcher:
     def passage_sentence_ids(self, pid: int) -> Sequence[int]:
         return self.backend.passage_sentence_ids(pid)
 
-    def sentence_vector(self, sid: int) -> np.ndarray:
-        return self.backend.sentence_vector(sid)
+    def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
+        return self.backend.sentence_vectors(sids)
 
     def citation(self, article_id: str, start: int, end: int) -> Citation:
         a = self.backend.article(article_id)
