@@ -57,32 +57,10 @@ class Settings:
         """Build settings from ``QA_*`` environment variables, then explicit overrides (not None)."""
         env = os.environ
         values: dict = {}
-        if env.get("QA_INDEX_DIR"):
-            values["index_dir"] = Path(env["QA_INDEX_DIR"])
-        if env.get("QA_SEEDS_DIR"):
-            values["seeds_dir"] = Path(env["QA_SEEDS_DIR"])
-        if env.get("QA_MODEL"):
-            values["model"] = env["QA_MODEL"]
-        if env.get("QA_RERANKER"):
-            values["reranker"] = env["QA_RERANKER"]
-        if env.get("QA_QUANTIZE"):
-            values["quantize"] = env["QA_QUANTIZE"]
-        if env.get("QA_API_KEY"):
-            values["api_key"] = env["QA_API_KEY"]
-        if env.get("QA_REQUIRE_KEY_FOR_READ"):
-            values["require_key_for_read"] = env["QA_REQUIRE_KEY_FOR_READ"].strip().lower() not in ("0", "false", "no", "")
-        if env.get("QA_ANN_THRESHOLD"):
-            values["ann_threshold"] = int(env["QA_ANN_THRESHOLD"])
-        if env.get("QA_DATABASE_URL"):
-            values["database_url"] = env["QA_DATABASE_URL"]
-        if env.get("QA_DATABASE_WRITE_URL"):
-            values["database_write_url"] = env["QA_DATABASE_WRITE_URL"]
-        if env.get("QA_RAY_ADDRESS"):
-            values["ray_address"] = env["QA_RAY_ADDRESS"]
-        for name, convert in (("max_queue", int), ("queue_timeout", float), ("write_timeout", float),
-                              ("hnsw_ef_search", int), ("ray_actors", int)):
-            if env.get(f"QA_{name.upper()}"):
-                values[name] = convert(env[f"QA_{name.upper()}"])
+        for name, convert in _FROM_ENV:
+            raw = env.get(f"QA_{name.upper()}")
+            if raw:
+                values[name] = convert(raw)
         for key, value in overrides.items():
             if value is not None:
                 values[key] = Path(value) if key in ("index_dir", "seeds_dir") else value
@@ -90,3 +68,14 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() not in ("0", "false", "no", "")
+
+
+# Settings read from QA_<NAME> environment variables, and how each is parsed.
+_FROM_ENV = (("index_dir", Path), ("seeds_dir", Path), ("model", str), ("reranker", str), ("quantize", str),
+             ("api_key", str), ("require_key_for_read", _flag), ("ann_threshold", int), ("database_url", str),
+             ("database_write_url", str), ("ray_address", str), ("max_queue", int), ("queue_timeout", float),
+             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int))
