@@ -357,3 +357,15 @@ def test_an_index_made_at_schema_version_1_is_upgraded_in_place(postgres, tmp_pa
     upgraded = Searcher(settings, embedder=fake_embedder)
     for question in QUESTIONS[:6]:
         assert _cited(upgraded.ask(question)) == _cited(fake_searcher.ask(question))
+
+
+def test_without_the_postgres_extra_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from qa_service.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # ``import psycopg`` now raises ImportError
+    settings = Settings(index_dir=tmp_path, database_url="postgresql://qa@127.0.0.1:1/qa")
+    with pytest.raises(ConfigError) as err:
+        Searcher(settings, embedder=FakeEmbedder())
+    assert "qa-service[postgres]" in err.value.message

@@ -92,8 +92,14 @@ MIGRATIONS: list[tuple[int, str]] = [
 
 
 def _connect(url: str, autocommit: bool = True):
-    import psycopg
-    from pgvector.psycopg import register_vector
+    try:
+        import psycopg
+        from pgvector.psycopg import register_vector
+    except ImportError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--database-url needs the postgres extra ({exc.name} is missing): "
+                          "pip install 'qa-service[postgres]'") from None
 
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
