@@ -165,12 +165,12 @@ class PostgresBackend:
     """Answer ``IndexBackend`` queries from a PostgreSQL database (see the module docstring)."""
 
     def __init__(self, settings: Settings):
-        import psycopg
-
         self.settings = settings
         self.url = settings.database_url
         self._local = threading.local()
-        conn = self._conn()
+        conn = self._conn()  # first: without the postgres extra this says how to install it
+        import psycopg
+
         try:
             exists = conn.execute("SELECT to_regclass('qa_meta') IS NOT NULL").fetchone()[0]
             manifest = _manifest(conn) if exists else None
