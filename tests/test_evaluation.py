@@ -297,13 +297,17 @@ def test_mode_is_passed_only_when_the_searcher_takes_it():
 
 # --------------------------------------------------------------------------- BEIR with the fake embedder
 
+def _topic_beir(root: Path, topics: list[str], text) -> Path:
+    """One document per topic (titled by its first word, ``text(topic)``), queried by its next two words."""
+    docs = [{"_id": f"d{i}", "title": t.split()[0].title(), "text": text(t)} for i, t in enumerate(topics)]
+    queries = [{"_id": f"q{i}", "text": " ".join(t.split()[1:3])} for i, t in enumerate(topics)]
+    return _beir_folder(root, docs, queries, [(f"q{i}", f"d{i}", 1) for i in range(len(topics))])
+
+
 def _tiny_beir(root: Path) -> Path:
     topics = ["volcano lava eruption magma", "penguin antarctic ice colony", "violin orchestra concerto bow",
               "tomato garden soil seedling", "satellite orbit rocket launch", "bakery bread flour yeast"]
-    docs = [{"_id": f"d{i}", "title": t.split()[0].title(), "text": f"This text is about {t}. " * 3}
-            for i, t in enumerate(topics)]
-    queries = [{"_id": f"q{i}", "text": " ".join(t.split()[1:3])} for i, t in enumerate(topics)]
-    return _beir_folder(root, docs, queries, [(f"q{i}", f"d{i}", 1) for i in range(len(topics))])
+    return _topic_beir(root, topics, lambda t: f"This text is about {t}. " * 3)
 
 
 def test_beir_index_is_cached_by_content(tmp_path):
@@ -327,11 +331,8 @@ def _long_beir(root: Path) -> Path:
     """Three documents of about 400 fake tokens each: several 128-token passages by default, over the model's window."""
     topics = ["volcano lava eruption magma crater", "penguin antarctic ice colony krill",
               "violin orchestra concerto bow strings"]
-    docs = [{"_id": f"d{i}", "title": t.split()[0].title(),
-             "text": " ".join(f"Sentence {j} tells more about the {t} and nothing else." for j in range(30))}
-            for i, t in enumerate(topics)]
-    queries = [{"_id": f"q{i}", "text": " ".join(t.split()[1:3])} for i, t in enumerate(topics)]
-    return _beir_folder(root, docs, queries, [(f"q{i}", f"d{i}", 1) for i in range(len(topics))])
+    return _topic_beir(root, topics,
+                       lambda t: " ".join(f"Sentence {j} tells more about the {t} and nothing else." for j in range(30)))
 
 
 def test_whole_documents_index_one_passage_per_document(tmp_path):

@@ -50,6 +50,10 @@ class IndexBackend(Protocol):
 
     manifest: dict  # model, dimension, build_id, encoder ... (what was indexed and how)
 
+    def describe(self) -> str: ...  # where the index lives, for messages (never a password)
+
+    def rebuild_hint(self) -> str: ...  # the command that (re)builds it
+
     @property
     def passage_count(self) -> int: ...
 

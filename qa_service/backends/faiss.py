@@ -63,6 +63,12 @@ class FaissBackend:
                                f"{len(prow)} passages. {rebuild_hint(index_dir)}")
 
     # ------------------------------------------------------------------ what is indexed
+    def describe(self) -> str:
+        return str(self.index_dir)
+
+    def rebuild_hint(self) -> str:
+        return rebuild_hint(self.index_dir)
+
     @property
     def passage_count(self) -> int:
         return int(self.dense.size)

@@ -145,18 +145,31 @@ def _manifest(conn) -> dict | None:
     return row[0] if row else None
 
 
+BUILD_HINT = "Build it with: qa-service index SEEDS_DIR --database-url URL"
+ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
+
+
+def _live_manifest(conn, url: str) -> dict:
+    """Return the manifest of the index in the database, or raise a clear error when there is none."""
+    import psycopg
+
+    try:
+        exists = conn.execute("SELECT to_regclass('qa_meta') IS NOT NULL").fetchone()[0]
+        manifest = _manifest(conn) if exists else None
+    except psycopg.Error as exc:
+        raise IndexCorrupt(f"The database {_redact(url)} cannot be read ({type(exc).__name__}).") from exc
+    if manifest is None:
+        raise IndexNotBuilt(f"The database {_redact(url)} holds no index yet. {BUILD_HINT}")
+    return manifest
+
+
 def read_database_manifest(url: str) -> tuple[dict, str]:
     """Return the manifest of the index in the database at ``url`` and a printable name for it."""
     conn = _connect(url)
     try:
-        exists = conn.execute("SELECT to_regclass('qa_meta') IS NOT NULL").fetchone()[0]
-        manifest = _manifest(conn) if exists else None
+        return _live_manifest(conn, url), f"database {_redact(url)}"
     finally:
         conn.close()
-    if manifest is None:
-        raise IndexNotBuilt(f"The database {_redact(url)} holds no index yet. "
-                            "Build it with: qa-service index SEEDS_DIR --database-url URL")
-    return manifest, f"database {_redact(url)}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -169,15 +182,7 @@ class PostgresBackend:
         self.url = settings.database_url
         self._local = threading.local()
         conn = self._conn()  # first: without the postgres extra this says how to install it
-        import psycopg
-
-        try:
-            exists = conn.execute("SELECT to_regclass('qa_meta') IS NOT NULL").fetchone()[0]
-            manifest = _manifest(conn) if exists else None
-        except psycopg.Error as exc:
-            raise IndexCorrupt(f"The database {_redact(self.url)} cannot be read ({type(exc).__name__}).") from exc
-        if manifest is None:
-            raise IndexNotBuilt(f"The database {_redact(self.url)} holds no index yet. {self.rebuild_hint()}")
+        manifest = _live_manifest(conn, self.url)
         self._lock = threading.Lock()
         self._generation = None
         self._vocabulary = Vocabulary({})
@@ -190,7 +195,7 @@ class PostgresBackend:
         return f"database {_redact(self.url)}"
 
     def rebuild_hint(self) -> str:
-        return "Build it with: qa-service index SEEDS_DIR --database-url URL"
+        return BUILD_HINT
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)
@@ -272,7 +277,7 @@ class PostgresBackend:
         return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)})
 
     def articles(self) -> list[Article]:
-        rows = self._conn().execute("SELECT id, source, title, date, text, content_hash FROM qa_articles ORDER BY id")
+        rows = self._conn().execute(f"SELECT {ARTICLE_COLUMNS} FROM qa_articles ORDER BY id")
         return [Article(*r) for r in rows]
 
     def article(self, article_id: str) -> Article:
@@ -281,7 +286,7 @@ class PostgresBackend:
             return cache[article_id]
         row = None
         if isinstance(article_id, str) and "\x00" not in article_id:  # PostgreSQL text cannot hold NUL
-            row = self._conn().execute("SELECT id, source, title, date, text, content_hash FROM qa_articles "
+            row = self._conn().execute(f"SELECT {ARTICLE_COLUMNS} FROM qa_articles "
                                        "WHERE id = %s", (article_id,)).fetchone()
         if row is None:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
@@ -430,7 +435,7 @@ class PostgresBackend:
         articles = self._cache("articles")
         wanted = sorted({r[1] for r in rows} - set(articles))
         if wanted and getattr(self._local, "cache", None) is not None:  # the answer step reads their text next
-            for row in self._conn().execute("SELECT id, source, title, date, text, content_hash FROM qa_articles "
+            for row in self._conn().execute(f"SELECT {ARTICLE_COLUMNS} FROM qa_articles "
                                             "WHERE id = ANY(%s)", (wanted,)):
                 articles[row[0]] = Article(*row)
         return {r[0]: r[1:5] for r in rows}
@@ -516,7 +521,7 @@ def _store_encoder(conn, entry: dict, folder: Path) -> None:
 
 # --------------------------------------------------------------------------- writing
 
-def _lexical_rows(articles: dict[str, Article], chunks) -> tuple[list, list, list, dict]:
+def _lexical_rows(articles: dict[str, Article], chunks) -> tuple[dict, Counter]:
     """Postings (kind, term, doc-index, tf, dl) of passages, word pairs and sentences, and word counts."""
     passage_texts = [f"{articles[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
     out = {PASSAGE_TERMS: [], PASSAGE_PAIRS: [], SENTENCE_TERMS: []}
@@ -532,7 +537,7 @@ def _lexical_rows(articles: dict[str, Article], chunks) -> tuple[list, list, lis
     vocab = Counter()
     for text in passage_texts:
         vocab.update(set(words(text)) | set(_hyphenated(text)))
-    return out, vocab, passage_texts
+    return out, vocab
 
 
 class PostgresWriter:
@@ -773,7 +778,7 @@ class PostgresWriter:
             copy.set_types(["int8", "text", "int4", "int4", "vector"])
             for i, (aid, s, e) in enumerate(chunks.sentences):
                 copy.write_row((sid0 + i, aid, s, e, svecs[i]))
-        postings, vocab, _texts = _lexical_rows(by_id, chunks)
+        postings, vocab = _lexical_rows(by_id, chunks)
         base = {PASSAGE_TERMS: pid0, PASSAGE_PAIRS: pid0, SENTENCE_TERMS: sid0}
         with c.cursor().copy("COPY qa_postings (kind, term, doc, tf, dl) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(["int2", "text", "int8", "float4", "float4"])

@@ -1,4 +1,4 @@
-"""The one search path: a ``Searcher`` owns a loaded index and the query encoder.
+"""The one search path: a ``Searcher`` owns an index backend (``backends``) and the query encoder.
 
 The CLI, the web app and the evaluation script all call ``Searcher.search`` / ``Searcher.ask``, so
 the three ways of use can never disagree.
@@ -7,8 +7,8 @@ One question flows through these stages, all from data stored at index time (not
 re-embeds passages or sentences; the question vector is computed once and shared):
 
 1. spelling variants of names are looked up in the index vocabulary (``lexical.Vocabulary``);
-2. dense (FAISS) and lexical (BM25) retrieval each propose candidates, restricted by the filters
-   before ranking;
+2. the backend's dense (FAISS or pgvector) and lexical (BM25) retrieval each propose candidates,
+   restricted by the filters before ranking, each with all the evidence fusion needs;
 3. every candidate gets both exact scores, its dense score also looks at its best sentence, and the
    two are fused (reciprocal rank fusion or a score-normalised convex combination, see ``fusion``);
 4. a date named in the question gently prefers articles from that time;
@@ -80,18 +80,17 @@ class Searcher:
         self.config = config or RetrievalConfig(reranker=self.settings.reranker)
         self.backend = backend or open_backend(self.settings)
         manifest = self.backend.manifest
-        where = self.backend.describe() if hasattr(self.backend, "describe") else str(self.settings.index_dir)
-        hint = self.backend.rebuild_hint() if hasattr(self.backend, "rebuild_hint") else ""
+        where, hint = self.backend.describe(), self.backend.rebuild_hint()
         if embedder is None:
             check_model(manifest, self.settings.model, where)
             # The index's ONNX export when it has one (no torch in this process), else the model itself.
             embedder = self.backend.load_encoder() or load_embedder(self.settings.model)
         elif manifest.get("model") != embedder.name:
             raise IndexMismatch(f"The index in {where} was built with model {manifest.get('model')!r}, "
-                                f"not {embedder.name!r}. {hint}".strip())
+                                f"not {embedder.name!r}. {hint}")
         if embedder.dimension != manifest.get("dimension"):
             raise IndexMismatch(f"The index in {where} holds {manifest.get('dimension')}-d vectors but the model "
-                                f"makes {embedder.dimension}-d ones. {hint}".strip())
+                                f"makes {embedder.dimension}-d ones. {hint}")
         self.embedder = embedder
         self.reranker = None
         if self.config.reranker:
