@@ -340,7 +340,11 @@ def section_build(b: Bench) -> None:
     st.encode(passages, batch_size=32)
     t_torch = time.perf_counter() - t0
     n, m = len(passages), len(sentences)
-    note = f"{what}: {n} passages, {m} sentences, {seconds:.1f} s in all (fresh folder: includes the ONNX export)"
+    phases = dict(manifest.get("build_seconds") or {})
+    phases["start-up"] = seconds - sum(phases.values())  # interpreter, imports, loading the model
+    where = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+    note = (f"{what}: {n} passages, {m} sentences, {seconds:.1f} s in all (fresh folder: includes the ONNX "
+            f"export); seconds by step: {where}")
     b.add(Row("build", "qa-service index, passages/s vs raw ONNX encode of the same passages", n / seconds,
               "passages/s", n / t_pass, "raw encode", ">= 0.9", note))
     b.add(Row("build", "qa-service index, texts embedded/s (passages + sentences) vs raw ONNX encode of them",

@@ -63,7 +63,7 @@ def rebuild_hint(index_dir: Path) -> str:
 
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
-            "splitter": "pysbd+news-abbrev-v1", "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
+            "splitter": "pysbd+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT, "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -155,6 +155,40 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
             chunks.passages.append(Passage(article.id, start, end, article.text[start:end]))
             chunks.passage_sentences.append((base + i, base + j))
     return chunks
+
+
+PASSAGE_CONTEXT = "headline-or-lead-v1"  # what ``embedding_texts`` puts before a passage; in the manifest
+CONTEXT_CHARS = 300  # at most this much of the headline or lead (about 60 tokens), so the passage is not truncated
+
+
+def embedding_texts(chunks: Chunks, articles: Iterable[Article]) -> list[str]:
+    """Return the text embedded for each passage: its article's headline (else its lead sentence), then the passage.
+
+    A window from the middle of an article rarely names what the article is about ("the minister said he
+    demanded ..."); the headline or, in news without one, the lead sentence does. Prefixing it is the
+    classic title-with-passage encoding of dense retrievers (DPR). Only the vector sees the prefix: the
+    stored passage, its span and its citation are the article text alone. A passage that already holds
+    the headline or lead (the first window of an article) is embedded as it is.
+    """
+    by_id = {a.id: a for a in articles}
+    lead: dict[str, tuple[int, int]] = {}
+    for article_id, start, end in chunks.sentences:
+        lead.setdefault(article_id, (start, end))
+    out = []
+    for p in chunks.passages:
+        article = by_id[p.article_id]
+        title = (article.title or "").strip()
+        if title and title not in p.text:
+            context = title
+        elif not title and p.article_id in lead and p.start > lead[p.article_id][0]:
+            start, end = lead[p.article_id]
+            context = article.text[start:end].strip()
+        else:
+            context = ""
+        if len(context) > CONTEXT_CHARS:
+            context = context[:CONTEXT_CHARS].rsplit(" ", 1)[0]
+        out.append(f"{context}\n{p.text}" if context else p.text)
+    return out
 
 
 def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
@@ -333,13 +367,25 @@ def build_index(
     tmp = builds / f".tmp-{build_id}"
     tmp.mkdir()
     try:
+        phases: dict[str, float] = {}  # seconds per step, in the manifest: where a build's time goes
+        mark = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = round(phases.get(name, 0.0) + now - mark, 3)
+            mark = now
+
         if encoder_of is not None:
             embedder, encoder = _share_encoder(encoder_of, tmp)
         chunks = chunk_articles(articles, embedder, settings)
         passages = chunks.passages
+        embedded = embedding_texts(chunks, articles)  # what each passage vector is made from
+        lap("chunk")
         if encoder_of is None:
             # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
-            embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, [p.text for p in passages])
+            embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, embedded)
+        lap("encoder")
         from .distributed import maybe_distributed
 
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
@@ -347,20 +393,25 @@ def build_index(
         texts = {a.id: a.text for a in articles}
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
         vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
-        _fill(vectors, [p.text for p in passages], fill_with, settings.batch_size, progress)
+        lap("reuse")
+        _fill(vectors, embedded, fill_with, settings.batch_size, progress)
+        lap("embed_passages")
         _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], fill_with,
               settings.batch_size * 2, progress)
+        lap("embed_sentences")
         # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
         index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
         faiss.write_index(index, str(tmp / VECTORS))
         np.save(tmp / SENTENCE_VECTORS, sentence_vectors.astype(np.float32))
         _write_db(tmp / PASSAGES_DB, articles, chunks)
         _write_lexical(tmp, chunks, articles)
+        lap("write")
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
             files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        lap("checksum")
         manifest = {
             "format_version": FORMAT_VERSION,
             "build_id": build_id,
@@ -374,6 +425,7 @@ def build_index(
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
                        "reused_articles": reused},
             "files": files,
+            "build_seconds": phases,
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)

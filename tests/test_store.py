@@ -199,3 +199,34 @@ def test_incremental_build_reembeds_only_changed_articles(tmp_path, seed_article
     np.testing.assert_allclose(a.backend.dense.vectors(ids), b.backend.dense.vectors(ids), atol=1e-6)
     np.testing.assert_allclose(np.asarray(a.backend.sentence_matrix), np.asarray(b.backend.sentence_matrix), atol=1e-6)
     assert {x.id for x in a.articles()} == {x.id for x in articles}
+
+
+def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(seed_articles):
+    """embedding_texts: headline (else lead sentence) before each later window; the passages themselves unchanged."""
+    from qa_service.store import CONTEXT_CHARS, chunk_articles, embedding_texts
+    from qa_service.types import Article
+
+    embedder = FakeEmbedder()
+    settings = Settings(max_tokens=24, overlap_sentences=0)
+    lead = "The minister met the delegation in Doha on Thursday."
+    body = " ".join(f"Sentence number {i} says the talks went on for hours without any result." for i in range(8))
+    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
+    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
+    long_title = Article("c", "c.txt", "Headline " * 100, None, f"{lead} {body}", "h3")
+    articles = [titled, untitled, long_title]
+    chunks = chunk_articles(articles, embedder, settings)
+    texts = embedding_texts(chunks, articles)
+    assert len(texts) == len(chunks.passages)
+    by_article: dict[str, list[tuple]] = {}
+    for passage, text in zip(chunks.passages, texts):
+        by_article.setdefault(passage.article_id, []).append((passage, text))
+        assert text.endswith(passage.text)
+        assert [a for a in articles if a.id == passage.article_id][0].text[passage.start:passage.end] == passage.text
+    assert all(len(rows) >= 3 for rows in by_article.values())
+    assert all(text == f"Talks in Doha\n{p.text}" for p, text in by_article["a"])
+    first, *later = by_article["b"]
+    assert first[1] == first[0].text  # the lead is already in the first window
+    assert later and all(text == f"{lead}\n{p.text}" for p, text in later)
+    for p, text in by_article["c"]:
+        context = text[: len(text) - len(p.text) - 1]
+        assert 0 < len(context) <= CONTEXT_CHARS and context.startswith("Headline Headline")

@@ -591,7 +591,7 @@ class PostgresWriter:
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         from ..embedding import canonical_model_name
-        from ..store import chunk_articles, chunking_settings
+        from ..store import chunk_articles, chunking_settings, embedding_texts
 
         started = time.perf_counter()
         manifest = self.manifest()
@@ -617,7 +617,7 @@ class PostgresWriter:
             from ..distributed import maybe_distributed
 
             encode = maybe_distributed(embedder, self.settings)
-        pvecs = encode.encode([p.text for p in chunks.passages], batch_size=self.settings.batch_size, progress=progress) \
+        pvecs = encode.encode(embedding_texts(chunks, changed), batch_size=self.settings.batch_size, progress=progress) \
             if chunks.passages else np.zeros((0, embedder.dimension), np.float32)
         texts = {a.id: a.text for a in changed}
         svecs = encode.encode([texts[a][s:e] for a, s, e in chunks.sentences], batch_size=self.settings.batch_size * 2,
