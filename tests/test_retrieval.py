@@ -116,3 +116,34 @@ def test_ask_structure(fake_searcher):
     assert isinstance(result["answerable"], bool)
     for r in result["results"]:
         assert set(r) >= {"rank", "score", "text", "citation", "answer", "also_reported_by"}
+
+
+def test_question_preparation_is_remembered_per_vocabulary(fake_searcher, monkeypatch):
+    """One answer prepares its question once, not three times; a new vocabulary (a reload) prepares again."""
+    import copy
+
+    vocabulary = fake_searcher.vocabulary
+    calls = []
+    correct = type(vocabulary).correct
+
+    def counting(self, question):
+        calls.append(question)
+        return correct(self, question)
+
+    monkeypatch.setattr(type(vocabulary), "correct", counting)
+    question = "What did Araqchi say to the Hamas delegation about a ceasefire?"
+    fake_searcher._prepared = None
+    fake_searcher.ask(question)
+    assert calls == [question]
+    assert fake_searcher.prepare(question) == correct_and_join(correct, vocabulary, question)
+    assert calls == [question]
+    reloaded = copy.copy(vocabulary)
+    monkeypatch.setattr(type(fake_searcher.backend), "vocabulary", property(lambda self: reloaded))
+    fake_searcher.prepare(question)
+    assert calls == [question, question]
+
+
+def correct_and_join(correct, vocabulary, question):
+    corrected, variants = correct(vocabulary, question)
+    extra = " ".join(v for options in variants.values() for v in options)
+    return corrected, f"{corrected} {extra}".strip()

@@ -94,6 +94,7 @@ class Searcher:
             raise IndexMismatch(f"The index in {where} holds {manifest.get('dimension')}-d vectors but the model "
                                 f"makes {embedder.dimension}-d ones. {hint}")
         self.embedder = embedder
+        self._prepared: tuple | None = None  # (vocabulary, {question: prepare(question)})
         self.reranker = None
         if self.config.reranker:
             from .rerank import CrossEncoderReranker
@@ -130,11 +131,29 @@ class Searcher:
     def _passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
         return self.backend.passages(ids)
 
+    PREPARED_CACHE = 512  # questions whose spelling corrections are remembered (per vocabulary)
+
     def prepare(self, question: str) -> tuple[str, str]:
-        """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants."""
-        corrected, variants = self.vocabulary.correct(question)
+        """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants.
+
+        One answer needs this three times (search, answer sentences, the no-answer verdict) and each costs
+        ~0.3 ms of regular expressions, so results are remembered for the current vocabulary; a new
+        vocabulary object (a reload, another PostgreSQL generation) starts a new memory.
+        """
+        vocabulary = self.vocabulary
+        memo = self._prepared
+        if memo is None or memo[0] is not vocabulary:
+            memo = self._prepared = (vocabulary, {})
+        cached = memo[1].get(question)
+        if cached is not None:
+            return cached
+        corrected, variants = vocabulary.correct(question)
         extra = " ".join(v for options in variants.values() for v in options)
-        return corrected, f"{corrected} {extra}".strip()
+        result = (corrected, f"{corrected} {extra}".strip())
+        if len(memo[1]) >= self.PREPARED_CACHE:
+            memo[1].clear()
+        memo[1][question] = result
+        return result
 
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
         return self.embedder.encode(list(questions), batch_size=self.settings.batch_size)
