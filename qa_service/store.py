@@ -378,6 +378,7 @@ def build_index(
 
         if encoder_of is not None:
             embedder, encoder = _share_encoder(encoder_of, tmp)
+        lap("encoder")
         chunks = chunk_articles(articles, embedder, settings)
         passages = chunks.passages
         embedded = embedding_texts(chunks, articles)  # what each passage vector is made from

@@ -137,7 +137,7 @@ class Searcher:
         """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants.
 
         One answer needs this three times (search, answer sentences, the no-answer verdict) and each costs
-        ~0.3 ms of regular expressions, so results are remembered for the current vocabulary; a new
+        ~0.9 ms of regular expressions, so results are remembered for the current vocabulary; a new
         vocabulary object (a reload, another PostgreSQL generation) starts a new memory.
         """
         vocabulary = self.vocabulary
