@@ -59,8 +59,12 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def cli(verbose: bool) -> None:
     """Semantic question answering over news articles, with exact citations."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose else logging.WARNING
+    # The level is set on the handler too: bm25s sets its own logger to DEBUG when imported, which would
+    # otherwise print "Building index from tokens" on every build.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
 
 
 def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progress: bool = True) -> str:
@@ -80,8 +84,19 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
         return _ensure_index(settings, seeds_dir, force, progress)
 
 
+def _live_manifest(settings: Settings) -> dict | None:
+    from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
+    from .store import read_manifest
+
+    try:
+        return read_manifest(settings.index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
+        return None
+
+
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
+    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
     from .store import build_index, index_status
 
     articles = _load_seeds(seeds_dir)
@@ -89,8 +104,13 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
     if fresh and not force:
         return f"index is up to date: {len(articles)} articles"
     click.echo(f"building index ({reason})", err=True)
-    embedder = load_embedder(settings.model)
-    summary = build_index(articles, embedder, settings, progress=progress)
+    live = _live_manifest(settings)
+    if shareable_encoder(live, settings.model, settings.quantize):
+        # Same model files as the live index's ONNX export: embed with it, without loading torch (~10 s).
+        summary = build_index(articles, None, settings, progress=progress, encoder_of=live,
+                              encoder_threads=INDEXING_THREADS)
+    else:
+        summary = build_index(articles, load_embedder(settings.model), settings, progress=progress)
     line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
     if summary.reused_articles:
         line += f" ({summary.reused_articles} unchanged articles not re-embedded)"

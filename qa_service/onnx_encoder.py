@@ -207,6 +207,54 @@ def model_fingerprint(embedder) -> str:
     return h.hexdigest()
 
 
+def model_files_digest(model: str) -> str | None:
+    """Return a digest of the model folder's files (path, size, modification time); None when it has no folder.
+
+    What a rebuild checks before embedding with the live index's export instead of loading the model on torch
+    (``shareable_encoder``): like make, it trusts file metadata, so an edited or reinstalled model changes the
+    digest and is exported again, and checking costs milliseconds rather than torch's seconds.
+    """
+    from .embedding import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(model))
+    except ModelNotFound:
+        return None
+    if not folder.is_dir():  # a hub name: only loading it says which files it is
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(folder).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def shareable_encoder(manifest: dict | None, model: str, quantize: str) -> bool:
+    """True when a new build of ``model`` may embed with ``manifest``'s ONNX encoder instead of exporting again.
+
+    That needs the same model name, the same model files as when the export was made (``model_files_digest``),
+    the same ``--quantize`` choice, the current export format, and export files whose checksums still match.
+    A rebuild then never imports torch: the export was checked against sentence-transformers when it was
+    made, and the fingerprint it carries lets later exports find it too.
+    """
+    from .embedding import canonical_model_name
+
+    entry = (manifest or {}).get("encoder") or {}
+    if entry.get("backend") != "onnx" or entry.get("export_version") != EXPORT_VERSION:
+        return False
+    if manifest.get("model") != canonical_model_name(model) or entry.get("quantize", "none") != quantize:
+        return False
+    digest = entry.get("model_files")
+    if not digest or digest != model_files_digest(model):
+        return False
+    build = Path(manifest.get("_build_dir", ""))
+    try:  # a damaged export is not passed on: the rebuild exports afresh (how --force repairs an index)
+        return (sha256_file(build / entry["file"]) == entry["sha256"]
+                and sha256_file(build / entry["tokenizer"]) == entry["tokenizer_sha256"])
+    except (OSError, KeyError):
+        return False
+
+
 def _export_fp32(embedder, path: Path) -> tuple[list[str], int]:
     """Export the sentence-transformers model (all its modules, then L2 norm) to ``path``.
 
@@ -346,7 +394,7 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
                                 dimension=embedder.dimension, max_seq_length=entry["max_seq_length"],
                                 input_names=entry["inputs"], pad_id=entry["pad_id"], precision=entry["precision"],
                                 threads=INDEXING_THREADS)
-            entry["quantize"] = quantize
+            entry.update(quantize=quantize, model_files=model_files_digest(embedder.path))
             logger.info("reused the ONNX encoder of build %s (%.1f s)", entry["reused_from"],
                         time.perf_counter() - started)
             return onnx, entry
@@ -359,7 +407,8 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
             (folder / TOKENIZER_FILE).write_text(embedder.model.tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
             checked = None
         onnx, entry = _finish(embedder, precision, folder, inputs, pad_id, passages, checked)
-        entry.update(fingerprint=fingerprint, quantize=quantize, reused_from=None)
+        entry.update(fingerprint=fingerprint, quantize=quantize, reused_from=None,
+                     model_files=model_files_digest(embedder.path))
         logger.info("exported %s to ONNX %s (min cosine to sentence-transformers %.6f, %.1f s)", embedder.name,
                     entry["precision"], entry["agreement_min_cosine"], time.perf_counter() - started)
         return onnx, entry

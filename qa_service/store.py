@@ -326,7 +326,7 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     return pvecs, svecs, reused
 
 
-def _share_encoder(manifest: dict, build_dir: Path) -> tuple[Embedder, dict]:
+def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embedder, dict]:
     """Hard-link the ONNX query encoder of the build ``manifest`` describes into ``build_dir``; return it and its entry."""
     from .onnx_encoder import OnnxEmbedder
 
@@ -340,19 +340,22 @@ def _share_encoder(manifest: dict, build_dir: Path) -> tuple[Embedder, dict]:
         except OSError:
             shutil.copy2(source / entry[key], target)
     entry["reused_from"] = source.name
-    return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}), entry
+    return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}, threads=threads), entry
 
 
 def build_index(
     articles: Sequence[Article], embedder: Embedder | None, settings: Settings, progress: bool = False,
-    encoder_of: dict | None = None,
+    encoder_of: dict | None = None, encoder_threads: int = 1,
 ) -> BuildSummary:
     """Chunk, embed and store ``articles`` as a new build, then publish it atomically.
 
     Args:
         encoder_of: a manifest (``read_manifest``) whose ONNX encoder this build shares and embeds with,
             instead of exporting ``embedder`` (pass None): single-article updates use it, so a web
-            worker adds an article without loading torch, and unchanged articles keep their vectors.
+            worker adds an article without loading torch, and unchanged articles keep their vectors;
+            ``qa-service index`` too when the model is unchanged (``onnx_encoder.shareable_encoder``).
+        encoder_threads: onnxruntime threads of that shared encoder (1 in a web worker, which shares the
+            cores with the questions it serves; the CLI uses both cores).
     """
     import faiss
 
@@ -377,7 +380,7 @@ def build_index(
             mark = now
 
         if encoder_of is not None:
-            embedder, encoder = _share_encoder(encoder_of, tmp)
+            embedder, encoder = _share_encoder(encoder_of, tmp, encoder_threads)
         lap("encoder")
         chunks = chunk_articles(articles, embedder, settings)
         passages = chunks.passages

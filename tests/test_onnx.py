@@ -237,3 +237,71 @@ def test_damaged_onnx_model_is_a_clear_error(tmp_path, real_index):
 
     with pytest.raises(IndexCorrupt, match="ONNX encoder.*qa-service index"):
         Searcher(settings)
+
+
+@pytest.mark.slow
+def test_cli_rebuild_embeds_with_the_live_export_without_torch(tmp_path, real_index):
+    """Re-indexing changed articles with an unchanged model shares the live ONNX export: torch is never loaded."""
+    settings = _copy_index(real_index, tmp_path)
+    old = read_manifest(settings.index_dir)
+    seeds = tmp_path / "seeds"
+    shutil.copytree(real_index.seeds_dir, seeds)
+    removed = sorted(seeds.iterdir())[-1]
+    removed.unlink()  # the index is now stale: one article fewer
+    script = textwrap.dedent(f"""
+        import json, sys
+        from qa_service.cli import cli
+        cli(["index", {str(seeds)!r}, "--index-dir", {str(settings.index_dir)!r}], standalone_mode=False)
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_clean_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert "DEBUG" not in out.stderr  # bm25s's own DEBUG logger stays quiet without -v
+    new = read_manifest(settings.index_dir)
+    assert new["build_id"] != old["build_id"] and new["counts"]["articles"] == old["counts"]["articles"] - 1
+    assert new["encoder"]["reused_from"] == Path(old["_build_dir"]).name
+    assert new["encoder"]["sha256"] == old["encoder"]["sha256"]
+    assert new["encoder"]["model_files"] == old["encoder"]["model_files"]
+    old_file, new_file = (Path(m["_build_dir"]) / "model/model.onnx" for m in (old, new))
+    assert os.stat(old_file).st_ino == os.stat(new_file).st_ino
+    # the remaining articles kept their vectors, and the new index answers
+    assert new["counts"]["reused_articles"] == new["counts"]["articles"]
+    from qa_service.retrieval import Searcher
+
+    assert Searcher(settings).ask(QUESTION, k=3)["results"]
+
+
+def test_export_is_shared_only_for_the_same_model_files_and_choice(tmp_path, real_index):
+    settings = _copy_index(real_index, tmp_path)
+    manifest = read_manifest(settings.index_dir)
+    shareable = onnx_encoder.shareable_encoder
+    assert manifest["encoder"]["model_files"] == onnx_encoder.model_files_digest("all-MiniLM-L6-v2")
+    assert shareable(manifest, "all-MiniLM-L6-v2", "none")
+    assert not shareable(manifest, "all-MiniLM-L6-v2", "int8")  # another --quantize choice exports again
+    assert not shareable(manifest, str(tmp_path / "another-model"), "none")
+    assert not shareable({**manifest, "encoder": {**manifest["encoder"], "model_files": "0" * 64}},
+                         "all-MiniLM-L6-v2", "none")  # the model's files changed since the export
+    assert not shareable({**manifest, "encoder": {**manifest["encoder"], "export_version": 0}},
+                         "all-MiniLM-L6-v2", "none")
+    assert not shareable(None, "all-MiniLM-L6-v2", "none")
+    model = Path(manifest["_build_dir"]) / "model/model.onnx"
+    model.write_bytes(b"\0" * model.stat().st_size)  # damaged, same size: a rebuild must export afresh
+    assert not shareable(manifest, "all-MiniLM-L6-v2", "none")
+
+
+def test_model_files_digest_follows_the_files(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    (folder / "weights.bin").write_bytes(b"1234")
+    first = onnx_encoder.model_files_digest(str(folder))
+    assert first and first == onnx_encoder.model_files_digest(str(folder))
+    stat = (folder / "weights.bin").stat()
+    os.utime(folder / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # edited in place
+    second = onnx_encoder.model_files_digest(str(folder))
+    assert second != first
+    (folder / "extra.txt").write_text("x", encoding="utf-8")
+    assert onnx_encoder.model_files_digest(str(folder)) not in (first, second)
+    assert onnx_encoder.model_files_digest("some-org/a-hub-model-name") is None  # not a folder: no shortcut
