@@ -50,6 +50,11 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
     path = suite.run(tmp_path / "out", ["build", "peer"], work=bench_work, sizes=sizes, echo=lambda _: None)
     text = path.read_text(encoding="utf-8")
     assert "qa-service index, passages/s" in text
+    # the re-index row: other articles into the same folder, sharing the first build's export (the section
+    # itself raises if the export was not shared)
+    rows = __import__("json").loads(path.with_suffix(".json").read_text())["rows"]
+    reindex = [r for r in rows if r["measure"].startswith("qa-service index into that folder again")]
+    assert len(reindex) == 1 and reindex[0]["value"] > 0 and reindex[0]["floor"] > 0
     try:
         import txtai  # noqa: F401
     except ImportError:
