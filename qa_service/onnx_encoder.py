@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .files import sha256_file
+from .files import link_or_copy, sha256_file
 from .embedding import Embedder, normalize_rows
 from .errors import IndexCorrupt, ModelNotFound
 
@@ -327,13 +326,6 @@ class _DropLogRecords(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # builds are immutable, so sharing the inode is safe
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def _reuse_export(builds: Iterable[Path], fingerprint: str, precision: str, folder: Path) -> dict | None:
     """Hard-link a matching export from an earlier build into ``folder``; return its manifest entry."""
     for build in sorted(builds, key=lambda p: p.name, reverse=True):
@@ -348,7 +340,7 @@ def _reuse_export(builds: Iterable[Path], fingerprint: str, precision: str, fold
             continue
         try:
             for key in ("file", "tokenizer"):
-                _link_or_copy(build / entry[key], folder / Path(entry[key]).name)
+                link_or_copy(build / entry[key], folder / Path(entry[key]).name)
             if sha256_file(folder / Path(entry["file"]).name) != entry["sha256"]:
                 raise ValueError("checksum mismatch")
         except (OSError, KeyError, ValueError) as exc:

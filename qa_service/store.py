@@ -35,12 +35,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .files import fsync_dir, sha256_file
+from .files import fsync_dir, link_or_copy, sha256_file
 from .chunking import pack_sentences, sentence_units
 from .config import Settings
 from .embedding import Embedder, canonical_model_name
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from .onnx_encoder import encoder_status, prepare_encoder
+from .onnx_encoder import SERVING_THREADS, encoder_status, prepare_encoder
 from .types import Article, Passage
 
 logger = logging.getLogger(__name__)
@@ -335,17 +335,14 @@ def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embed
     for key in ("file", "tokenizer"):
         target = build_dir / entry[key]
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source / entry[key], target)  # builds are immutable, so sharing the inode is safe
-        except OSError:
-            shutil.copy2(source / entry[key], target)
+        link_or_copy(source / entry[key], target)
     entry["reused_from"] = source.name
     return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}, threads=threads), entry
 
 
 def build_index(
     articles: Sequence[Article], embedder: Embedder | None, settings: Settings, progress: bool = False,
-    encoder_of: dict | None = None, encoder_threads: int = 1,
+    encoder_of: dict | None = None, encoder_threads: int = SERVING_THREADS,
 ) -> BuildSummary:
     """Chunk, embed and store ``articles`` as a new build, then publish it atomically.
 
