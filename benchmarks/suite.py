@@ -319,7 +319,7 @@ def _build_corpus(b: Bench, name: str = "build-corpus", skip: int = 0) -> tuple[
 
 
 def _built_texts(index_dir: Path, corpus: Path):
-    """Return the live build's manifest, the texts its passage vectors were made from, and its sentences.
+    """Return the live build's manifest, its ONNX encoder, the texts its passage vectors were made from, and its sentences.
 
     The passage texts are rebuilt by chunking ``corpus`` again (each passage after its headline or lead
     sentence, as the build embedded them), after checking the chunks are exactly the build's passages.
