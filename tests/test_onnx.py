@@ -48,6 +48,12 @@ def _copy_index(settings: Settings, root: Path) -> Settings:
     return settings.with_(index_dir=root / "index")
 
 
+def _op_types(path: Path) -> list[str]:
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+
+
 def _clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
 
@@ -89,6 +95,10 @@ def test_real_index_carries_an_onnx_encoder(real_index, seed_articles):
     assert entry["file"] == "model/model.onnx" and entry["tokenizer"] == "model/tokenizer.json"
     assert entry["max_seq_length"] == 256 and entry["agreement_min_cosine"] >= 0.9999
     assert sha256_file(build / entry["file"]) == entry["sha256"]
+    # onnxruntime's fused transformer graph: one Attention per layer, and none of the unfused softmax chains
+    assert entry["fused"] == {"Attention": 6, "BiasGelu": 6, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 12}
+    ops = _op_types(build / entry["file"])
+    assert ops.count("Attention") == 6 and "Softmax" not in ops
     assert {"model/model.onnx", "model/tokenizer.json"} <= set(manifest["files"])
     assert index_status(real_index, seed_articles) == (True, "up to date")
     assert index_status(real_index.with_(quantize="int8"), seed_articles) == (False, "the encoder precision changed")
@@ -184,6 +194,7 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
     build = Path(manifest["_build_dir"])
     assert entry["backend"] == "onnx" and entry["precision"] == "int8" and entry["quantize"] == "int8"
     assert entry["file"] == "model/model.int8.onnx" and not (build / "model/model.onnx").exists()
+    assert entry["fused"]["Attention"] == 6 and "QAttention" in _op_types(build / entry["file"])  # quantised fused
     fp32 = Path(read_manifest(real_index.index_dir)["_build_dir"]) / "model/model.onnx"
     assert (build / entry["file"]).stat().st_size < 0.4 * fp32.stat().st_size
     assert index_status(settings, seed_articles) == (True, "up to date")
@@ -196,6 +207,27 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
     cosines = np.sum(searcher.embedder.encode(questions) * real_embedder.encode(questions), axis=1)
     assert cosines.min() >= onnx_encoder.MIN_COSINE["int8"] and cosines.mean() >= 0.98
     assert searcher.ask(QUESTION, k=1)["results"][0]["citation"]["article_id"] == "004_9aeb4bd2e5102b83"
+
+
+@pytest.mark.slow
+def test_a_fused_graph_that_disagrees_is_not_kept(tmp_path, real_embedder, seed_articles, monkeypatch):
+    """The unfused export is kept (and still agrees with sentence-transformers) when fusion changes the vectors."""
+    monkeypatch.setattr(onnx_encoder, "FUSION_MIN_COSINE", 1.5)  # no graph can agree this well
+    settings = Settings(index_dir=tmp_path / "index")
+    build_index(seed_articles[:1], real_embedder, settings)
+    manifest = read_manifest(settings.index_dir)
+    entry, build = manifest["encoder"], Path(manifest["_build_dir"])
+    assert entry["backend"] == "onnx" and entry["fused"] == {} and entry["agreement_min_cosine"] >= 0.9999
+    assert "Attention" not in _op_types(build / entry["file"]) and "Softmax" in _op_types(build / entry["file"])
+    assert sorted(p.name for p in (build / "model").iterdir()) == ["model.onnx", "tokenizer.json"]
+
+
+def test_fusion_is_skipped_for_model_families_the_optimizer_does_not_know(tmp_path):
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"not read")
+    config = type("Config", (), {"model_type": "gpt2", "num_attention_heads": 12, "hidden_size": 768})()
+    assert onnx_encoder._fuse(graph, config, {}) == {} and graph.read_bytes() == b"not read"
+    assert onnx_encoder._fuse(graph, None, {}) == {}
 
 
 @pytest.mark.slow
