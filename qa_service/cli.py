@@ -133,6 +133,7 @@ def _load_seeds(seeds_dir: Path):
 def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .backends.postgres import PostgresWriter
     from .embedding import load_embedder
+    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
 
     articles = _load_seeds(seeds_dir)
     with PostgresWriter(settings) as writer:
@@ -140,7 +141,12 @@ def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, pro
         if fresh and not force:
             return f"index is up to date: {len(articles)} articles (PostgreSQL)"
         click.echo(f"building index in PostgreSQL ({reason})", err=True)
-        summary = writer.sync(articles, load_embedder(settings.model), progress=progress, force=force)
+        # Same model files as the database's ONNX export: embed with that (fetched and checksummed), no torch.
+        # --force loads the model and exports again, which is also how a damaged export is repaired.
+        shared = not force and shareable_encoder(writer.manifest(), settings.model, settings.quantize,
+                                                 check_files=False)
+        embedder = None if shared else load_embedder(settings.model)
+        summary = writer.sync(articles, embedder, progress=progress, force=force, encoder_threads=INDEXING_THREADS)
     line = (f"indexed {summary['embedded']} new or changed articles ({summary.get('passages', 0)} passages), removed "
             f"{summary['removed']}; the database holds {summary['articles']} articles ({summary['seconds']:.1f} s)")
     return line + (" [re-indexed everything]" if summary["full"] else "")

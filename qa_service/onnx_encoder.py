@@ -229,13 +229,17 @@ def model_files_digest(model: str) -> str | None:
     return h.hexdigest()
 
 
-def shareable_encoder(manifest: dict | None, model: str, quantize: str) -> bool:
+def shareable_encoder(manifest: dict | None, model: str, quantize: str, check_files: bool = True) -> bool:
     """True when a new build of ``model`` may embed with ``manifest``'s ONNX encoder instead of exporting again.
 
     That needs the same model name, the same model files as when the export was made (``model_files_digest``),
     the same ``--quantize`` choice, the current export format, and export files whose checksums still match.
     A rebuild then never imports torch: the export was checked against sentence-transformers when it was
     made, and the fingerprint it carries lets later exports find it too.
+
+    Args:
+        check_files: hash the export in ``manifest["_build_dir"]``; False for an index whose export lives
+            elsewhere and is checked when fetched (PostgreSQL: ``backends.postgres.fetch_encoder``).
     """
     from .embedding import canonical_model_name
 
@@ -247,6 +251,8 @@ def shareable_encoder(manifest: dict | None, model: str, quantize: str) -> bool:
     digest = entry.get("model_files")
     if not digest or digest != model_files_digest(model):
         return False
+    if not check_files:
+        return True
     build = Path(manifest.get("_build_dir", ""))
     try:  # a damaged export is not passed on: the rebuild exports afresh (how --force repairs an index)
         return (sha256_file(build / entry["file"]) == entry["sha256"]

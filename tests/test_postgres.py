@@ -306,6 +306,53 @@ def test_two_served_processes_share_one_database(postgres, tmp_path, seed_articl
             s.stop()
 
 
+def test_cli_reindex_embeds_with_the_databases_export_without_torch(postgres, tmp_path, seed_articles, real_index,
+                                                                    real_embedder):
+    """``qa-service index --database-url`` with an unchanged model embeds with the export the database holds:
+    torch is never imported; a whole re-index with that encoder (chunking changed) keeps its files."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    from .conftest import REPO
+
+    url = new_database(postgres, "shared_export")
+    settings = Settings(index_dir=tmp_path / "indexer", database_url=url)
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles, real_embedder)
+        before = writer.manifest()
+    seeds = tmp_path / "seeds"
+    shutil.copytree(real_index.seeds_dir, seeds)
+    sorted(seeds.iterdir())[-1].unlink()  # the database is now stale: one article fewer
+    script = textwrap.dedent(f"""
+        import json, sys
+        from qa_service.cli import cli
+        cli(["index", {str(seeds)!r}, "--index-dir", {str(settings.index_dir)!r}, "--database-url", {url!r}],
+            standalone_mode=False)
+        print(json.dumps(sorted(m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules)))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    with PostgresWriter(settings) as writer:
+        after = writer.manifest()
+        assert len(writer.indexed()) == len(seed_articles) - 1
+        assert after["encoder"]["sha256"] == before["encoder"]["sha256"]
+        rechunked = settings.with_(max_tokens=96)  # a chunking change re-indexes every article ...
+        with PostgresWriter(rechunked) as again:
+            summary = again.sync(seed_articles, None)
+            assert summary["full"] and summary["embedded"] == len(seed_articles)
+        paths = {r[0] for r in writer.conn.execute("SELECT path FROM qa_encoder_files")}
+    assert paths == {after["encoder"]["file"], after["encoder"]["tokenizer"]}  # ... and keeps the encoder's files
+    fresh = tmp_path / "reader"  # a new host fetches that encoder from the database and answers
+    result = Searcher(rechunked.with_(index_dir=fresh)).ask("Who met Iran's foreign minister in Doha?", k=3)
+    assert result["results"] and list(fresh.glob("pg-encoders/*/model/model.onnx"))
+
+
 def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, tmp_path, seed_articles):
     """Scaling questions out: a streaming replica (pg_basebackup -R) answers like the primary; an app reading
     from the replica sends its writes to the primary (QA_DATABASE_WRITE_URL) and then sees them replayed."""

@@ -584,10 +584,12 @@ class PostgresWriter:
 
     # ------------------------------------------------------------------ writes
     def sync(self, articles: Sequence[Article], embedder, progress: bool = False, force: bool = False,
-             remove_missing: bool = True) -> dict:
+             remove_missing: bool = True, encoder_threads: int | None = None) -> dict:
         """Make the database hold exactly ``articles`` (or add/replace them, without ``remove_missing``).
 
         Only new or changed articles are embedded. A changed model, chunking or encoder re-indexes all.
+        ``embedder`` None embeds with the database's own ONNX encoder (``encoder_threads`` onnxruntime threads;
+        default the serving count), so no torch is loaded.
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         from ..embedding import canonical_model_name
@@ -595,7 +597,8 @@ class PostgresWriter:
 
         started = time.perf_counter()
         manifest = self.manifest()
-        embedder, entry, folder = self._encoder(embedder, manifest, [a.text[:2000] for a in articles[:8]])
+        embedder, entry, folder = self._encoder(embedder, manifest, [a.text[:2000] for a in articles[:8]],
+                                                encoder_threads)
         full = (force or manifest is None or manifest.get("model") != embedder.name
                 or manifest.get("dimension") != embedder.dimension
                 or manifest.get("chunking") != chunking_settings(self.settings)
@@ -628,8 +631,8 @@ class PostgresWriter:
         }
         with self.conn.transaction():
             self._lock()
-            if full:
-                self._reset(embedder.dimension)
+            if full:  # re-indexing everything with the database's own encoder (folder None) keeps its files
+                self._reset(embedder.dimension, keep_encoder=folder is None and entry.get("backend") == "onnx")
             self._delete([a.id for a in changed if a.id in indexed] + removed)
             self._insert(changed, chunks, pvecs, svecs)
             if folder is not None:
@@ -670,9 +673,9 @@ class PostgresWriter:
 
             raise WriteBusy("Another write is in progress; try again in a moment.") from None
 
-    def _encoder(self, embedder, manifest: dict | None, sample: list[str]):
+    def _encoder(self, embedder, manifest: dict | None, sample: list[str], threads: int | None = None):
         """Return ``(embedder for passages and questions, its manifest entry, folder to upload or None)``."""
-        from ..onnx_encoder import OnnxEmbedder, prepare_encoder
+        from ..onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder
 
         cache = Path(self.settings.index_dir) / ENCODER_CACHE
         entry = (manifest or {}).get("encoder") or {}
@@ -683,7 +686,8 @@ class PostgresWriter:
                                     "re-index with: qa-service index SEEDS_DIR --database-url URL")
             if embedder is None:
                 folder = fetch_encoder(self.conn, entry, cache)
-                embedder = OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(folder)})
+                embedder = OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(folder)},
+                                                      threads=threads or SERVING_THREADS)
             return embedder, entry, None
         cache.mkdir(parents=True, exist_ok=True)
         tmp = cache / f".tmp-{uuid.uuid4().hex[:12]}"
@@ -707,10 +711,10 @@ class PostgresWriter:
                                               "dimension": encoder.dimension, "_build_dir": str(folder)})
         return encoder, new_entry, folder
 
-    def _reset(self, dimension: int) -> None:
+    def _reset(self, dimension: int, keep_encoder: bool = False) -> None:
         c = self.conn
-        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_term_stats, qa_lexical_stats, qa_vocabulary, "
-                  "qa_encoder_files")
+        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_term_stats, qa_lexical_stats, qa_vocabulary"
+                  + ("" if keep_encoder else ", qa_encoder_files"))
         c.execute("DROP INDEX IF EXISTS qa_passages_hnsw")
         c.execute(f"ALTER TABLE qa_passages ALTER COLUMN embedding TYPE vector({int(dimension)})")
         c.execute(f"ALTER TABLE qa_sentences ALTER COLUMN embedding TYPE vector({int(dimension)})")
