@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -317,25 +318,22 @@ def _transformer_config(model):
     return None
 
 
-class _eager_attention:
+@contextmanager
+def _eager_attention(model):
     """Within the block, the model's transformer uses its plain attention implementation (restored after)."""
-
-    def __init__(self, model):
-        self.modules = [m for m in model.modules() if hasattr(m, "set_attn_implementation")
-                        and getattr(getattr(m, "config", None), "_attn_implementation", None) not in (None, "eager")]
-        self.before = [m.config._attn_implementation for m in self.modules]
-
-    def __enter__(self):
-        for module in self.modules:
-            try:
-                module.set_attn_implementation("eager")
-            except (ValueError, NotImplementedError) as exc:  # a model without eager attention: export as it is
-                logger.info("exporting with %s attention: %s", module.config._attn_implementation, exc)
-
-    def __exit__(self, *exc):
-        for module, before in zip(self.modules, self.before):
-            module.set_attn_implementation(before)
-        return False
+    modules = [m for m in model.modules() if hasattr(m, "set_attn_implementation")
+               and getattr(getattr(m, "config", None), "_attn_implementation", None) not in (None, "eager")]
+    before = [m.config._attn_implementation for m in modules]
+    for module in modules:
+        try:
+            module.set_attn_implementation("eager")
+        except (ValueError, NotImplementedError) as exc:  # a model without eager attention: export as it is
+            logger.info("exporting with %s attention: %s", module.config._attn_implementation, exc)
+    try:
+        yield
+    finally:
+        for module, implementation in zip(modules, before):
+            module.set_attn_implementation(implementation)
 
 
 # onnxruntime's transformer optimizer knows these encoder families' attention/normalisation patterns.

@@ -8,6 +8,11 @@ migrations.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -21,7 +26,7 @@ from qa_service.errors import ArticleNotFound, InvalidRequest, LastArticle
 from qa_service.retrieval import Searcher
 from qa_service.types import Article, Filters
 
-from .conftest import SHARED, new_database
+from .conftest import REPO, SHARED, new_database
 from .fakes import FakeEmbedder
 
 DEV_QUESTIONS = [json.loads(line)["question"] for line in (SHARED / "eval" / "dev.jsonl").read_text().splitlines()
@@ -310,14 +315,6 @@ def test_cli_reindex_embeds_with_the_databases_export_without_torch(postgres, tm
                                                                     real_embedder):
     """``qa-service index --database-url`` with an unchanged model embeds with the export the database holds:
     torch is never imported; a whole re-index with that encoder (chunking changed) keeps its files."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import textwrap
-
-    from .conftest import REPO
-
     url = new_database(postgres, "shared_export")
     settings = Settings(index_dir=tmp_path / "indexer", database_url=url)
     with PostgresWriter(settings) as writer:
