@@ -202,11 +202,18 @@ def load_beir(folder: Path | str, split: str = "test") -> Dataset:
             qrels.setdefault(parts[0].strip(), {})[parts[1].strip()] = int(parts[-1])
     if not qrels:
         raise DatasetError(f"{qrels_path} holds no judgments.")
-    texts = {str(row["_id"]): str(row.get("text") or "") for _, row in _read_jsonl(queries_path)}
+    texts, answers = {}, {}
+    for _, row in _read_jsonl(queries_path):
+        qid = str(row["_id"])
+        texts[qid] = str(row.get("text") or "")
+        gold = (row.get("metadata") or {}).get("answers") if isinstance(row.get("metadata"), dict) else None
+        if isinstance(gold, list):  # SQuAD-style gold answer strings: they score the answer sentence
+            answers[qid] = tuple(str(a) for a in gold if isinstance(a, str) and a.strip())
     missing = [qid for qid in qrels if qid not in texts]
     if missing:
         raise DatasetError(f"{queries_path} lacks {len(missing)} judged queries (e.g. {missing[0]!r}).")
-    questions = [Question(qid, texts[qid], kind="beir") for qid in qrels]  # qrels order, as BEIR
+    # qrels order, as BEIR; relevance stays the qrels' alone (answers only score answer sentences)
+    questions = [Question(qid, texts[qid], answers.get(qid, ()), kind="beir") for qid in qrels]
     return Dataset(folder.name, "beir", folder, questions, qrels)
 
 
@@ -396,7 +403,7 @@ def _hit_dict(hit) -> dict:
     if isinstance(hit, dict):
         return hit
     c = hit.citation
-    return {"rank": hit.rank, "score": hit.score, "text": hit.text,
+    return {"rank": hit.rank, "score": hit.score, "text": hit.text, "answer": hit.extra.get("answer"),
             "citation": {"article_id": c.article_id, "source": c.source, "start": c.start, "end": c.end}}
 
 
@@ -566,6 +573,9 @@ class ModeRun:
     answerable: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
     few_docs: int = 0  # BEIR questions with fewer than 10 distinct documents retrieved
+    # Questions whose first result is relevant: does its answer sentence (the one the form highlights) hold a
+    # gold answer string? Scores the answer step apart from retrieval.
+    answer_in_sentence: dict[str, bool] = field(default_factory=dict)
 
 
 def _evenly_spaced(n: int, m: int) -> list[int]:
@@ -576,9 +586,19 @@ def _evenly_spaced(n: int, m: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, m)})
 
 
+def _answer_holds(hit: dict, answers: tuple[str, ...]) -> bool:
+    answer = hit.get("answer")
+    text = answer.get("text") if isinstance(answer, dict) else None
+    folded = normalize_text(text) if text else ""
+    return bool(folded) and any(a and a in folded for a in answers)
+
+
 def _record(dataset: Dataset, run: ModeRun, question: Question, hits: list[dict],
             normalized: dict[str, tuple[str, ...]]) -> None:
+    answers = normalized[question.id]
     if dataset.format == "beir":
+        if hits and answers and dataset.qrels.get(question.id, {}).get(str(hits[0]["citation"]["article_id"]), 0) > 0:
+            run.answer_in_sentence[question.id] = _answer_holds(hits[0], answers)
         docs: list[str] = []
         seen: set[str] = set()
         for hit in hits:  # best first, so a document's first passage is its best one (max-passage)
@@ -597,7 +617,9 @@ def _record(dataset: Dataset, run: ModeRun, question: Question, hits: list[dict]
             continue
         ranked.append(docno)
         judged[docno] = int(passage_is_relevant(question, str(c["article_id"]), str(c.get("source") or ""),
-                                                hit.get("text") or "", normalized[question.id]))
+                                                hit.get("text") or "", answers))
+    if ranked and judged[ranked[0]]:
+        run.answer_in_sentence[question.id] = _answer_holds(hits[0], answers)
     run.ranked[question.id] = ranked
     run.judged[question.id] = judged
 
@@ -773,6 +795,8 @@ def summarize(dataset: Dataset, run: ModeRun, qrels: dict[str, dict[str, int]], 
         "unanswerable_flagged": float(np.mean(flagged)) if flagged else None,
         "answerable_refused_rate": float(np.mean(refused)) if refused else None,
     }
+    held = list(run.answer_in_sentence.values())
+    summary["answer_sentence"] = {"n": len(held), "holds_answer": float(np.mean(held)) if held else None}
     summary["latency_ms"] = {"p50": _percentile(run.latencies_ms, 50), "p95": _percentile(run.latencies_ms, 95),
                              "n": len(run.latencies_ms)}
     summary["seconds"] = round(run.seconds, 3)
@@ -830,6 +854,8 @@ def _fmt(value, digits: int = 3) -> str:
 def _table_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["metric"] + [s["mode"] for s in summaries]
     rows = [[name] + [_fmt(s["metrics"][name]) for s in summaries] for name in METRIC_NAMES]
+    if any(s.get("answer_sentence", {}).get("n") for s in summaries):
+        rows.append(["answer in sentence@1"] + [_fmt(s["answer_sentence"]["holds_answer"]) for s in summaries])
     rows.append(["latency p50 ms"] + [_fmt(s["latency_ms"]["p50"], 1) for s in summaries])
     rows.append(["latency p95 ms"] + [_fmt(s["latency_ms"]["p95"], 1) for s in summaries])
     rows.append(["questions/s (batched)" if summaries and summaries[0]["backend"] == "in-process" else "questions/s"]

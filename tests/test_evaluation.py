@@ -129,6 +129,27 @@ def test_load_beir_keeps_judged_queries_in_qrels_order(tmp_path):
         ev.load_dataset(folder)
 
 
+def test_answer_sentences_are_scored_where_the_first_result_is_relevant(tmp_path):
+    """``answer in sentence@1``: of the questions whose first result is relevant, the share whose answer sentence
+    holds a gold answer; BEIR queries bring their answers in ``metadata.answers`` (SQuAD)."""
+    ds, results, passages = _question_case()
+    results["one"][0]["answer"] = {"text": "Iran's minister said nothing."}  # C: first result not relevant
+    results["two"][0]["answer"] = {"text": "And more."}  # relevant, answer sentence holds "more"
+    results["three"][0]["answer"] = {"text": "Iran\u2019s minister"}  # relevant, but misses "said X"
+    (s,) = ev.evaluate(ds, StubBackend(results, passages), depth=100)
+    assert s["answer_sentence"] == {"n": 2, "holds_answer": 0.5}
+    assert "answer in sentence@1" in ev.format_table([s])
+    folder = _beir_folder(tmp_path / "sq", [{"_id": "d1", "title": "T", "text": "Denver won. Then a parade."}],
+                          [{"_id": "q1", "text": "Who won?", "metadata": {"answers": ["Denver Broncos", "Denver"]}},
+                           {"_id": "q2", "text": "What came next?"}],
+                          [("q1", "d1", 1), ("q2", "d1", 1)])
+    beir = ev.load_dataset(folder)
+    assert [q.answers for q in beir.questions] == [("Denver Broncos", "Denver"), ()]
+    hit = {**_hit("d1", 0, 26, "Denver won. Then a parade."), "answer": {"text": "Then a parade."}}
+    (s,) = ev.evaluate(beir, StubBackend({"Who won?": [hit], "What came next?": [hit]}), depth=10)
+    assert s["answer_sentence"] == {"n": 1, "holds_answer": 0.0}  # q2 has no gold answer to look for
+
+
 def test_beir_articles_make_the_title_searchable(tmp_path):
     folder = _beir_folder(tmp_path / "b", [{"_id": 7, "title": "A  title", "text": "Body text."},
                                            {"_id": "8", "title": "", "text": "Only body."}], [], [])
