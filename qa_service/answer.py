@@ -35,16 +35,64 @@ def _terms(text: str) -> frozenset[str]:
     return frozenset(analyze(text))
 
 
-def _term_overlap(question_terms: set[str], text: str) -> float:
-    if not question_terms:
-        return 0.0
-    return len(question_terms & _terms(text)) / len(question_terms)
+# The answering sentence of a passage maximises: cosine to the question + ANSWER_OVERLAP_W x the share of the
+# question's words it holds + ANSWER_TYPE_W if it holds what a when/who question asks for and the question does
+# not (a time; a name) + ANSWER_NOVELTY_W x the share of its own words the question does not hold. Measured as
+# "answer in sentence@1" (the sentence holds a gold answer, of questions whose first passage is relevant):
+# SQuAD dev 0.829 -> 0.865 (8,987 questions), news dev 5/9 -> 8/9. Cosine alone picks sentences that restate
+# the question in other words; a typed answer for numbers ("how many") measured worse (-1.4 points), so it is
+# not used. See README "Retrieval quality".
+ANSWER_OVERLAP_W = 0.8
+ANSWER_TYPE_W = 0.2
+ANSWER_NOVELTY_W = 0.1
+_WH_ENTITY = re.compile(r"^\s*(who|whom|whose)\b|\b(which|what) (\w+ ){0,3}(person|man|woman|leader|minister|president|"
+                        r"official|group|organi[sz]ation|company|team|country|city|party|movement|player|author|"
+                        r"king|queen)\b", re.I)
+_CAPITALISED = re.compile(r"(?<!^)(?<![.!?]\s)\b[A-Z][a-z]+")  # a name's word, not a sentence's first
+
+
+@dataclass(frozen=True)
+class AskedFor:
+    """What a question asks for, worked out once per question: its kind ("time", "entity" or None) and the
+    lower-cased times or words it already holds."""
+
+    kind: str | None
+    held: frozenset[str]
+
+
+def asked_for(question: str) -> AskedFor:
+    if _WH_TIME.search(question):
+        return AskedFor("time", frozenset(m.group(0).lower() for m in _TIME_EXPR.finditer(question)))
+    if _WH_ENTITY.search(question):
+        return AskedFor("entity", frozenset(w.lower() for w in re.findall(r"\w+", question)))
+    return AskedFor(None, frozenset())
+
+
+@lru_cache(maxsize=65536)
+def _times_and_names(sentence: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The time expressions and capitalised (name) words of a sentence, lower-cased; cached like ``_terms``."""
+    return (frozenset(m.group(0).lower() for m in _TIME_EXPR.finditer(sentence)),
+            frozenset(m.group(0).lower() for m in _CAPITALISED.finditer(sentence)))
+
+
+def answer_sentence_score(asked: AskedFor, qterms: set[str], sentence: str, cosine: float) -> float:
+    """How well ``sentence`` answers the question (see ANSWER_OVERLAP_W); the highest of a passage is its answer."""
+    terms = _terms(sentence)
+    overlap = len(qterms & terms) / len(qterms) if qterms else 0.0
+    novelty = len(terms - qterms) / len(terms) if terms else 0.0
+    typed = 0.0
+    if asked.kind is not None:
+        times, names = _times_and_names(sentence)
+        if (times if asked.kind == "time" else names) - asked.held:
+            typed = ANSWER_TYPE_W
+    return float(cosine) + ANSWER_OVERLAP_W * overlap + typed + ANSWER_NOVELTY_W * novelty
 
 
 def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], sims: dict[int, np.ndarray],
                k: int, group: bool = True) -> list[Hit]:
     """Turn ranked candidates into at most ``k`` hits with answer sentences (and groups, if ``group``)."""
     qterms = set(searcher.question_terms(question))
+    asked = asked_for(question)
     considered = cands[: max(4 * k, 20)]  # enough for k results after dropping overlaps and grouping
     rows = searcher._passages([c.pid for c in considered])
     prepared = []
@@ -54,11 +102,10 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
         article_id, start, end, text = rows[cand.pid]
         sids = list(searcher.passage_sentence_ids(cand.pid))
         article_text = searcher.article(article_id).text
-        # The answering sentence: closest to the question, nudged by shared words.
         sent_scores = []
         for sid, sim in zip(sids, sims.get(cand.pid, np.zeros(len(sids)))):
             s, e = searcher.sentence_span(sid)
-            sent_scores.append(float(sim) + 0.2 * _term_overlap(qterms, article_text[s:e]))
+            sent_scores.append(answer_sentence_score(asked, qterms, article_text[s:e], sim))
         best = int(np.argmax(sent_scores)) if sent_scores else 0
         cosines = sims.get(cand.pid)
         answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense

@@ -32,3 +32,29 @@ def test_verdict_on_a_real_search(fake_searcher):
     assert isinstance(verdict.answerable, bool) and 0.0 <= verdict.score <= 1.0
     assert set(verdict.features) == {"coverage", "answer_cosine", "answer_type"}
     assert answerability(fake_searcher, "anything", []).answerable is False
+
+
+def _answer_of(question: str, sentences: list[str], cosines: list[float]) -> str:
+    from qa_service.answer import answer_sentence_score, asked_for
+    from qa_service.retrieval.lexical import analyze
+
+    qterms, asked = set(analyze(question)), asked_for(question)
+    scores = [answer_sentence_score(asked, qterms, s, c) for s, c in zip(sentences, cosines)]
+    return sentences[scores.index(max(scores))]
+
+
+def test_the_answer_sentence_supplies_what_the_question_asks():
+    # Equally close in meaning, the restatement sharing more words: the sentence that brings a new name answers
+    # "which minister".
+    q = "Which Iranian foreign minister met Hamas figures such as Darwish in Qatar?"
+    named = "The talks were led by Iranian Foreign Minister Abbas Araghchi."
+    restated = "Hamas figures including Darwish took part in talks in Qatar."
+    assert _answer_of(q, [restated, named], [0.60, 0.60]) == named
+    # A when/which-day question: the sentence with a day the question does not hold.
+    q = "On which weekday did the delegation hold its talks in Doha?"
+    dated = "The delegation met on Thursday, officials said."
+    undated = "The delegation held talks in Doha about the ceasefire."
+    assert _answer_of(q, [undated, dated], [0.62, 0.60]) == dated
+    # Otherwise closeness and shared words decide, as before.
+    q = "What did the minister demand for the leaders?"
+    assert _answer_of(q, ["He demanded that the leaders be punished.", "The weather was mild."], [0.5, 0.1]).startswith("He")
