@@ -39,9 +39,9 @@ def _terms(text: str) -> frozenset[str]:
 # question's words it holds + ANSWER_TYPE_W if it holds what a when/who question asks for and the question does
 # not (a time; a name) + ANSWER_NOVELTY_W x the share of its own words the question does not hold. Measured as
 # "answer in sentence@1" (the sentence holds a gold answer, of questions whose first passage is relevant):
-# SQuAD dev 0.829 -> 0.865 (8,987 questions), news dev 5/9 -> 8/9. Cosine alone picks sentences that restate
-# the question in other words; a typed answer for numbers ("how many") measured worse (-1.4 points), so it is
-# not used. See README "Retrieval quality".
+# SQuAD dev 0.829 -> 0.865 (8,987 questions), news dev 5/9 -> 8/9, against cosine + 0.2 x shared words, which
+# often chose a sentence on the question's topic over the one that answers it. A typed answer for numbers
+# ("how many") measured worse (-1.4 points), so it is not used. See README "Retrieval quality".
 ANSWER_OVERLAP_W = 0.8
 ANSWER_TYPE_W = 0.2
 ANSWER_NOVELTY_W = 0.1
