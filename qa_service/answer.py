@@ -61,6 +61,7 @@ class AskedFor:
 
 
 def asked_for(question: str) -> AskedFor:
+    """Classify ``question`` for ``answer_sentence_score``: a when-question, a who/which-person one, or neither."""
     if _WH_TIME.search(question):
         return AskedFor("time", frozenset(m.group(0).lower() for m in _TIME_EXPR.finditer(question)))
     if _WH_ENTITY.search(question):

@@ -84,27 +84,17 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
         return _ensure_index(settings, seeds_dir, force, progress)
 
 
-def _live_manifest(settings: Settings) -> dict | None:
-    from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-    from .store import read_manifest
-
-    try:
-        return read_manifest(settings.index_dir)
-    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
-        return None
-
-
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
     from .onnx_encoder import INDEXING_THREADS, shareable_encoder
-    from .store import build_index, index_status
+    from .store import build_index, index_status, live_manifest
 
     articles = _load_seeds(seeds_dir)
     fresh, reason = index_status(settings, articles)
     if fresh and not force:
         return f"index is up to date: {len(articles)} articles"
     click.echo(f"building index ({reason})", err=True)
-    live = _live_manifest(settings)
+    live = live_manifest(settings.index_dir)
     if shareable_encoder(live, settings.model, settings.quantize):
         # Same model files as the live index's ONNX export: embed with it, without loading torch (~10 s).
         summary = build_index(articles, None, settings, progress=progress, encoder_of=live,

@@ -353,6 +353,7 @@ def _fuse(path: Path, config, sample: dict) -> dict:
     kind = FUSABLE_MODEL_TYPES.get(getattr(config, "model_type", None))
     if kind is None:
         return {}
+    candidate = path.with_name(path.stem + ".fused.onnx")
     try:
         import onnxruntime as ort
         from onnxruntime.transformers.optimizer import optimize_model
@@ -362,23 +363,21 @@ def _fuse(path: Path, config, sample: dict) -> dict:
         fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
         if not fused.get("Attention"):
             return {}
-        candidate = path.with_name(path.stem + ".fused.onnx")
         optimized.save_model_to_file(str(candidate))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         outputs = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run(None, sample)[0]
                    for p in (path, candidate)]
         agreement = float(np.min(np.sum(outputs[0] * outputs[1], axis=1)))
-        if agreement < FUSION_MIN_COSINE:
-            candidate.unlink()
-            logger.info("kept the unfused ONNX graph: the fused one agrees only to cosine %.6f", agreement)
-            return {}
-        candidate.replace(path)
-        return fused
+        if agreement >= FUSION_MIN_COSINE:
+            candidate.replace(path)
+            return fused
+        logger.info("kept the unfused ONNX graph: the fused one agrees only to cosine %.6f", agreement)
     except Exception as exc:  # an optimizer that cannot handle the graph leaves a correct, slower one
         logger.info("kept the unfused ONNX graph: %s: %s", type(exc).__name__, exc)
-        path.with_name(path.stem + ".fused.onnx").unlink(missing_ok=True)
-        return {}
+    finally:
+        candidate.unlink(missing_ok=True)
+    return {}
 
 
 def _quantize_int8(source: Path, target: Path) -> None:

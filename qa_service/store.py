@@ -113,6 +113,14 @@ def check_model(manifest: dict, model: str, index_dir: Path) -> None:
         )
 
 
+def live_manifest(index_dir: Path) -> dict | None:
+    """Return the live build's manifest, or None when there is no usable index (not built, damaged, other format)."""
+    try:
+        return read_manifest(index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
+        return None
+
+
 def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool, str]:
     """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings?"""
     try:
@@ -275,9 +283,8 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     d = embedder.dimension
     pvecs = np.full((len(chunks.passages), d), np.nan, dtype=np.float32)
     svecs = np.full((len(chunks.sentences), d), np.nan, dtype=np.float32)
-    try:
-        old = read_manifest(index_dir)
-    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
+    old = live_manifest(index_dir)
+    if old is None:
         return pvecs, svecs, 0
     def cut(chunking: dict) -> dict:  # how text is cut into passages; the lexical side does not matter here
         return {k: v for k, v in (chunking or {}).items() if k != "lexical"}
