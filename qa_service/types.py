@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,6 @@ class Hit:
 
     def to_dict(self) -> dict:
         out = {"rank": self.rank, "score": round(float(self.score), 6), "text": self.text,
-               "citation": asdict(self.citation)}
+               "citation": dict(self.citation.__dict__)}  # flat fields: no need for asdict's deep copy
         out.update(self.extra)
         return out

@@ -64,6 +64,17 @@ def test_ask_returns_cited_passages_that_slice_the_article_text(client):
     scores = [h["score"] for h in body["results"]]
     assert scores == sorted(scores, reverse=True)
 
+def test_citation_urls_follow_the_mount_point_of_each_request(client):
+    """Article paths are remembered per script root: a service mounted under a prefix links under it."""
+    plain = client.post("/api/ask", json={"question": QUESTION}).get_json()["results"][0]["citation"]
+    mounted = client.post("/api/ask", json={"question": QUESTION},
+                          base_url="http://localhost/qa").get_json()["results"][0]["citation"]
+    again = client.post("/api/ask", json={"question": QUESTION}).get_json()["results"][0]["citation"]
+    assert plain["url"].startswith(f"/articles/{plain['article_id']}?")
+    assert mounted["url"] == "/qa" + plain["url"]
+    assert again["url"] == plain["url"]
+
+
 
 def test_get_answers_the_same_as_post(client):
     posted = client.post("/api/ask", json={"question": QUESTION, "k": 3}).get_json()
