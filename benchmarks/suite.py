@@ -319,28 +319,28 @@ def _build_corpus(b: Bench, name: str = "build-corpus", skip: int = 0) -> tuple[
 
 
 def _built_texts(index_dir: Path, corpus: Path):
-    """Return the live build's manifest, its ONNX encoder, the texts its passage vectors were made from, and its sentences.
+    """Return the live build's manifest, its ONNX encoder, and the texts its passage and sentence vectors were made from.
 
-    The passage texts are rebuilt by chunking ``corpus`` again (each passage after its headline or lead
-    sentence, as the build embedded them), after checking the chunks are exactly the build's passages.
+    The texts are rebuilt by chunking ``corpus`` again (each passage and sentence after its headline or lead
+    sentence, as the build embedded them), after checking the chunks are exactly the build's.
     """
     from qa_service.config import Settings
     from qa_service.ingest import load_articles
     from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
-    from qa_service.store import PASSAGES_DB, chunk_articles, embedding_texts, read_manifest
+    from qa_service.store import (PASSAGES_DB, chunk_articles, embedding_texts, read_manifest,
+                                  sentence_embedding_texts)
 
     manifest = read_manifest(index_dir)
     con = sqlite3.connect(Path(manifest["_build_dir"]) / PASSAGES_DB)
     passages = [r[0] for r in con.execute("SELECT text FROM passages ORDER BY id")]
-    sentences = [r[2][r[0]:r[1]] for r in con.execute(
-        'SELECT s.start, s."end", a.text FROM sentences s JOIN articles a ON a.id = s.article_id ORDER BY s.id')]
+    sentences = [tuple(r) for r in con.execute('SELECT article_id, start, "end" FROM sentences ORDER BY id')]
     con.close()
     onnx = OnnxEmbedder.from_manifest(manifest, threads=INDEXING_THREADS)
     articles = load_articles(corpus).articles
     chunks = chunk_articles(articles, onnx, Settings(index_dir=index_dir))
-    if [p.text for p in chunks.passages] != passages:
-        raise RuntimeError("re-chunking the build corpus did not give the build's passages")
-    return manifest, onnx, embedding_texts(chunks, articles), sentences
+    if [p.text for p in chunks.passages] != passages or chunks.sentences != sentences:
+        raise RuntimeError("re-chunking the build corpus did not give the build's passages and sentences")
+    return manifest, onnx, embedding_texts(chunks, articles), sentence_embedding_texts(chunks, articles)
 
 
 def _seconds_by_step(manifest: dict, seconds: float) -> str:

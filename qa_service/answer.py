@@ -176,10 +176,18 @@ class Verdict:
 # Logistic model of P(answerable | evidence), fitted on an off-corpus SQuAD split (half the Wikipedia
 # articles indexed; questions about the other half are the unanswerable ones), never on the news dev
 # questions: z = COVERAGE_W * coverage + COSINE_W * answer-sentence cosine + BIAS. See README "No answer".
-COVERAGE_W, COSINE_W, BIAS = 7.14, 11.36, -8.91
+# Refit whenever the evidence changes (as with sentence vectors embedded after their headline, 11-26):
+# abstention.refit_on_split('../shared/benchmarks/squad_dev_v1.1', Settings(), 'index/beir').
+COVERAGE_W, COSINE_W, BIAS = 7.24, 10.49, -8.21
 # Refusing an answerable question costs more than showing passages for an unanswerable one (they are
 # listed either way), so the threshold refuses at most 1% of the split's answerable questions.
-THRESHOLD = 0.12
+THRESHOLD = 0.15
+# The answer type may come from a lower result only if it scores at least this share of the best one's: a
+# date in a passage about something else does not answer a when-question. Any of the top three results
+# (the rule until 11-26) let "When did Donald Trump first unveil his plan …?", which the articles do not
+# answer, pass on a third result's "October 9" about other talks; on the off-corpus split this rule refuses
+# 4.2% of answerable questions against 3.6% (flagged 79.3% against 78.9%).
+TYPE_SCORE_SHARE = 0.8
 
 
 def answerability(searcher: "Searcher", question: str, hits: list[Hit]) -> Verdict:
@@ -199,7 +207,9 @@ def answerability(searcher: "Searcher", question: str, hits: list[Hit]) -> Verdi
     cosine = float(top.signals.get("answer_cosine", 0.0))
     z = COVERAGE_W * cov + COSINE_W * cosine + BIAS
     probability = 1.0 / (1.0 + math.exp(-z))
-    sentences = [h.extra.get("answer", {}).get("text", h.text) for h in hits[:3]]
+    best = top.score
+    sentences = [h.extra.get("answer", {}).get("text", h.text) for h in hits[:3]
+                 if h is top or (best > 0 and h.score >= TYPE_SCORE_SHARE * best)]
     type_ok = answer_type_present(question, sentences)
     features = {"coverage": round(cov, 4), "answer_cosine": round(cosine, 4), "answer_type": type_ok}
     # A missing answer type caps the confidence: the passages are on topic but do not say it.

@@ -63,7 +63,8 @@ def rebuild_hint(index_dir: Path) -> str:
 
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
-            "splitter": "pysbd+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT, "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
+            "splitter": "pysbd+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT,
+            "sentence_context": SENTENCE_CONTEXT, "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -166,7 +167,34 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
 
 
 PASSAGE_CONTEXT = "headline-or-lead-v1"  # what ``embedding_texts`` puts before a passage; in the manifest
+SENTENCE_CONTEXT = "headline-or-lead-v1"  # the same before a sentence (``sentence_embedding_texts``)
 CONTEXT_CHARS = 300  # at most this much of the headline or lead (about 60 tokens), so the passage is not truncated
+
+
+def _with_context(chunks: Chunks, articles: Iterable[Article], spans: Iterable[tuple[str, int, int]]) -> list[str]:
+    """Return each ``(article_id, start, end)`` span's text with its article's headline (else lead) in front.
+
+    The headline is left off a span that already holds it, and the lead off a span that starts with it.
+    """
+    by_id = {a.id: a for a in articles}
+    lead: dict[str, tuple[int, int]] = {}
+    for article_id, start, end in chunks.sentences:
+        lead.setdefault(article_id, (start, end))
+    out = []
+    for article_id, start, end in spans:
+        article = by_id[article_id]
+        text = article.text[start:end]
+        title = (article.title or "").strip()
+        if title and title not in text:
+            context = title
+        elif not title and article_id in lead and start > lead[article_id][0]:
+            context = article.text[lead[article_id][0]:lead[article_id][1]].strip()
+        else:
+            context = ""
+        if len(context) > CONTEXT_CHARS:
+            context = context[:CONTEXT_CHARS].rsplit(" ", 1)[0]
+        out.append(f"{context}\n{text}" if context else text)
+    return out
 
 
 def embedding_texts(chunks: Chunks, articles: Iterable[Article]) -> list[str]:
@@ -178,25 +206,19 @@ def embedding_texts(chunks: Chunks, articles: Iterable[Article]) -> list[str]:
     stored passage, its span and its citation are the article text alone. A passage that already holds
     the headline or lead (the first window of an article) is embedded as it is.
     """
-    by_id = {a.id: a for a in articles}
-    lead: dict[str, tuple[int, int]] = {}
-    for article_id, start, end in chunks.sentences:
-        lead.setdefault(article_id, (start, end))
-    out = []
-    for p in chunks.passages:
-        article = by_id[p.article_id]
-        title = (article.title or "").strip()
-        if title and title not in p.text:
-            context = title
-        elif not title and p.article_id in lead and p.start > lead[p.article_id][0]:
-            start, end = lead[p.article_id]
-            context = article.text[start:end].strip()
-        else:
-            context = ""
-        if len(context) > CONTEXT_CHARS:
-            context = context[:CONTEXT_CHARS].rsplit(" ", 1)[0]
-        out.append(f"{context}\n{p.text}" if context else p.text)
-    return out
+    return _with_context(chunks, articles, ((p.article_id, p.start, p.end) for p in chunks.passages))
+
+
+def sentence_embedding_texts(chunks: Chunks, articles: Iterable[Article]) -> list[str]:
+    """Return the text embedded for each sentence: like a passage's, its article's headline (else lead) first.
+
+    A sentence alone is even shorter of context than a passage ("It continued: ..."). Measured against
+    sentences embedded alone (11-26): SQuAD dev hybrid R@1 0.8502 -> 0.853, nDCG@10 0.923 -> 0.925, answer
+    in sentence@1 0.865 -> 0.879; news dev hybrid success@1 0.692 -> 0.769, MRR@10 0.785 -> 0.831. Sentence
+    vectors serve the dense score's sentence half, the answer sentence, grouping and the no-answer verdict,
+    whose model was refitted on these vectors (answer.py).
+    """
+    return _with_context(chunks, articles, chunks.sentences)
 
 
 def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
@@ -398,13 +420,12 @@ def build_index(
 
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
         fill_with = maybe_distributed(embedder, settings)
-        texts = {a.id: a.text for a in articles}
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
         vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
         lap("reuse")
         _fill(vectors, embedded, fill_with, settings.batch_size, progress)
         lap("embed_passages")
-        _fill(sentence_vectors, [texts[a][s:e] for a, s, e in chunks.sentences], fill_with,
+        _fill(sentence_vectors, sentence_embedding_texts(chunks, articles), fill_with,
               settings.batch_size * 2, progress)
         lap("embed_sentences")
         # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).

@@ -34,6 +34,23 @@ def test_verdict_on_a_real_search(fake_searcher):
     assert answerability(fake_searcher, "anything", []).answerable is False
 
 
+def test_the_answer_type_comes_only_from_results_near_the_best(fake_searcher):
+    """A when-question whose best result has no time is not rescued by a far weaker result's date."""
+    from qa_service.answer import TYPE_SCORE_SHARE
+
+    question = "When did Trump unveil his plan?"
+    hits = fake_searcher.search("Araghchi met Hamas leaders in Doha", k=3)
+    assert len(hits) == 3
+    hits[0].extra["answer"] = {"text": "Trump's proposal to clear Gaza drew criticism.", "start": 0, "end": 1}
+    hits[1].extra["answer"] = {"text": "Nothing of use here.", "start": 0, "end": 1}
+    hits[2].extra["answer"] = {"text": "Talks on other matters were held on October 9.", "start": 0, "end": 1}
+    hits[0].score, hits[1].score = 1.0, 0.9
+    hits[2].score = TYPE_SCORE_SHARE * 1.0 - 0.05
+    assert answerability(fake_searcher, question, hits).features["answer_type"] is False
+    hits[2].score = TYPE_SCORE_SHARE * 1.0 + 0.05
+    assert answerability(fake_searcher, question, hits).features["answer_type"] is True
+
+
 def _answer_of(question: str, sentences: list[str], cosines: list[float]) -> str:
     from qa_service.answer import answer_sentence_score, asked_for
     from qa_service.retrieval.lexical import analyze

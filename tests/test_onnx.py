@@ -21,7 +21,8 @@ from qa_service import onnx_encoder
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt
 from qa_service.onnx_encoder import OnnxEmbedder
-from qa_service.store import build_index, chunk_articles, embedding_texts, index_status, read_manifest
+from qa_service.store import (build_index, chunk_articles, embedding_texts, index_status, read_manifest,
+                              sentence_embedding_texts)
 
 from .conftest import REPO, SHARED
 
@@ -132,6 +133,14 @@ def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embe
     assert sum(e != p for e, p in zip(embedded, passages)) >= len(passages) // 2  # most windows get a context
     stored_reference = real_embedder.encode(embedded)
     assert np.min(np.sum(vectors * stored_reference, axis=1)) >= 0.9999
+    # and each sentence vector from the sentence with the same headline or lead in front (sentence_embedding_texts)
+    sentence_texts = sentence_embedding_texts(chunks, seed_articles)
+    assert len(sentence_texts) == len(stored) == len(chunks.sentences)
+    by_id = {a.id: a for a in seed_articles}
+    plain = [by_id[a].text[s:e] for a, s, e in chunks.sentences]
+    assert all(t.endswith(p) for t, p in zip(sentence_texts, plain))
+    assert sum(t != p for t, p in zip(sentence_texts, plain)) >= len(plain) // 2  # most sentences get a context
+    assert np.min(np.sum(stored * real_embedder.encode(sentence_texts), axis=1)) >= 0.9999
     # tokens: the same counts (chunking) and the same truncation at max_seq_length
     long_text = "word " * 400
     for text in passages[:10] + [long_text, ""]:

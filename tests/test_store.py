@@ -230,3 +230,25 @@ def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(
     for p, text in by_article["c"]:
         context = text[: len(text) - len(p.text) - 1]
         assert 0 < len(context) <= CONTEXT_CHARS and context.startswith("Headline Headline")
+
+
+def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
+    """sentence_embedding_texts: the same context as the passages, per sentence; the lead itself stays bare."""
+    from qa_service.store import chunk_articles, sentence_embedding_texts
+    from qa_service.types import Article
+
+    lead = "The minister met the delegation in Doha on Thursday."
+    body = " ".join(f"Sentence number {i} says the talks went on for hours." for i in range(4))
+    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
+    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
+    chunks = chunk_articles([titled, untitled], FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=0))
+    texts = sentence_embedding_texts(chunks, [titled, untitled])
+    assert len(texts) == len(chunks.sentences) == 10
+    for (article_id, start, end), text in zip(chunks.sentences, texts):
+        sentence = (titled if article_id == "a" else untitled).text[start:end]
+        if article_id == "a":
+            assert text == f"Talks in Doha\n{sentence}"
+        elif start == 0:
+            assert text == sentence == lead
+        else:
+            assert text == f"{lead}\n{sentence}"

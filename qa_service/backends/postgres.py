@@ -593,7 +593,7 @@ class PostgresWriter:
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         from ..embedding import canonical_model_name
-        from ..store import chunk_articles, chunking_settings, embedding_texts
+        from ..store import chunk_articles, chunking_settings, embedding_texts, sentence_embedding_texts
 
         started = time.perf_counter()
         manifest = self.manifest()
@@ -622,8 +622,7 @@ class PostgresWriter:
             encode = maybe_distributed(embedder, self.settings)
         pvecs = encode.encode(embedding_texts(chunks, changed), batch_size=self.settings.batch_size, progress=progress) \
             if chunks.passages else np.zeros((0, embedder.dimension), np.float32)
-        texts = {a.id: a.text for a in changed}
-        svecs = encode.encode([texts[a][s:e] for a, s, e in chunks.sentences], batch_size=self.settings.batch_size * 2,
+        svecs = encode.encode(sentence_embedding_texts(chunks, changed), batch_size=self.settings.batch_size * 2,
                               progress=progress) if chunks.sentences else np.zeros((0, embedder.dimension), np.float32)
         new_manifest = {
             "format_version": 1, "backend": "postgres", "model": canonical_model_name(embedder.name),
