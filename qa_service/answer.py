@@ -283,7 +283,7 @@ def answer_type_present(question: str, sentences: list[str]) -> bool:
     q = fold(question)
     if _WH_TIME.search(question):
         asked = {m.group(0).lower() for m in _TIME_EXPR.finditer(q)}
-        return any({m.group(0).lower() for m in _TIME_EXPR.finditer(fold(s))} - asked for s in sentences)
+        return any(_times_and_names(fold(s))[0] - asked for s in sentences)
     if _WH_NUMBER.search(question):
         asked = _numbers(q)
         return any(_numbers(s) - asked or re.search(r"\b(one|two|three|four|five|six|seven|eight|nine|ten|dozens?|"

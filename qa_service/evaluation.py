@@ -206,7 +206,8 @@ def load_beir(folder: Path | str, split: str = "test") -> Dataset:
     for _, row in _read_jsonl(queries_path):
         qid = str(row["_id"])
         texts[qid] = str(row.get("text") or "")
-        gold = (row.get("metadata") or {}).get("answers") if isinstance(row.get("metadata"), dict) else None
+        metadata = row.get("metadata")
+        gold = metadata.get("answers") if isinstance(metadata, dict) else None
         if isinstance(gold, list):  # SQuAD-style gold answer strings: they score the answer sentence
             answers[qid] = tuple(str(a) for a in gold if isinstance(a, str) and a.strip())
     missing = [qid for qid in qrels if qid not in texts]
