@@ -102,16 +102,17 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
             break
         article_id, start, end, text = rows[cand.pid]
         sids = list(searcher.passage_sentence_ids(cand.pid))
-        article_text = searcher.article(article_id).text
+        # A passage is whole sentences, so each sentence is a slice of the passage's own text (the article's
+        # text from ``start``): no article text is read here.
         sent_scores = []
         for sid, sim in zip(sids, sims.get(cand.pid, np.zeros(len(sids)))):
             s, e = searcher.sentence_span(sid)
-            sent_scores.append(answer_sentence_score(asked, qterms, article_text[s:e], sim))
+            sent_scores.append(answer_sentence_score(asked, qterms, text[s - start:e - start], sim))
         best = int(np.argmax(sent_scores)) if sent_scores else 0
         cosines = sims.get(cand.pid)
         answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense
         s, e = searcher.sentence_span(sids[best]) if sids else (start, end)
-        prepared.append((cand, article_id, start, end, text, s, e, article_text[s:e], answer_cosine,
+        prepared.append((cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine,
                          sids[best] if sids else None))
     # The answer sentences' vectors (for grouping), fetched together: one lookup, not one per result.
     wanted = [p[9] for p in prepared if p[9] is not None]

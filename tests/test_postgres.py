@@ -47,7 +47,8 @@ def pg_searcher(fake_pg_index, fake_embedder):
 @pytest.mark.parametrize("mode", ["hybrid", "dense", "lexical"])
 def test_same_results_as_the_faiss_backend(fake_searcher, pg_searcher, mode):
     assert pg_searcher.passage_count == fake_searcher.passage_count
-    assert [a.id for a in pg_searcher.articles()] == [a.id for a in fake_searcher.articles()]
+    assert pg_searcher.articles() == fake_searcher.articles()  # texts too
+    assert pg_searcher.article_count == fake_searcher.article_count == len(fake_searcher.articles())
     for question in QUESTIONS:
         a, b = fake_searcher.ask(question, k=5, mode=mode), pg_searcher.ask(question, k=5, mode=mode)
         assert _cited(b) == _cited(a), question

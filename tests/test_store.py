@@ -59,6 +59,34 @@ def test_every_passage_slices_its_article(fake_searcher):
         assert fake_searcher.article(article_id).text[start:end] == text
 
 
+def test_article_texts_are_read_on_demand_not_held_by_the_worker(tmp_path, seed_articles, monkeypatch):
+    """Texts stay in SQLite: a worker holds only metadata, reads a text when asked and keeps the last few."""
+    import sqlite3
+
+    from qa_service.backends import faiss as faiss_backend
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles)
+    monkeypatch.setattr(faiss_backend, "ARTICLE_CACHE", 2)
+    backend = faiss_backend.FaissBackend(settings)
+    assert backend.article_count == len(seed_articles)
+    first, second, third = sorted(a.id for a in seed_articles)[:3]
+    # Change a text in the build behind the loaded backend: what it returns must come from the file.
+    db = sqlite3.connect(Path(read_manifest(settings.index_dir)["_build_dir"]) / "passages.sqlite")
+    with db:
+        db.execute("UPDATE articles SET text = 'edited after load' WHERE id = ?", (first,))
+    db.close()
+    assert backend.article(first).text == "edited after load"
+    assert [a.text for a in backend.articles() if a.id == first] == ["edited after load"]
+    by_id = {a.id: a for a in seed_articles}
+    for article_id in (second, third, second):
+        got = backend.article(article_id)
+        assert (got.text, got.title, got.date, got.source) == (by_id[article_id].text, by_id[article_id].title,
+                                                                by_id[article_id].date, by_id[article_id].source)
+    assert backend._article.cache_info().currsize == 2  # bounded: the least recently asked for was dropped
+    backend.close()
+
+
 def test_missing_index_is_clear(tmp_path):
     with pytest.raises(IndexNotBuilt, match="qa-service index"):
         Searcher(Settings(index_dir=tmp_path / "none"), embedder=FakeEmbedder())

@@ -27,6 +27,8 @@ import numpy as np
 from ..config import Settings
 from ..types import Article, Filters
 
+ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
+
 
 @dataclass
 class Evidence:
@@ -64,7 +66,10 @@ class IndexBackend(Protocol):
 
     def snapshot(self) -> AbstractContextManager: ...  # one consistent view for the queries inside it
 
-    def articles(self) -> list[Article]: ...
+    @property
+    def article_count(self) -> int: ...
+
+    def articles(self) -> list[Article]: ...  # every article, with its text (read on demand: may be slow)
 
     def article(self, article_id: str) -> Article: ...  # raises ArticleNotFound
 

@@ -2,8 +2,11 @@
 
 Vectors are a FAISS index (exact, or IVF above ``Settings.ann_threshold`` passages), sentence vectors
 a memory-mapped ``.npy``, BM25 three bm25s indexes (passages, word pairs, sentences), and text and
-offsets a read-only SQLite file (``store.py`` describes the layout). Everything is read once at load;
-a new build is picked up by loading a new backend (the web app swaps searchers when ``CURRENT`` moves).
+offsets a read-only SQLite file (``store.py`` describes the layout). Everything but article texts is read
+once at load; texts stay in SQLite and are read when an article is asked for (the last ``ARTICLE_CACHE``
+kept), so a worker's memory does not grow with the archive's text (at a million passages of news, about a
+gigabyte per worker). A new build is picked up by loading a new backend (the web app swaps searchers when
+``CURRENT`` moves).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +27,9 @@ from ..retrieval.dense import DenseIndex
 from ..retrieval.lexical import LexicalIndex, Vocabulary
 from ..store import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
 from ..types import Article, Filters
-from . import Evidence
+from . import ARTICLE_COLUMNS, Evidence
+
+ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
 
 
 class FaissBackend:
@@ -38,8 +44,8 @@ class FaissBackend:
         try:
             self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
             self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
-            rows = self._db.execute("SELECT id, source, title, date, text, content_hash FROM articles ORDER BY id").fetchall()
-            self._articles = {r[0]: Article(*r) for r in rows}
+            rows = self._db.execute("SELECT id, source, title, date FROM articles ORDER BY id").fetchall()
+            self._meta = {r[0]: r[1:] for r in rows}  # id -> (source, title, date); texts stay in SQLite
             prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
             srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
             self.lexical = LexicalIndex.load(build / LEXICAL / "passages", len(prow))
@@ -50,14 +56,15 @@ class FaissBackend:
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
-        ids = sorted(self._articles)
+        self._article = lru_cache(maxsize=ARTICLE_CACHE)(self._read_article)
+        ids = sorted(self._meta)
         self._article_pos = {a: i for i, a in enumerate(ids)}
         self._article_ids = ids
         self._passage_article = np.array([self._article_pos[r[0]] for r in prow], dtype=np.int32)
         self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
         self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
         self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
-        self._article_dates = [self._articles[a].date for a in ids]
+        self._article_dates = [self._meta[a][2] for a in ids]
         if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_matrix):
             raise IndexCorrupt(f"The index in {index_dir} has {self.dense.size} vectors for "
                                f"{len(prow)} passages. {rebuild_hint(index_dir)}")
@@ -83,14 +90,28 @@ class FaissBackend:
     def snapshot(self):
         return nullcontext()  # a build never changes once published
 
+    @property
+    def article_count(self) -> int:
+        return len(self._article_ids)
+
     def articles(self) -> list[Article]:
-        return [self._articles[a] for a in self._article_ids]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {ARTICLE_COLUMNS} FROM articles ORDER BY id").fetchall()
+        return [Article(*r) for r in rows]
 
     def article(self, article_id: str) -> Article:
         try:
-            return self._articles[article_id]
-        except (KeyError, TypeError):
-            raise ArticleNotFound(f"There is no article with id {article_id!r}.") from None
+            known = article_id in self._meta
+        except TypeError:  # unhashable: not an id
+            known = False
+        if not known:
+            raise ArticleNotFound(f"There is no article with id {article_id!r}.")
+        return self._article(article_id)
+
+    def _read_article(self, article_id: str) -> Article:
+        with self._lock:
+            row = self._db.execute(f"SELECT {ARTICLE_COLUMNS} FROM articles WHERE id = ?", (article_id,)).fetchone()
+        return Article(*row)
 
     def passage_count_for(self, article_id: str) -> int:
         return int(self._passage_counts[self._article_pos[article_id]])
@@ -102,11 +123,11 @@ class FaissBackend:
             return None
         keep = np.ones(len(self._article_ids), dtype=bool)
         if filters.sources:
-            by_name = {a.source: a.id for a in self._articles.values()}
+            by_name = {meta[0]: a for a, meta in self._meta.items()}
             wanted = set()
             unknown = []
             for s in filters.sources:
-                if s in self._articles:
+                if s in self._meta:
                     wanted.add(s)
                 elif s in by_name:
                     wanted.add(by_name[s])

@@ -49,7 +49,7 @@ from ..config import Settings
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, IndexNotBuilt, LastArticle, QAError
 from ..retrieval.lexical import BM25_B, BM25_K1, Vocabulary, analyze, bigrams, words, _hyphenated
 from ..types import Article, Filters
-from . import Evidence
+from . import ARTICLE_COLUMNS, Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,6 @@ def _manifest(conn) -> dict | None:
 
 
 BUILD_HINT = "Build it with: qa-service index SEEDS_DIR --database-url URL"
-ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
 
 
 def _live_manifest(conn, url: str) -> dict:
@@ -275,6 +274,10 @@ class PostgresBackend:
 
         folder = fetch_encoder(self._conn(), entry, Path(self.settings.index_dir) / ENCODER_CACHE)
         return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)})
+
+    @property
+    def article_count(self) -> int:
+        return int(self._conn().execute("SELECT count(*) FROM qa_articles").fetchone()[0])
 
     def articles(self) -> list[Article]:
         rows = self._conn().execute(f"SELECT {ARTICLE_COLUMNS} FROM qa_articles ORDER BY id")

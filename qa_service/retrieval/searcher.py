@@ -118,6 +118,10 @@ class Searcher:
     def vocabulary(self):
         return self.backend.vocabulary
 
+    @property
+    def article_count(self) -> int:
+        return int(self.backend.article_count)
+
     def articles(self) -> list[Article]:
         return self.backend.articles()
 

@@ -284,7 +284,7 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
         return response
 
     logger.info("web app ready: %d articles, %d passages, model %s",
-                len(searcher.articles()), searcher.passage_count, searcher.model_name)
+                searcher.article_count, searcher.passage_count, searcher.model_name)
     return app
 
 

@@ -132,7 +132,7 @@ def remove_article(article_id: str):
 def healthz():
     searcher = get_state().searcher
     manifest = getattr(searcher, "manifest", None) or {}
-    return jsonify({"ok": True, "status": "ok", "index_loaded": True, "articles": len(searcher.articles()),
+    return jsonify({"ok": True, "status": "ok", "index_loaded": True, "articles": searcher.article_count,
                     "passages": searcher.passage_count, "model": searcher.model_name,
                     "build_id": manifest.get("build_id")})
 
