@@ -18,6 +18,16 @@ class Article:
 
 
 @dataclass(frozen=True)
+class ArticleInfo:
+    """What lists of articles show: an ``Article`` without its text (which may stay on disk until asked for)."""
+
+    id: str
+    source: str
+    title: str | None
+    date: str | None
+
+
+@dataclass(frozen=True)
 class Passage:
     """A window of an article: ``article.text[start:end] == text``."""
 

@@ -24,7 +24,7 @@ from qa_service.backends.postgres import (MIGRATIONS, PASSAGE_PAIRS, PASSAGE_TER
 from qa_service.config import Settings
 from qa_service.errors import ArticleNotFound, InvalidRequest, LastArticle
 from qa_service.retrieval import Searcher
-from qa_service.types import Article, Filters
+from qa_service.types import Article, ArticleInfo, Filters
 
 from .conftest import REPO, SHARED, new_database
 from .fakes import FakeEmbedder
@@ -49,6 +49,8 @@ def test_same_results_as_the_faiss_backend(fake_searcher, pg_searcher, mode):
     assert pg_searcher.passage_count == fake_searcher.passage_count
     assert pg_searcher.articles() == fake_searcher.articles()  # texts too
     assert pg_searcher.article_count == fake_searcher.article_count == len(fake_searcher.articles())
+    assert pg_searcher.catalog() == fake_searcher.catalog() == [
+        ArticleInfo(a.id, a.source, a.title, a.date) for a in fake_searcher.articles()]
     for question in QUESTIONS:
         a, b = fake_searcher.ask(question, k=5, mode=mode), pg_searcher.ask(question, k=5, mode=mode)
         assert _cited(b) == _cited(a), question

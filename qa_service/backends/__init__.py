@@ -25,7 +25,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..config import Settings
-from ..types import Article, Filters
+from ..types import Article, ArticleInfo, Filters
 
 ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
 
@@ -70,6 +70,8 @@ class IndexBackend(Protocol):
     def article_count(self) -> int: ...
 
     def articles(self) -> list[Article]: ...  # every article, with its text (read on demand: may be slow)
+
+    def catalog(self) -> list[ArticleInfo]: ...  # every article's id, source, title and date (no text), by id
 
     def article(self, article_id: str) -> Article: ...  # raises ArticleNotFound
 

@@ -26,7 +26,7 @@ from ..errors import ArticleNotFound, IndexCorrupt, InvalidRequest
 from ..retrieval.dense import DenseIndex
 from ..retrieval.lexical import LexicalIndex, Vocabulary
 from ..store import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
-from ..types import Article, Filters
+from ..types import Article, ArticleInfo, Filters
 from . import ARTICLE_COLUMNS, Evidence
 
 ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
@@ -98,6 +98,9 @@ class FaissBackend:
         with self._lock:
             rows = self._db.execute(f"SELECT {ARTICLE_COLUMNS} FROM articles ORDER BY id").fetchall()
         return [Article(*r) for r in rows]
+
+    def catalog(self) -> list[ArticleInfo]:
+        return [ArticleInfo(a, *self._meta[a]) for a in self._article_ids]
 
     def article(self, article_id: str) -> Article:
         try:

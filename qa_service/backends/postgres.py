@@ -48,7 +48,7 @@ import numpy as np
 from ..config import Settings
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, IndexNotBuilt, LastArticle, QAError
 from ..retrieval.lexical import BM25_B, BM25_K1, Vocabulary, analyze, bigrams, words, _hyphenated
-from ..types import Article, Filters
+from ..types import Article, ArticleInfo, Filters
 from . import ARTICLE_COLUMNS, Evidence
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,9 @@ class PostgresBackend:
     def articles(self) -> list[Article]:
         rows = self._conn().execute(f"SELECT {ARTICLE_COLUMNS} FROM qa_articles ORDER BY id")
         return [Article(*r) for r in rows]
+
+    def catalog(self) -> list[ArticleInfo]:
+        return [ArticleInfo(*r) for r in self._conn().execute("SELECT id, source, title, date FROM qa_articles ORDER BY id")]
 
     def article(self, article_id: str) -> Article:
         cache = self._cache("articles")

@@ -30,7 +30,7 @@ from ..backends import IndexBackend, open_backend
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
 from ..store import check_model
-from ..types import Article, Citation, Filters, Hit
+from ..types import Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
 from .lexical import analyze
@@ -124,6 +124,10 @@ class Searcher:
 
     def articles(self) -> list[Article]:
         return self.backend.articles()
+
+    def catalog(self) -> list[ArticleInfo]:
+        """Every article's id, source, title and date, without reading texts: what lists of articles show."""
+        return self.backend.catalog()
 
     def article(self, article_id: str) -> Article:
         return self.backend.article(article_id)

@@ -69,7 +69,7 @@ def _summary(searcher, article) -> dict:
 @operation(summary="List the indexed articles", response=ArticleList)
 def articles():
     searcher = get_state().searcher
-    items = [_summary(searcher, a) for a in searcher.articles()]
+    items = [_summary(searcher, a) for a in searcher.catalog()]
     return jsonify({"ok": True, "count": len(items), "articles": items})
 
 

@@ -98,7 +98,7 @@ def index():
     k_choices = set(K_CHOICES)
     if form["k"].isdigit() and 1 <= int(form["k"]) <= state.settings.max_k:
         k_choices.add(int(form["k"]))
-    articles = [{"id": a.id, "label": _label(a.title, a.source), "date": a.date} for a in searcher.articles()]
+    articles = [{"id": a.id, "label": _label(a.title, a.source), "date": a.date} for a in searcher.catalog()]
     html = render_template(
         "index.html", form=form, result=result, hits=hits, error=error, articles=articles,
         k_choices=sorted(k_choices), default_k=5, max_chars=state.settings.max_question_chars,
@@ -114,7 +114,7 @@ def index():
 def articles():
     searcher = get_state().searcher
     items = [{"id": a.id, "label": _label(a.title, a.source), "source": a.source, "date": a.date,
-              "passages": searcher.passage_count_for(a.id)} for a in searcher.articles()]
+              "passages": searcher.passage_count_for(a.id)} for a in searcher.catalog()]
     items.sort(key=lambda a: (a["date"] or "", a["id"]), reverse=True)
     return render_template("articles.html", articles=items)
 
