@@ -626,7 +626,7 @@ def _served_scale(b: Bench, n: int) -> None:
                   "seeds worker" if seed_rss else "",
                   note=f"PSS {worst['pss']:.0f} MiB, private {worst['private']:.0f} MiB after "
                        f"{b.sizes.latency_n + 5} answers; libtorch mapped: {'yes' if torch_mapped else 'no'}; "
-                       "article texts are ~140 characters a passage here against ~600 in news"))
+                       "article texts stay in SQLite until asked for"))
 
 
 # ---------------------------------------------------------------------- peer
