@@ -476,7 +476,10 @@ class LocalBackend:
 
     def passages_per_document(self) -> float | None:
         try:
-            return self.searcher.passage_count / max(1, len(self.searcher.articles()))
+            count = getattr(self.searcher, "article_count", None)  # a count, where the searcher keeps one
+            if count is None:
+                count = len(self.searcher.articles())
+            return self.searcher.passage_count / max(1, count)
         except (AttributeError, TypeError):
             return None
 
