@@ -5,8 +5,8 @@ a memory-mapped ``.npy``, BM25 three bm25s indexes (passages, word pairs, senten
 offsets a read-only SQLite file (``store.py`` describes the layout). Everything but article texts is read
 once at load; texts stay in SQLite and are read when an article is asked for (the last ``ARTICLE_CACHE``
 kept), so a worker's memory does not grow with the archive's text (at a million passages of news like the
-seeds, about 0.7 GB per worker). A new build is picked up by loading a new backend (the web app swaps searchers when
-``CURRENT`` moves).
+seeds, about 0.7 GB per worker). A new build is picked up by loading a new backend (the web app swaps
+searchers when ``CURRENT`` moves).
 """
 
 from __future__ import annotations

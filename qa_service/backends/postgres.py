@@ -284,7 +284,8 @@ class PostgresBackend:
         return [Article(*r) for r in rows]
 
     def catalog(self) -> list[ArticleInfo]:
-        return [ArticleInfo(*r) for r in self._conn().execute("SELECT id, source, title, date FROM qa_articles ORDER BY id")]
+        rows = self._conn().execute("SELECT id, source, title, date FROM qa_articles ORDER BY id")
+        return [ArticleInfo(*r) for r in rows]
 
     def article(self, article_id: str) -> Article:
         cache = self._cache("articles")
