@@ -91,6 +91,25 @@ def test_article_texts_are_read_on_demand_not_held_by_the_worker(tmp_path, seed_
     backend.close()
 
 
+def test_a_replaced_backend_goes_with_its_last_reference(fake_index):
+    """No reference cycle holds a backend: a swapped-out build's memory maps (and a pruned build's disk
+    space) are released when the last request using it ends, not whenever the garbage collector runs."""
+    import gc
+    import weakref
+
+    from qa_service.backends.faiss import FaissBackend
+
+    gc.disable()
+    try:
+        backend = FaissBackend(fake_index)
+        backend.article(backend.catalog()[0].id)  # fill the article cache too
+        gone = weakref.ref(backend)
+        del backend
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_missing_index_is_clear(tmp_path):
     with pytest.raises(IndexNotBuilt, match="qa-service index"):
         Searcher(Settings(index_dir=tmp_path / "none"), embedder=FakeEmbedder())

@@ -32,6 +32,18 @@ from . import ARTICLE_COLUMNS, Evidence
 ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
 
 
+def _article_reader(db: sqlite3.Connection, lock: threading.Lock):
+    """Return a function reading one article, text included. It holds the connection, not the backend: a cache
+    of a bound method would tie the backend into a reference cycle, and a replaced build's memory maps would
+    then wait for the garbage collector instead of going with the last reference."""
+    def read(article_id: str) -> Article:
+        with lock:
+            row = db.execute(f"SELECT {ARTICLE_COLUMNS} FROM articles WHERE id = ?", (article_id,)).fetchone()
+        return Article(*row)
+
+    return read
+
+
 class FaissBackend:
     """Answer ``IndexBackend`` queries from the live build of ``settings.index_dir``."""
 
@@ -56,7 +68,7 @@ class FaissBackend:
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
-        self._article = lru_cache(maxsize=ARTICLE_CACHE)(self._read_article)
+        self._article = lru_cache(maxsize=ARTICLE_CACHE)(_article_reader(self._db, self._lock))
         ids = sorted(self._meta)
         self._article_pos = {a: i for i, a in enumerate(ids)}
         self._article_ids = ids
@@ -110,11 +122,6 @@ class FaissBackend:
         if not known:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
         return self._article(article_id)
-
-    def _read_article(self, article_id: str) -> Article:
-        with self._lock:
-            row = self._db.execute(f"SELECT {ARTICLE_COLUMNS} FROM articles WHERE id = ?", (article_id,)).fetchone()
-        return Article(*row)
 
     def passage_count_for(self, article_id: str) -> int:
         return int(self._passage_counts[self._article_pos[article_id]])
