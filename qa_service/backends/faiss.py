@@ -1,7 +1,7 @@
 """The default backend: one immutable build of an index directory, loaded into the serving process.
 
 Vectors are a FAISS index (exact, or IVF above ``Settings.ann_threshold`` passages), sentence vectors
-a memory-mapped ``.npy``, BM25 three bm25s indexes (passages, word pairs, sentences), and text and
+a memory-mapped ``.npy``, BM25 three memory-mapped bm25s indexes (passages, word pairs, sentences), and text and
 offsets a read-only SQLite file (``store.py`` describes the layout). Everything but article texts is read
 once at load; texts stay in SQLite and are read when an article is asked for (the last ``ARTICLE_CACHE``
 kept), so a worker's memory does not grow with the archive's text (at a million passages of news like the
