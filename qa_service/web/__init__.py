@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -59,8 +60,10 @@ def passage_anchor(start: int, end: int) -> str:
     return f"p-{start}-{end}"
 
 
-_ARTICLE_URLS: dict[tuple[str, str], str] = {}  # (script root, article id) -> the article page's path
-_ARTICLE_URLS_MAX = 4096
+@lru_cache(maxsize=4096)
+def _article_path(script_root: str, article_id: str) -> str:
+    """The article page's path under ``script_root`` (the key: the same article under another mount differs)."""
+    return url_for("pages.article", article_id=article_id)
 
 
 def article_url(article_id: str, start: int | None = None, end: int | None = None) -> str:
@@ -69,12 +72,7 @@ def article_url(article_id: str, start: int | None = None, end: int | None = Non
     Flask's ``url_for`` costs ~0.04 ms a call (the route map's builder, URL quoting, context lookups) and an
     answer carries five URLs, so each article's path is built once per script root and remembered.
     """
-    key = (request.script_root, article_id)
-    base = _ARTICLE_URLS.get(key)
-    if base is None:
-        if len(_ARTICLE_URLS) >= _ARTICLE_URLS_MAX:
-            _ARTICLE_URLS.clear()
-        base = _ARTICLE_URLS[key] = url_for("pages.article", article_id=article_id)
+    base = _article_path(request.script_root, article_id)
     if start is None or end is None:
         return base
     # Flask's own query and anchor building costs ~0.15 ms a URL; five per answer made it a visible share of
