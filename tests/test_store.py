@@ -84,9 +84,12 @@ def test_article_texts_are_read_on_demand_not_held_by_the_worker(tmp_path, seed_
         assert (got.text, got.title, got.date, got.source) == (by_id[article_id].text, by_id[article_id].title,
                                                                 by_id[article_id].date, by_id[article_id].source)
     assert backend._article.cache_info().currsize == 2  # bounded: the least recently asked for was dropped
-    # Lists of articles come from memory, not from reading every text.
+    # Lists of articles and citations come from memory, not from reading texts.
     reads = backend._article.cache_info().misses
     assert [i.id for i in backend.catalog()] == sorted(by_id) and backend._article.cache_info().misses == reads
+    info = backend.article_info(sorted(by_id)[-1])
+    assert (info.title, info.date, info.source) == (by_id[info.id].title, by_id[info.id].date, by_id[info.id].source)
+    assert backend._article.cache_info().misses == reads
     assert [(i.title, i.date) for i in backend.catalog()] == [(by_id[i].title, by_id[i].date) for i in sorted(by_id)]
     backend.close()
 

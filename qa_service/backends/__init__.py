@@ -75,6 +75,8 @@ class IndexBackend(Protocol):
 
     def article(self, article_id: str) -> Article: ...  # raises ArticleNotFound
 
+    def article_info(self, article_id: str) -> ArticleInfo: ...  # the same without the text (citations)
+
     def passage_count_for(self, article_id: str) -> int: ...
 
     def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)

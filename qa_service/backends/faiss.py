@@ -123,6 +123,10 @@ class FaissBackend:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
         return self._article(article_id)
 
+    def article_info(self, article_id: str) -> ArticleInfo:
+        """An indexed article's id, source, title and date, from memory: what a citation needs (no text read)."""
+        return ArticleInfo(article_id, *self._meta[article_id])
+
     def passage_count_for(self, article_id: str) -> int:
         return int(self._passage_counts[self._article_pos[article_id]])
 

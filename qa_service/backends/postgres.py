@@ -300,6 +300,10 @@ class PostgresBackend:
         cache[article_id] = Article(*row)
         return cache[article_id]
 
+    def article_info(self, article_id: str) -> ArticleInfo:
+        a = self.article(article_id)  # cached per generation, text and all
+        return ArticleInfo(a.id, a.source, a.title, a.date)
+
     def passage_count_for(self, article_id: str) -> int:
         row = self._conn().execute("SELECT passages FROM qa_articles WHERE id = %s",
                                    (str(article_id).replace("\x00", ""),)).fetchone()

@@ -263,7 +263,7 @@ class Searcher:
         return self.backend.sentence_vectors(sids)
 
     def citation(self, article_id: str, start: int, end: int) -> Citation:
-        a = self.backend.article(article_id)
+        a = self.backend.article_info(article_id)  # no text: a citation carries offsets, not the article
         return Citation(a.id, a.source, a.title, a.date, start, end)
 
     def question_terms(self, question: str) -> list[str]:
