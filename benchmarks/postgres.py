@@ -55,6 +55,13 @@ class SyntheticEmbedder:
         return len(re.findall(r"\w+|[^\w\s]", text))
 
 
+def seed_vocabulary(searcher) -> list[str]:
+    """The alphabetic words of the indexed articles, sorted: what ``synthetic_articles`` draws from."""
+    from qa_service.retrieval.lexical import words
+
+    return sorted({w for a in searcher.articles() for w in words(a.text) if w.isalpha()})
+
+
 def synthetic_articles(words: list[str], passages: int, per_article: int = 10, seed: int = 7):
     """``passages`` one-sentence paragraphs in articles of ``per_article``, Zipf-distributed words."""
     from qa_service.types import Article
@@ -155,11 +162,8 @@ def section_postgres(b) -> None:
         manifest = read_manifest(b.seed_index)
         basis = np.load(Path(manifest["_build_dir"]) / SENTENCE_VECTORS)
         embedder = SyntheticEmbedder(basis, canonical_model_name("all-MiniLM-L6-v2"))
-        from qa_service.retrieval.lexical import words
-
         searcher = b.searcher()
-        vocabulary = sorted({w for a in searcher.articles() for w in words(a.text) if w.isalpha()})
-        articles = synthetic_articles(vocabulary, n, per_article=1)  # one short article per passage
+        articles = synthetic_articles(seed_vocabulary(searcher), n, per_article=1)  # one short article per passage
         faiss_dir = b.work / f"syn-{n}-faiss"
         t0 = time.perf_counter()
         build_index(articles, embedder, Settings(index_dir=faiss_dir))  # IVF above the default threshold, as served

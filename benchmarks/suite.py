@@ -581,14 +581,11 @@ def _served_scale(b: Bench, n: int) -> None:
     from qa_service import store
     from qa_service.config import Settings
     from qa_service.embedding import canonical_model_name
-    from qa_service.retrieval.lexical import words
 
-    from .postgres import SyntheticEmbedder, synthetic_articles
+    from .postgres import SyntheticEmbedder, seed_vocabulary, synthetic_articles
 
-    searcher = b.searcher()
     synthetic = SyntheticEmbedder(_basis(b), canonical_model_name("all-MiniLM-L6-v2"))
-    vocabulary = sorted({w for a in searcher.articles() for w in words(a.text) if w.isalpha()})
-    articles = synthetic_articles(vocabulary, n, per_article=1)
+    articles = synthetic_articles(seed_vocabulary(b.searcher()), n, per_article=1)
     index_dir = b.work / f"served-{n}"
     share = store._share_encoder
 
