@@ -32,8 +32,12 @@ Design:
   that cluster and ships this package's code with ``runtime_env={"py_modules": [qa_service]}`` (the nodes
   need numpy, onnxruntime and tokenizers). Ray is started lazily by the first ``encode`` and shut down when
   the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
-  wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for both the
-  passage and the sentence pass. A Ray that was already running (``ray.init`` by the caller) is used and
+  wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for the whole
+  build.
+
+* **Pooled sentences.** ``encode_pooled`` (a passage's vector and its sentences' vectors from one pass,
+  ``store.embed_chunks``) ships each passage's sentence ranges as a JSON column; an actor answers with one row
+  per passage and one per sentence group, each under an id the driver assigned, scattered back like the rest. A Ray that was already running (``ray.init`` by the caller) is used and
   never shut down by us. Workers' own log lines stay in Ray's session logs (``log_to_driver=False``); an
   actor's exception still reaches the build, with its traceback.
 """
@@ -41,6 +45,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -198,7 +203,8 @@ def encoder_spec(embedder: Embedder) -> dict:
                 "tokenizer": Path(embedder._tokenizer_file).read_bytes(),
                 "options": {"name": embedder.name, "dimension": embedder.dimension,
                             "max_seq_length": embedder.max_seq_length, "input_names": list(embedder.input_names),
-                            "pad_id": embedder.pad_id, "precision": embedder.precision}}
+                            "pad_id": embedder.pad_id, "precision": embedder.precision,
+                            "token_pooling": embedder.token_pooling}}
     if isinstance(embedder, SentenceTransformerEmbedder):
         return {"kind": "sentence-transformers", "model": embedder.name}
     return {"kind": "object", "embedder": embedder}
@@ -226,7 +232,11 @@ def load_encoder(spec: dict, threads: int = ACTOR_CPUS) -> Embedder:
 
 
 class EncoderActor:
-    """The ``map_batches`` callable class: one encoder per actor, ``{"id", "text"}`` in, ``{"id", "vector"}`` out."""
+    """The ``map_batches`` callable class: one encoder per actor, ``{"id", "text"}`` in, ``{"id", "vector"}`` out.
+
+    With a ``groups`` column (``encode_pooled``: per text, JSON ``[[out_id, [[start, end], ...]], ...]``) each
+    text also gives one row per group, under that group's own output id.
+    """
 
     def __init__(self, shipped: list, batch_size: int):
         import ray
@@ -237,8 +247,17 @@ class EncoderActor:
 
     def __call__(self, batch: dict) -> dict:
         texts = [str(t) for t in batch["text"]]
-        vectors = self.embedder.encode(texts, batch_size=self.batch_size)
-        return {"id": np.asarray(batch["id"], dtype=np.int64), "vector": np.asarray(vectors, dtype=np.float32)}
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        if "groups" not in batch:
+            vectors = self.embedder.encode(texts, batch_size=self.batch_size)
+            return {"id": ids, "vector": np.asarray(vectors, dtype=np.float32)}
+        groups = [json.loads(str(g)) for g in batch["groups"]]
+        vectors, pooled = self.embedder.encode_pooled(texts, [[ranges for _, ranges in g] for g in groups],
+                                                      batch_size=self.batch_size)
+        out_ids = [ids] + [np.asarray([out for out, _ in g], dtype=np.int64) for g in groups]
+        rows = [np.asarray(vectors, dtype=np.float32)] + [np.asarray(p, dtype=np.float32).reshape(-1, self.embedder.dimension)
+                                                         for p in pooled]
+        return {"id": np.concatenate(out_ids), "vector": np.concatenate(rows)}
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -281,7 +300,22 @@ class RayEmbedder:
             ray = _connect(self.address, self.actors)
             return self._encode(ray, texts, max(1, int(batch_size)), progress)
 
-    def _encode(self, ray, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+    def encode_pooled(self, texts: Sequence[str], groups, batch_size: int = 32,
+                      progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``encode_pooled`` of the wrapped encoder, on the actor pool: each group comes back as a row of its own id."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32), []
+        bounds = np.cumsum([len(texts)] + [len(g) for g in groups])  # text i's groups: ids bounds[i]..bounds[i+1]
+        payload = [json.dumps([[int(bounds[i]) + j, [list(r) for r in ranges]] for j, ranges in enumerate(g)])
+                   for i, g in enumerate(groups)]
+        with ray_scope():
+            ray = _connect(self.address, self.actors)
+            out = self._encode(ray, texts, max(1, int(batch_size)), progress, payload, int(bounds[-1]))
+        return out[:len(texts)], [out[bounds[i]:bounds[i + 1]] for i in range(len(texts))]
+
+    def _encode(self, ray, texts: list[str], batch_size: int, progress: bool, groups: list[str] | None = None,
+                total: int | None = None) -> np.ndarray:
         import pyarrow as pa
         from ray.data import ActorPoolStrategy, DataContext
 
@@ -293,8 +327,10 @@ class RayEmbedder:
         blocks = min(n, -(-blocks // self.actors) * self.actors)
         step = -(-n // blocks)
         per_call = min(per_call, step)
-        tables = [pa.table({"id": np.arange(s, min(s + step, n), dtype=np.int64), "text": texts[s:s + step]})
+        tables = [pa.table({"id": np.arange(s, min(s + step, n), dtype=np.int64), "text": texts[s:s + step],
+                            **({"groups": groups[s:s + step]} if groups is not None else {})})
                   for s in range(0, n, step)]
+        rows = n if total is None else total  # output rows: one per text, and one per group when pooling
         context = DataContext.get_current()
         saved = context.enable_progress_bars
         data_logger = logging.getLogger("ray.data")
@@ -317,11 +353,11 @@ class RayEmbedder:
                     EncoderActor, fn_constructor_args=([self._shipped(ray)], batch_size), batch_size=per_call,
                     batch_format="numpy", compute=ActorPoolStrategy(size=self.actors), num_cpus=ACTOR_CPUS,
                     **restarts)
-            out = np.full((n, self.dimension), np.nan, dtype=np.float32)
-            seen = np.zeros(n, dtype=bool)
+            out = np.full((rows, self.dimension), np.nan, dtype=np.float32)
+            seen = np.zeros(rows, dtype=bool)
             for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
                 ids = np.asarray(batch["id"], dtype=np.int64)
-                if len(ids) and (ids.min() < 0 or ids.max() >= n or seen[ids].any()
+                if len(ids) and (ids.min() < 0 or ids.max() >= rows or seen[ids].any()
                                  or len(np.unique(ids)) != len(ids)):
                     raise RuntimeError("the Ray encoder pool returned an unknown or repeated passage id")
                 out[ids] = batch["vector"]
@@ -330,6 +366,6 @@ class RayEmbedder:
             context.enable_progress_bars = saved
             data_logger.setLevel(saved_level)
         if not seen.all():
-            raise RuntimeError(f"the Ray encoder pool returned {int(seen.sum())} of {n} vectors")
+            raise RuntimeError(f"the Ray encoder pool returned {int(seen.sum())} of {rows} vectors")
         logger.info("embedded %d texts on %d Ray actor(s) in %.1f s", n, self.actors, time.perf_counter() - started)
         return out  # the actors' rows as they came: already unit length, not rounded again

@@ -42,6 +42,33 @@ class Embedder(Protocol):
         """Return the number of model tokens in ``text``, without special tokens."""
 
 
+# A group of character ranges of one text; pooling a group means the mean of the token vectors inside any of
+# its ranges, plus the special tokens ([CLS], [SEP]) a mean-pooling model always averages in.
+Group = Sequence[tuple[int, int]]
+
+
+def pool_groups(tokens: np.ndarray, offsets: np.ndarray, special: np.ndarray, groups: Sequence[Group]) -> np.ndarray:
+    """Return one unit vector per group, mean-pooled from one text's token vectors (NaN rows: no token inside).
+
+    Args:
+        tokens: ``[T, d]`` the transformer's token vectors of the text (no padding).
+        offsets: ``[T, 2]`` each token's character span in the text.
+        special: ``[T]`` True for special tokens, which every group includes (as the model's own mean does).
+    """
+    out = np.full((len(groups), tokens.shape[1]), np.nan, dtype=np.float32)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    real = (ends > starts) & ~special
+    for g, ranges in enumerate(groups):
+        inside = np.zeros(len(tokens), dtype=bool)
+        for a, b in ranges:
+            inside |= (starts >= a) & (ends <= b)
+        inside &= real
+        if inside.any():
+            vector = tokens[inside | special].mean(axis=0)
+            out[g] = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    return out
+
+
 def is_default_model(name: str) -> bool:
     return name.strip().lower() in DEFAULT_ALIASES
 
@@ -108,6 +135,36 @@ class SentenceTransformerEmbedder:
                              else self.model.get_sentence_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
         self._tokenizer = self.model.tokenizer
+        self.token_pooling = token_pooling_of(self.model)
+
+    def encode_pooled(self, texts: Sequence[str], groups: Sequence[Sequence[Group]], batch_size: int = 32,
+                      progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Embed ``texts`` and, from the same forward pass, pool each text's ``groups`` (see ``pool_groups``).
+
+        Only for a mean-pooling model (``token_pooling == "mean"``), whose text vector is itself the mean of
+        its token vectors: a group's vector is then what the model would give that part of the text, read in
+        the context of the whole text ("late chunking").
+        """
+        if self.token_pooling != "mean":
+            raise ValueError(f"{self.name} does not mean-pool its token vectors")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32), []
+        outputs = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress, output_value=None,
+                                    convert_to_numpy=False)
+        vectors, pooled = [], []
+        for text, out, ranges in zip(texts, outputs, groups):
+            enc = self._tokenizer(text, truncation=True, max_length=self.max_seq_length, verbose=False,
+                                  return_offsets_mapping=True, return_special_tokens_mask=True)
+            tokens = out["token_embeddings"].float().cpu().numpy()
+            if "attention_mask" in out:  # rows come padded to their batch's longest text
+                tokens = tokens[out["attention_mask"].cpu().numpy().astype(bool)]
+            if len(tokens) != len(enc["input_ids"]):
+                raise ValueError("token vectors and tokenizer offsets disagree")
+            vectors.append(out["sentence_embedding"].float().cpu().numpy())
+            pooled.append(pool_groups(tokens, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2),
+                                      np.asarray(enc["special_tokens_mask"], dtype=bool), ranges))
+        return normalize_rows(np.stack(vectors)), pooled
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         if len(texts) == 0:
@@ -120,6 +177,23 @@ class SentenceTransformerEmbedder:
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+
+def token_pooling_of(model) -> str | None:
+    """Return "mean" when a sentence-transformers model is its transformer, mean pooling and at most a
+    normalisation (so the mean of any tokens' vectors lives in the model's own vector space), else None."""
+    try:
+        modules = list(model)
+    except TypeError:
+        return None
+    kinds = [type(m).__name__ for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return None
+    pooling = modules[1]
+    mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers 5.x; older ones name the method
+    if mode is None and hasattr(pooling, "get_pooling_mode_str"):
+        mode = pooling.get_pooling_mode_str()
+    return "mean" if mode == "mean" else None
 
 
 def load_embedder(model: str) -> Embedder:

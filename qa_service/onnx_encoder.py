@@ -33,18 +33,20 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .files import link_or_copy, sha256_file
-from .embedding import Embedder, normalize_rows
+from .embedding import Embedder, Group, normalize_rows, pool_groups, token_pooling_of
 from .errors import IndexCorrupt, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 2  # bump when the exported graph changes; old exports are then not reused (2: fused attention)
+EXPORT_VERSION = 3  # bump when the exported graph changes; old exports are then not reused (2: fused attention,
+                    # 3: the transformer's token vectors as a second output, for ``encode_pooled``)
 OPSET = 17
 MODEL_DIR = "model"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 QUANTIZE_CHOICES = ("none", "int8")
 OUTPUT = "sentence_embedding"
+TOKENS = "token_embeddings"  # [batch, sequence, dimension], before pooling: what sentence vectors are pooled from
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Smallest cosine to sentence-transformers, over the probe texts, that an export must reach to be used.
 # fp32 agrees to ~1e-7; dynamic per-channel int8 measured 0.991 minimum / 0.995 mean on 500 SciFact abstracts.
@@ -83,7 +85,7 @@ class OnnxEmbedder:
 
     def __init__(self, model_file: str | Path, tokenizer_file: str | Path, *, name: str, dimension: int,
                  max_seq_length: int, input_names: Sequence[str] = INPUTS, pad_id: int = 0,
-                 precision: str = "fp32", threads: int = SERVING_THREADS):
+                 precision: str = "fp32", threads: int = SERVING_THREADS, token_pooling: str | None = None):
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -112,6 +114,9 @@ class OnnxEmbedder:
         missing = set(self.input_names) - {i.name for i in self._session.get_inputs()}
         if missing:
             raise ValueError(f"the ONNX model has no input(s) {sorted(missing)}")
+        # "mean" when the graph also gives token vectors and the model mean-pools them (``encode_pooled``).
+        has_tokens = TOKENS in {o.name for o in self._session.get_outputs()}
+        self.token_pooling = token_pooling if has_tokens else None
 
     @classmethod
     def from_manifest(cls, manifest: dict, threads: int = SERVING_THREADS) -> "OnnxEmbedder":
@@ -122,13 +127,14 @@ class OnnxEmbedder:
             return cls(build / entry["file"], build / entry["tokenizer"], name=manifest["model"],
                        dimension=manifest["dimension"], max_seq_length=entry["max_seq_length"],
                        input_names=entry.get("inputs", INPUTS), pad_id=entry.get("pad_id", 0),
-                       precision=entry.get("precision", "fp32"), threads=threads)
+                       precision=entry.get("precision", "fp32"), threads=threads,
+                       token_pooling=entry.get("token_pooling"))
         except Exception as exc:  # a missing file, a damaged graph (onnxruntime's own error types), a bad entry
             raise IndexCorrupt(f"The index in {build.parent.parent} has an unreadable ONNX encoder "
                                f"({type(exc).__name__}). Rebuild it with: qa-service index SEEDS_DIR "
                                f"--index-dir {build.parent.parent} --force") from exc
 
-    def _run(self, encodings: Sequence) -> np.ndarray:
+    def _run(self, encodings: Sequence, outputs: Sequence[str] = (OUTPUT,)):
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -139,7 +145,8 @@ class OnnxEmbedder:
             mask[row, :n] = 1
             types[row, :n] = enc.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return self._session.run([OUTPUT], {name: feeds[name] for name in self.input_names})[0]
+        result = self._session.run(list(outputs), {name: feeds[name] for name in self.input_names})
+        return result[0] if len(outputs) == 1 else result
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Return float32 ``[len(texts), dimension]`` unit rows; batches are formed from similar lengths."""
@@ -161,6 +168,39 @@ class OnnxEmbedder:
             rows = order[start:start + batch_size]
             out[rows] = self._run([encodings[i] for i in rows])
         return normalize_rows(out)
+
+    def encode_pooled(self, texts: Sequence[str], groups: Sequence[Sequence[Group]], batch_size: int = 32,
+                      progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Embed ``texts`` and, from the same pass, pool each text's ``groups`` of character ranges.
+
+        Returns the texts' vectors (as ``encode``) and, per text, a ``[len(groups[i]), dimension]`` array of unit
+        rows (``embedding.pool_groups``: NaN where a group holds no token, e.g. past the truncation). Needs a
+        graph with token vectors of a mean-pooling model (``token_pooling == "mean"``).
+        """
+        if self.token_pooling != "mean":
+            raise ValueError("this ONNX encoder cannot pool token vectors (an older export, or not a mean-pooling model)")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32), []
+        encodings = self._tokenizer.encode_batch(texts)
+        order = np.argsort(-np.array([len(e.ids) for e in encodings]), kind="stable")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        pooled: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
+        starts = range(0, len(texts), max(1, batch_size))
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="embedding", unit="batch")
+        for start in starts:
+            rows = order[start:start + batch_size]
+            vectors, tokens = self._run([encodings[i] for i in rows], (OUTPUT, TOKENS))
+            out[rows] = vectors
+            for row, i in enumerate(rows):
+                enc = encodings[i]
+                n = len(enc.ids)
+                pooled[i] = pool_groups(tokens[row, :n], np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2),
+                                        np.asarray(enc.special_tokens_mask, dtype=bool), groups[i])
+        return normalize_rows(out), pooled
 
     def count_tokens(self, text: str) -> int:
         if self._counter is None:
@@ -294,15 +334,17 @@ def _export_fp32(embedder, path: Path) -> tuple[list[str], int, dict]:
 
         def forward(self, *tensors):
             features = self.inner(dict(zip(names, tensors)))
-            return torch.nn.functional.normalize(features["sentence_embedding"], p=2, dim=1)
+            return (torch.nn.functional.normalize(features["sentence_embedding"], p=2, dim=1),
+                    features["token_embeddings"])
 
     wrapped = Wrapped(model).eval()
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes[OUTPUT] = {0: "batch"}
+    axes[TOKENS] = {0: "batch", 1: "sequence"}
     inputs = tuple(sample[name] for name in names)
     with torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; agreement is checked afterwards
-        torch.onnx.export(wrapped, inputs, str(path), dynamo=False, input_names=names, output_names=[OUTPUT],
+        torch.onnx.export(wrapped, inputs, str(path), dynamo=False, input_names=names, output_names=[OUTPUT, TOKENS],
                           dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fused = _fuse(path, _transformer_config(model), {name: t.numpy() for name, t in zip(names, inputs)})
@@ -471,7 +513,7 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
             onnx = OnnxEmbedder(folder / MODEL_FILES[entry["precision"]], folder / TOKENIZER_FILE, name=embedder.name,
                                 dimension=embedder.dimension, max_seq_length=entry["max_seq_length"],
                                 input_names=entry["inputs"], pad_id=entry["pad_id"], precision=entry["precision"],
-                                threads=INDEXING_THREADS)
+                                threads=INDEXING_THREADS, token_pooling=entry.get("token_pooling"))
             entry.update(quantize=quantize, model_files=model_files_digest(embedder.path))
             logger.info("reused the ONNX encoder of build %s (%.1f s)", entry["reused_from"],
                         time.perf_counter() - started)
@@ -516,7 +558,8 @@ def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_i
     def load(path: Path, precision_: str) -> OnnxEmbedder:
         return OnnxEmbedder(path, folder / TOKENIZER_FILE, name=embedder.name, dimension=embedder.dimension,
                             max_seq_length=embedder.max_seq_length, input_names=inputs, pad_id=pad_id,
-                            precision=precision_, threads=INDEXING_THREADS)
+                            precision=precision_, threads=INDEXING_THREADS,
+                            token_pooling=token_pooling_of(embedder.model))
 
     def agreement_of(candidate: OnnxEmbedder) -> float:
         return float(np.min(np.sum(candidate.encode(probes, batch_size=16) * reference, axis=1)))
@@ -554,6 +597,8 @@ def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_i
         "inputs": list(inputs),
         "pad_id": pad_id,
         "output": OUTPUT,
+        "token_output": TOKENS,
+        "token_pooling": onnx.token_pooling,
         "opset": OPSET,
         "export_version": EXPORT_VERSION,
         "exported_with": {"torch": torch.__version__.split("+")[0]},

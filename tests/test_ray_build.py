@@ -49,9 +49,9 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
     embedded_on_ray = []
     encode = distributed.RayEmbedder._encode
 
-    def counting(self, ray_, texts, batch_size, progress):
-        embedded_on_ray.append(len(texts))
-        return encode(self, ray_, texts, batch_size, progress)
+    def counting(self, ray_, texts, batch_size, progress, groups=None, total=None):
+        embedded_on_ray.append((len(texts), total))
+        return encode(self, ray_, texts, batch_size, progress, groups, total)
 
     monkeypatch.setattr(distributed.RayEmbedder, "_encode", counting)
 
@@ -63,7 +63,7 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
 
     on_ray = Settings(index_dir=tmp_path / "ray", ray_address="local", ray_actors=2)
     t0 = time.perf_counter()
-    with distributed.ray_scope():  # one local Ray for the passage and the sentence pass
+    with distributed.ray_scope():  # one local Ray for the whole build
         summary = build_index(seed_articles, real_embedder, on_ray)
         assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
         assert ray.util.get_node_ip_address() == "127.0.0.1"  # listeners on loopback, though ray was imported first
@@ -73,7 +73,13 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
     m1, p1, v1, s1 = _contents(single.index_dir)
     m2, p2, v2, s2 = _contents(on_ray.index_dir)
     assert summary.reused_articles == 0
-    assert embedded_on_ray == [m1["counts"]["passages"], m1["counts"]["sentences"]]  # every vector came from Ray
+    # every vector came from Ray, in one pass: each passage's vector and its sentences' pooled vectors
+    # (a sentence shared by two overlapping passages is pooled in both, then averaged)
+    con = sqlite3.connect(Path(m1["_build_dir"]) / PASSAGES_DB)
+    pooled = con.execute("SELECT sum(last_sentence - first_sentence + 1) FROM passages").fetchone()[0]
+    con.close()
+    assert m1["sentence_vectors"] == m2["sentence_vectors"] == "pooled"
+    assert embedded_on_ray == [(m1["counts"]["passages"], m1["counts"]["passages"] + pooled)]
     assert p1 == p2 and len(p1) == m1["counts"]["passages"] + m1["counts"]["sentences"]
     assert v1.shape == v2.shape == (m1["counts"]["passages"], 384) and s1.shape == s2.shape
     assert np.abs(v1 - v2).max() <= 1e-5

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qa_service.config import Settings
@@ -306,3 +307,44 @@ def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
             assert text == sentence == lead
         else:
             assert text == f"{lead}\n{sentence}"
+
+
+def test_sentence_groups_cover_each_sentence_and_its_headline_or_lead_in_the_passage_text():
+    """sentence_groups: ranges into embedding_texts' text: the sentence, and the headline or lead as that text has it."""
+    from qa_service.store import chunk_articles, embedding_texts, sentence_groups
+    from qa_service.types import Article
+
+    lead = "The minister met the delegation in Doha on Thursday."
+    body = " ".join(f"Sentence number {i} says the talks went on for hours." for i in range(6))
+    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
+    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
+    headline_inside = Article("c", "c.txt", "Talks in Doha", None, f"Talks in Doha. {lead} {body}", "h3")
+    articles = [titled, untitled, headline_inside]
+    chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=1))
+    texts, groups = embedding_texts(chunks, articles), sentence_groups(chunks, articles)
+    by_id = {a.id: a for a in articles}
+    seen = set()
+    for passage, (first, last), text, passage_groups in zip(chunks.passages, chunks.passage_sentences, texts, groups):
+        assert len(passage_groups) == last - first + 1
+        for k, (context, sentence) in zip(range(first, last + 1), passage_groups):
+            article_id, start, end = chunks.sentences[k]
+            assert text[sentence[0]:sentence[1]] == by_id[article_id].text[start:end]
+            if article_id == "b":
+                assert text[context[0]:context[1]] == lead
+            else:
+                assert text[context[0]:context[1]] == "Talks in Doha"
+            seen.add(k)
+    assert seen == set(range(len(chunks.sentences)))  # every sentence is pooled from at least one passage
+
+
+def test_pool_groups_is_the_mean_of_the_chosen_tokens_and_the_special_ones():
+    from qa_service.embedding import pool_groups
+
+    tokens = np.array([[1, 0], [0, 1], [0, 3], [5, 5], [1, 1]], dtype=np.float32)  # [CLS] a b c [SEP]
+    offsets = np.array([[0, 0], [0, 4], [5, 9], [10, 14], [0, 0]])
+    special = np.array([True, False, False, False, True])
+    out = pool_groups(tokens, offsets, special, [((0, 4),), ((0, 4), (10, 14)), ((20, 30),)])
+    expected = [np.array([2, 2]) / 3, np.array([7, 7]) / 4]
+    for row, want in zip(out[:2], expected):
+        assert np.allclose(row, want / np.linalg.norm(want))
+    assert np.isnan(out[2]).all()

@@ -604,7 +604,7 @@ class PostgresWriter:
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         from ..embedding import canonical_model_name
-        from ..store import chunk_articles, chunking_settings, embedding_texts, sentence_embedding_texts
+        from ..store import chunk_articles, chunking_settings, embed_chunks
 
         started = time.perf_counter()
         manifest = self.manifest()
@@ -631,10 +631,9 @@ class PostgresWriter:
             from ..distributed import maybe_distributed
 
             encode = maybe_distributed(embedder, self.settings)
-        pvecs = encode.encode(embedding_texts(chunks, changed), batch_size=self.settings.batch_size, progress=progress) \
-            if chunks.passages else np.zeros((0, embedder.dimension), np.float32)
-        svecs = encode.encode(sentence_embedding_texts(chunks, changed), batch_size=self.settings.batch_size * 2,
-                              progress=progress) if chunks.sentences else np.zeros((0, embedder.dimension), np.float32)
+        pvecs = np.full((len(chunks.passages), embedder.dimension), np.nan, dtype=np.float32)
+        svecs = np.full((len(chunks.sentences), embedder.dimension), np.nan, dtype=np.float32)
+        embed_chunks(pvecs, svecs, chunks, changed, encode, self.settings.batch_size, progress)
         new_manifest = {
             "format_version": 1, "backend": "postgres", "model": canonical_model_name(embedder.name),
             "dimension": embedder.dimension, "chunking": chunking_settings(self.settings), "encoder": entry,
