@@ -33,13 +33,13 @@ Design:
   need numpy, onnxruntime and tokenizers). Ray is started lazily by the first ``encode`` and shut down when
   the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
   wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for the whole
-  build.
+  build. A Ray that was already running (``ray.init`` by the caller) is used and never shut down by us.
+  Workers' own log lines stay in Ray's session logs (``log_to_driver=False``); an actor's exception still
+  reaches the build, with its traceback.
 
 * **Pooled sentences.** ``encode_pooled`` (a passage's vector and its sentences' vectors from one pass,
   ``store.embed_chunks``) ships each passage's sentence ranges as a JSON column; an actor answers with one row
-  per passage and one per sentence group, each under an id the driver assigned, scattered back like the rest. A Ray that was already running (``ray.init`` by the caller) is used and
-  never shut down by us. Workers' own log lines stay in Ray's session logs (``log_to_driver=False``); an
-  actor's exception still reaches the build, with its traceback.
+  per passage and one per sentence group, each under an id the driver assigned, scattered back like the rest.
 """
 
 from __future__ import annotations
