@@ -152,15 +152,31 @@ class Chunks:
     passage_sentences: list[tuple[int, int]]  # (first, last) sentence id of each passage
 
 
-def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Settings) -> Chunks:
-    """Split every article into sentences and passages sized for ``embedder``."""
+Layout = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # an article's sentence spans, passage windows
+
+
+def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Settings,
+                   previous: dict[str, Layout] | None = None) -> Chunks:
+    """Split every article into sentences and passages sized for ``embedder``.
+
+    Args:
+        previous: article id -> its layout in the live build (``_previous_layouts``), taken as it is instead of
+            splitting the article again: sentence splitting is most of a build's time after embedding (pysbd,
+            ~14 ms an abstract), and an upload or re-index would otherwise split every unchanged article.
+    """
     max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
     chunks = Chunks([], [], [])
+    previous = previous or {}
     for article in articles:
-        units = sentence_units(article, embedder.count_tokens, max_tokens)
+        if article.id in previous:
+            units, windows = previous[article.id]
+        else:
+            units = sentence_units(article, embedder.count_tokens, max_tokens)
+            windows = pack_sentences(article.text, units, embedder.count_tokens, max_tokens,
+                                     settings.overlap_sentences)
         base = len(chunks.sentences)
         chunks.sentences.extend((article.id, s, e) for s, e in units)
-        for i, j in pack_sentences(article.text, units, embedder.count_tokens, max_tokens, settings.overlap_sentences):
+        for i, j in windows:
             start, end = units[i][0], units[j][1]
             chunks.passages.append(Passage(article.id, start, end, article.text[start:end]))
             chunks.passage_sentences.append((base + i, base + j))
@@ -450,6 +466,44 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     return pvecs, svecs, reused
 
 
+def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, settings: Settings,
+                      articles: Sequence[Article]) -> dict[str, Layout]:
+    """Return the live build's sentence spans and passage windows of every unchanged article.
+
+    Only when the live build was cut with the same settings by the same encoder (same model, export checksum
+    and maximum length, so the same token counts): then splitting the article again would give exactly this.
+    """
+    if old is None or old.get("model") != embedder.name or not _same_vectors(old.get("encoder") or {}, encoder):
+        return {}
+    if (old.get("encoder") or {}).get("max_seq_length", embedder.max_seq_length) != embedder.max_seq_length:
+        return {}
+    cut = {k: v for k, v in (old.get("chunking") or {}).items() if k != "lexical"}
+    if cut != {k: v for k, v in chunking_settings(settings).items() if k != "lexical"}:
+        return {}
+    unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
+    if not unchanged:
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{Path(old['_build_dir']) / PASSAGES_DB}?mode=ro", uri=True)
+        try:
+            sentences = con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id').fetchall()
+            passages = con.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return {}
+    first: dict[str, int] = {}
+    layouts: dict[str, Layout] = {}
+    for sid, aid, start, end in sentences:
+        if aid in unchanged:
+            first.setdefault(aid, sid)
+            layouts.setdefault(aid, ([], []))[0].append((start, end))
+    for aid, lo, hi in passages:
+        if aid in layouts:
+            layouts[aid][1].append((lo - first[aid], hi - first[aid]))
+    return layouts
+
+
 def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embedder, dict]:
     """Hard-link the ONNX query encoder of the build ``manifest`` describes into ``build_dir``; return it and its entry."""
     from .onnx_encoder import OnnxEmbedder
@@ -500,10 +554,13 @@ def build_index(
             phases[name] = round(phases.get(name, 0.0) + now - mark, 3)
             mark = now
 
+        previous = {}
         if encoder_of is not None:
             embedder, encoder = _share_encoder(encoder_of, tmp, encoder_threads)
+            # the same encoder as the live build: unchanged articles keep its cut instead of being split again
+            previous = _previous_layouts(live_manifest(index_dir), embedder, encoder, settings, articles)
         lap("encoder")
-        chunks = chunk_articles(articles, embedder, settings)
+        chunks = chunk_articles(articles, embedder, settings, previous)
         passages = chunks.passages
         embedded = embedding_texts(chunks, articles)  # what each passage vector is made from
         lap("chunk")
@@ -544,7 +601,7 @@ def build_index(
             "faiss": dense_entry,
             "articles": {a.id: a.content_hash for a in articles},
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
-                       "reused_articles": reused},
+                       "reused_articles": reused, "reused_layouts": len(previous)},
             "sentence_vectors": sentence_method,
             "files": files,
             "build_seconds": phases,

@@ -370,3 +370,41 @@ def test_pooling_all_tokens_of_a_text_gives_its_own_vector(real_index, real_embe
         assert np.min(np.sum(mine[both] * ref[both], axis=1)) >= 0.9999
     # the headline and one sentence read together differ from the sentence with the whole passage's context
     assert 0.5 < float(pooled[0][1] @ pooled[0][2]) < 0.99
+
+
+@pytest.mark.slow
+def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp_path, real_index, seed_articles,
+                                                                            monkeypatch):
+    """Unchanged articles are not split again: their sentences and passages come from the live build, and are
+    exactly what splitting them again gives; a changed article is split afresh."""
+    from dataclasses import replace
+
+    from qa_service import store
+
+    settings = _copy_index(real_index, tmp_path)
+    old = read_manifest(settings.index_dir)
+    changed = replace(seed_articles[0], text=seed_articles[0].text + "\n\nA new closing sentence was added.",
+                      content_hash="changed")
+    articles = [changed] + list(seed_articles[1:])
+    split = []
+    real_units = store.sentence_units
+    monkeypatch.setattr(store, "sentence_units", lambda article, *a, **k: split.append(article.id) or
+                        real_units(article, *a, **k))
+    build_index(articles, None, settings, encoder_of=old)
+    new = read_manifest(settings.index_dir)
+    assert split == [changed.id]  # only the changed article was split
+    assert new["counts"]["reused_layouts"] == len(articles) - 1
+    assert new["counts"]["reused_articles"] == len(articles) - 1
+    monkeypatch.setattr(store, "sentence_units", real_units)
+    fresh = chunk_articles(articles, OnnxEmbedder.from_manifest(new), settings)
+    con = sqlite3.connect(Path(new["_build_dir"]) / "passages.sqlite")
+    stored_p = con.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence FROM passages '
+                           "ORDER BY id").fetchall()
+    stored_s = con.execute('SELECT article_id, start, "end" FROM sentences ORDER BY id').fetchall()
+    con.close()
+    assert stored_s == [tuple(s) for s in fresh.sentences]
+    assert stored_p == [(p.article_id, p.start, p.end, p.text, *fresh.passage_sentences[i])
+                        for i, p in enumerate(fresh.passages)]
+    # another encoder (here: none shared, so it may export afresh) splits everything again
+    assert store._previous_layouts(new, OnnxEmbedder.from_manifest(new), {"backend": "onnx", "sha256": "x"},
+                                   settings, articles) == {}
