@@ -156,18 +156,23 @@ class OnnxEmbedder:
         if len(texts) == 1:
             return normalize_rows(self._run([self._tokenizer.encode(texts[0])]))
         encodings = self._tokenizer.encode_batch(texts)
-        # Longest first, like sentence-transformers: each batch pads to little more than its own length.
-        order = np.argsort(-np.array([len(e.ids) for e in encodings]), kind="stable")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        starts = range(0, len(texts), max(1, batch_size))
+        for rows in self._batches(encodings, batch_size, progress):
+            out[rows] = self._run([encodings[i] for i in rows])
+        return normalize_rows(out)
+
+    @staticmethod
+    def _batches(encodings: Sequence, batch_size: int, progress: bool):
+        """Yield index arrays of batches, longest texts first (like sentence-transformers: each batch pads to
+        little more than its own length)."""
+        order = np.argsort(-np.array([len(e.ids) for e in encodings]), kind="stable")
+        starts = range(0, len(encodings), max(1, batch_size))
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="embedding", unit="batch")
         for start in starts:
-            rows = order[start:start + batch_size]
-            out[rows] = self._run([encodings[i] for i in rows])
-        return normalize_rows(out)
+            yield order[start:start + max(1, batch_size)]
 
     def encode_pooled(self, texts: Sequence[str], groups: Sequence[Sequence[Group]], batch_size: int = 32,
                       progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -183,16 +188,9 @@ class OnnxEmbedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32), []
         encodings = self._tokenizer.encode_batch(texts)
-        order = np.argsort(-np.array([len(e.ids) for e in encodings]), kind="stable")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         pooled: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
-        starts = range(0, len(texts), max(1, batch_size))
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="embedding", unit="batch")
-        for start in starts:
-            rows = order[start:start + batch_size]
+        for rows in self._batches(encodings, batch_size, progress):
             vectors, tokens = self._run([encodings[i] for i in rows], (OUTPUT, TOKENS))
             out[rows] = vectors
             for row, i in enumerate(rows):

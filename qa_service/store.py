@@ -346,7 +346,8 @@ def _fill(vectors: np.ndarray, texts: Sequence[str], embedder: Embedder, batch_s
 
 
 def embed_chunks(vectors: np.ndarray, sentence_vectors: np.ndarray, chunks: Chunks, articles: Sequence[Article],
-                 embedder: Embedder, batch_size: int, progress: bool, laps=None) -> str:
+                 embedder: Embedder, batch_size: int, progress: bool, laps=None,
+                 passage_texts: Sequence[str] | None = None) -> str:
     """Embed the passage and sentence rows still NaN (not reused), in place; return how sentences were embedded.
 
     "pooled" (a mean-pooling model with token vectors, the normal case): one pass over the passages gives
@@ -355,11 +356,12 @@ def embed_chunks(vectors: np.ndarray, sentence_vectors: np.ndarray, chunks: Chun
     Measured against embedding every sentence again with its headline (11-27, README "Retrieval quality"):
     one encode pass instead of two; SciFact nDCG@10 0.735 -> 0.737, news dev MRR@10 0.831 -> 0.835, SQuAD
     R@1 0.8525 -> 0.8500 (nDCG@10 0.925 -> 0.922), with ``RetrievalConfig.sentence_weight`` re-measured for
-    these vectors. "separate": sentences are embedded as texts
-    of their own (``sentence_embedding_texts``), for encoders that cannot pool; any sentence pooling left
-    empty (cut off by the model's truncation) is embedded that way too.
+    these vectors. "separate": sentences are embedded as texts of their own (``sentence_embedding_texts``),
+    for encoders that cannot pool; any sentence pooling left empty (cut off by the model's truncation) is
+    embedded that way too. ``passage_texts``: ``embedding_texts(chunks, articles)``, when the caller has it.
     """
-    passage_texts = embedding_texts(chunks, articles)
+    if passage_texts is None:
+        passage_texts = embedding_texts(chunks, articles)
     todo = np.flatnonzero(np.isnan(vectors[:, 0])) if len(vectors) else np.zeros(0, dtype=np.int64)
     method = "separate"
     if getattr(embedder, "token_pooling", None) == "mean":
@@ -404,7 +406,24 @@ def _same_vectors(old: dict, new: dict) -> bool:
             and new.get("backend") == "onnx" and new.get("precision") == "fp32")
 
 
-def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settings: Settings,
+def _reusable(old: dict | None, embedder: Embedder, encoder: dict, settings: Settings) -> bool:
+    """Whether the live build ``old`` was cut and embedded as this build will be, so that its unchanged
+    articles' spans and vectors can be taken as they are: same model, encoder (``_same_vectors``), maximum
+    length and chunking (the lexical side does not matter)."""
+    if old is None or old.get("model") != embedder.name or old.get("dimension") != embedder.dimension:
+        return False
+    if not _same_vectors(old.get("encoder") or {}, encoder):
+        return False
+    if (old.get("encoder") or {}).get("max_seq_length", embedder.max_seq_length) != embedder.max_seq_length:
+        return False
+
+    def cut(chunking: dict) -> dict:
+        return {k: v for k, v in (chunking or {}).items() if k != "lexical"}
+
+    return cut(old.get("chunking")) == cut(chunking_settings(settings))
+
+
+def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, settings: Settings,
                       articles: Sequence[Article], chunks: Chunks) -> tuple[np.ndarray, np.ndarray, int]:
     """Return passage and sentence vector arrays pre-filled (NaN elsewhere) from the live build.
 
@@ -416,15 +435,7 @@ def _previous_vectors(index_dir: Path, embedder: Embedder, encoder: dict, settin
     d = embedder.dimension
     pvecs = np.full((len(chunks.passages), d), np.nan, dtype=np.float32)
     svecs = np.full((len(chunks.sentences), d), np.nan, dtype=np.float32)
-    old = live_manifest(index_dir)
-    if old is None:
-        return pvecs, svecs, 0
-    def cut(chunking: dict) -> dict:  # how text is cut into passages; the lexical side does not matter here
-        return {k: v for k, v in (chunking or {}).items() if k != "lexical"}
-
-    if (old.get("model") != embedder.name or old.get("dimension") != d
-            or not _same_vectors(old.get("encoder") or {}, encoder)
-            or cut(old.get("chunking")) != cut(chunking_settings(settings))):
+    if not _reusable(old, embedder, encoder, settings):
         return pvecs, svecs, 0
     unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
     if not unchanged:
@@ -473,12 +484,7 @@ def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, setti
     Only when the live build was cut with the same settings by the same encoder (same model, export checksum
     and maximum length, so the same token counts): then splitting the article again would give exactly this.
     """
-    if old is None or old.get("model") != embedder.name or not _same_vectors(old.get("encoder") or {}, encoder):
-        return {}
-    if (old.get("encoder") or {}).get("max_seq_length", embedder.max_seq_length) != embedder.max_seq_length:
-        return {}
-    cut = {k: v for k, v in (old.get("chunking") or {}).items() if k != "lexical"}
-    if cut != {k: v for k, v in chunking_settings(settings).items() if k != "lexical"}:
+    if not _reusable(old, embedder, encoder, settings):
         return {}
     unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
     if not unchanged:
@@ -554,11 +560,12 @@ def build_index(
             phases[name] = round(phases.get(name, 0.0) + now - mark, 3)
             mark = now
 
+        old = live_manifest(index_dir)  # the live build, whose unchanged articles keep their cut and vectors
         previous = {}
         if encoder_of is not None:
             embedder, encoder = _share_encoder(encoder_of, tmp, encoder_threads)
             # the same encoder as the live build: unchanged articles keep its cut instead of being split again
-            previous = _previous_layouts(live_manifest(index_dir), embedder, encoder, settings, articles)
+            previous = _previous_layouts(old, embedder, encoder, settings, articles)
         lap("encoder")
         chunks = chunk_articles(articles, embedder, settings, previous)
         passages = chunks.passages
@@ -573,10 +580,10 @@ def build_index(
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
         fill_with = maybe_distributed(embedder, settings)
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
-        vectors, sentence_vectors, reused = _previous_vectors(index_dir, embedder, encoder, settings, articles, chunks)
+        vectors, sentence_vectors, reused = _previous_vectors(old, embedder, encoder, settings, articles, chunks)
         lap("reuse")
         sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with, settings.batch_size,
-                                       progress, lap)
+                                       progress, lap, passage_texts=embedded)
         # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
         index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
         faiss.write_index(index, str(tmp / VECTORS))
