@@ -213,6 +213,7 @@ def section_query(b: Bench) -> None:
 
     from qa_service.config import Settings
     from qa_service.embedding import SentenceTransformerEmbedder
+    from qa_service.onnx_encoder import SERVING_THREADS
     from qa_service.retrieval import Searcher
 
     qs = b.questions
@@ -242,7 +243,8 @@ def section_query(b: Bench) -> None:
             torch_searcher.ask(q, k=5)
             torch_ms.append((time.perf_counter() - t0) * 1000)
     conn.close()
-    b.facts["cpu_per_question_s"] = cpu / b.sizes.latency_n
+    served_cpu = cpu / b.sizes.latency_n
+    cheapest = cpu_per_question(b)
     encode, _ = time_calls(lambda q: searcher.encode_questions([q]), qs, b.sizes.latency_n)
     pin, phttp = load.percentiles(inproc), load.percentiles(http_ms)
     b.facts["inproc_p50_ms"] = pin["p50"]
@@ -254,8 +256,9 @@ def section_query(b: Bench) -> None:
     b.add(Row("query", "question encode p50 (ONNX, in-process) vs in-process Searcher.ask",
               load.percentiles(encode)["p50"], "ms", pin["p50"], "in-process ask",
               note="share of a question spent encoding it; the vector is computed once and shared by every stage"))
-    b.add(Row("query", "CPU time of one in-process question", b.facts["cpu_per_question_s"] * 1000, "ms",
-              note="the throughput floor is cores / this"))
+    b.add(Row("query", "CPU time of one in-process question, one encoder thread", cheapest * 1000, "ms",
+              note=f"the throughput floor is cores / this; with the served {SERVING_THREADS} encoder thread(s) "
+                   f"a question costs {served_cpu * 1000:.1f} ms of CPU (the latency floor above)"))
     workers = server.worker_pids()
     b.facts["worker_pids"] = workers
     b.facts["torch_in_workers"] = any(load.maps_torch(pid) for pid in workers)
@@ -269,14 +272,31 @@ def section_query(b: Bench) -> None:
 
 # ---------------------------------------------------------------------- throughput
 
-def section_throughput(b: Bench) -> None:
-    """Closed-loop clients over loopback against the floor: cores / CPU seconds of one in-process question."""
+def cpu_per_question(b: Bench) -> float:
+    """CPU seconds of one in-process question with a one-thread encoder: the cheapest a question gets.
+
+    Serving encodes on more threads for latency, which costs some CPU in thread hand-offs; the throughput floor
+    is taken at the cheaper setting, so those hand-offs count against the service, not in its favour.
+    """
     if "cpu_per_question_s" not in b.facts:
-        searcher = b.searcher()
+        from qa_service.config import Settings
+        from qa_service.onnx_encoder import OnnxEmbedder
+        from qa_service.retrieval import Searcher
+        from qa_service.store import read_manifest
+
+        encoder = OnnxEmbedder.from_manifest(read_manifest(b.seed_index), threads=1)
+        searcher = Searcher(Settings(index_dir=b.seed_index), embedder=encoder)
+        for q in b.questions[:4]:
+            searcher.ask(q, k=5)
         _, b.facts["cpu_per_question_s"] = time_calls(lambda q: searcher.ask(q, k=5), b.questions,
                                                       b.sizes.latency_n)
+    return b.facts["cpu_per_question_s"]
+
+
+def section_throughput(b: Bench) -> None:
+    """Closed-loop clients over loopback against the floor: cores / CPU seconds of one in-process question."""
     cores = os.cpu_count() or 1
-    floor = cores / b.facts["cpu_per_question_s"]
+    floor = cores / cpu_per_question(b)
     server = b.server()
     workers = server.worker_pids()
     for clients in b.sizes.clients:

@@ -535,8 +535,8 @@ def build_index(
             instead of exporting ``embedder`` (pass None): single-article updates use it, so a web
             worker adds an article without loading torch, and unchanged articles keep their vectors;
             ``qa-service index`` too when the model is unchanged (``onnx_encoder.shareable_encoder``).
-        encoder_threads: onnxruntime threads of that shared encoder (1 in a web worker, which shares the
-            cores with the questions it serves; the CLI uses both cores).
+        encoder_threads: onnxruntime threads of that shared encoder (a web worker uses its serving threads;
+            the CLI uses both cores).
     """
     import faiss
 
