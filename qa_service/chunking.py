@@ -4,11 +4,17 @@ Sentences come from pysbd (rule-based, handles "Oct. 7", "U.S.", decimals and qu
 news-specific merges are applied on top ("Jan.19" style dates). Offsets are located in the
 article text by search from a moving cursor, so ``article.text[start:end] == passage.text``
 holds by construction, whatever the segmenter does with whitespace.
+
+pysbd is the slowest step of a build after embedding (~10 ms an abstract, in pure Python), so a build
+cuts many articles at once on every core (``cut_many``: forked worker processes, the same result).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import re
+import threading
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -65,6 +71,48 @@ def split_sentences(text: str, offset: int = 0) -> list[tuple[int, int]]:
     return spans
 
 
+PARALLEL_MIN_TEXTS = 32  # fewer texts than this are cut in this process: a pool would cost more than it saves
+_JOB: tuple | None = None  # (count_tokens, max_tokens, overlap) for forked workers: inherited, never pickled
+_JOB_LOCK = threading.Lock()
+
+
+def cut(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int
+        ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Return a text's sentence units (``sentence_units``) and its passage windows over them (``pack_sentences``)."""
+    units, counts = counted_units(text, count_tokens, max_tokens)
+    return units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts)
+
+
+def _cut_in_worker(text: str):
+    count_tokens, max_tokens, overlap_sentences = _JOB
+    return cut(text, count_tokens, max_tokens, overlap_sentences)
+
+
+def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int,
+             processes: int | None = None) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+    """``cut`` each of ``texts``: on ``processes`` forked workers (default: one per core) when there are at
+    least ``PARALLEL_MIN_TEXTS`` of them, else here.
+
+    Sentence splitting (pysbd, pure Python, ~10 ms an abstract) and token counting are a build's slowest step
+    after embedding, and they run before it, on one core. Forked workers start in milliseconds, inherit the
+    token counter (it is not pickled) and run only the splitter and the tokenizer: no model, and no thread
+    pool of this process is used in them. Where fork is unavailable, or this process is itself a pool's
+    (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
+    """
+    global _JOB
+    n = min(processes or os.cpu_count() or 1, len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
+    if (n < 2 or len(texts) < PARALLEL_MIN_TEXTS or multiprocessing.current_process().daemon
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        return [cut(t, count_tokens, max_tokens, overlap_sentences) for t in texts]
+    with _JOB_LOCK:
+        _JOB = (count_tokens, max_tokens, overlap_sentences)
+        try:
+            with multiprocessing.get_context("fork").Pool(n) as pool:
+                return pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
+        finally:
+            _JOB = None
+
+
 def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCounter) -> list[tuple[int, int]]:
     """Cut one over-long sentence into word-boundary pieces that fit ``max_tokens``."""
     words = [(m.start() + start, m.end() + start) for m in re.finditer(r"\S+", text[start:end])]
@@ -81,14 +129,24 @@ def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCo
 
 def sentence_units(article: Article, count_tokens: TokenCounter, max_tokens: int = 128) -> list[tuple[int, int]]:
     """Return the sentence spans passages are built from (over-long sentences cut to fit ``max_tokens``)."""
-    text = article.text
+    return counted_units(article.text, count_tokens, max_tokens)[0]
+
+
+def counted_units(text: str, count_tokens: TokenCounter, max_tokens: int = 128
+                  ) -> tuple[list[tuple[int, int]], list[int]]:
+    """``sentence_units`` of a text, and each unit's token count (``pack_sentences`` starts from them)."""
     units: list[tuple[int, int]] = []
+    counts: list[int] = []
     for start, end in split_sentences(text):
-        if count_tokens(text[start:end]) > max_tokens:
-            units.extend(_split_long(text, start, end, max_tokens, count_tokens))
+        n = count_tokens(text[start:end])
+        if n > max_tokens:
+            pieces = _split_long(text, start, end, max_tokens, count_tokens)
+            units.extend(pieces)
+            counts.extend(count_tokens(text[s:e]) for s, e in pieces)
         else:
             units.append((start, end))
-    return units
+            counts.append(n)
+    return units, counts
 
 
 def split_article(
@@ -103,10 +161,10 @@ def split_article(
         count_tokens: the embedding model's tokenizer, as text -> number of tokens (no specials).
         overlap_sentences: how many trailing sentences of a passage start the next one.
     """
-    units = sentence_units(article, count_tokens, max_tokens)
     text = article.text
+    units, counts = counted_units(text, count_tokens, max_tokens)
     return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]])
-            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences)]
+            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts)]
 
 
 def pack_sentences(
@@ -115,21 +173,39 @@ def pack_sentences(
     count_tokens: TokenCounter,
     max_tokens: int,
     overlap_sentences: int,
+    sentence_tokens: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
     """Group consecutive sentence spans into windows that fit ``max_tokens``.
 
-    Returns ``(first, last)`` sentence indices (inclusive) of each window.
+    Returns ``(first, last)`` sentence indices (inclusive) of each window: from its first sentence, as many
+    following ones as fit. Where a window ends is guessed from the sentences' own token counts (a WordPiece
+    count of sentences joined by whitespace is their sum) and then settled by counting the window's text, so
+    that, whatever the tokenizer, the window fits and one more sentence would not. That is two counts of a
+    whole window instead of one per sentence it holds. ``sentence_tokens``: each sentence's own count, when
+    known (``counted_units``).
     """
+    n = len(sentences)
+    if not n:
+        return []
+    own = list(sentence_tokens) if sentence_tokens is not None else [count_tokens(text[s:e]) for s, e in sentences]
+
+    def fits(i: int, j: int) -> bool:
+        return count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens
+
     windows: list[tuple[int, int]] = []
     i = 0
-    n = len(sentences)
     while i < n:
-        j = i + 1
-        while j < n and count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens:
+        j, total = i, own[i]  # guess: the sum of the sentences' own counts
+        while j + 1 < n and total + own[j + 1] <= max_tokens:
             j += 1
-        windows.append((i, j - 1))
-        if j >= n:
+            total += own[j]
+        while j > i and not fits(i, j):  # settle it on the window's text
+            j -= 1
+        while j + 1 < n and fits(i, j + 1):
+            j += 1
+        windows.append((i, j))
+        if j + 1 >= n:
             break
         # Step forward, keeping up to `overlap_sentences` of context, but always advancing.
-        i = max(i + 1, j - overlap_sentences)
+        i = max(i + 1, j + 1 - overlap_sentences)
     return windows

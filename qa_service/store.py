@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .files import fsync_dir, link_or_copy, sha256_file
-from .chunking import pack_sentences, sentence_units
+from .chunking import cut_many
 from .config import Settings
 from .embedding import Embedder, canonical_model_name, normalize_rows
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
@@ -167,13 +167,12 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
     max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
     chunks = Chunks([], [], [])
     previous = previous or {}
+    articles = list(articles)
+    to_cut = [a for a in articles if a.id not in previous]
+    cuts = dict(zip((a.id for a in to_cut), cut_many([a.text for a in to_cut], embedder.count_tokens, max_tokens,
+                                                     settings.overlap_sentences)))
     for article in articles:
-        if article.id in previous:
-            units, windows = previous[article.id]
-        else:
-            units = sentence_units(article, embedder.count_tokens, max_tokens)
-            windows = pack_sentences(article.text, units, embedder.count_tokens, max_tokens,
-                                     settings.overlap_sentences)
+        units, windows = previous[article.id] if article.id in previous else cuts[article.id]
         base = len(chunks.sentences)
         chunks.sentences.extend((article.id, s, e) for s, e in units)
         for i, j in windows:

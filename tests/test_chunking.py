@@ -99,3 +99,58 @@ def test_real_tokenizer_never_truncates(seed_articles, real_embedder):
         # +2 for [CLS]/[SEP]: must fit the model's window, so nothing is cut off when embedding
         assert real_embedder.count_tokens(p.text) + 2 <= real_embedder.max_seq_length
         assert real_embedder.count_tokens(p.text) <= Settings().max_tokens
+
+
+def _greedy_windows(text, sentences, count_tokens, max_tokens, overlap):
+    """The plain packing rule, one count per sentence added: the reference ``pack_sentences`` must equal."""
+    windows, i, n = [], 0, len(sentences)
+    while i < n:
+        j = i + 1
+        while j < n and count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens:
+            j += 1
+        windows.append((i, j - 1))
+        if j >= n:
+            break
+        i = max(i + 1, j - overlap)
+    return windows
+
+
+def _not_additive(text):
+    """A counter whose count of joined sentences is not their sum (one token per 3 characters, spaces included)."""
+    return -(-len(text) // 3)
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=30), max_tokens=st.integers(3, 60),
+       overlap=st.integers(0, 2), additive=st.booleans())
+def test_packing_equals_the_plain_rule_for_any_counter(lengths, max_tokens, overlap, additive):
+    from qa_service.chunking import pack_sentences
+
+    words = [" ".join(["w"] * n) + "." for n in lengths]
+    text = " ".join(words)
+    spans, at = [], 0
+    for w in words:
+        spans.append((at, at + len(w)))
+        at += len(w) + 1
+    counter = count if additive else _not_additive
+    # sentences longer than the limit are cut before packing (sentence_units); keep the spans that fit
+    spans = [s for s in spans if counter(text[s[0]:s[1]]) <= max_tokens] or spans[:1]
+    expected = _greedy_windows(text, spans, counter, max_tokens, overlap)
+    assert pack_sentences(text, spans, counter, max_tokens, overlap) == expected
+    own = [counter(text[s:e]) for s, e in spans]
+    assert pack_sentences(text, spans, counter, max_tokens, overlap, own) == expected
+
+
+def test_cutting_many_articles_on_worker_processes_gives_the_same_cut(seed_articles):
+    from qa_service import chunking
+
+    texts = [a.text for a in seed_articles] * 8  # 40 texts: over the pool's threshold
+    assert len(texts) >= chunking.PARALLEL_MIN_TEXTS
+    alone = [chunking.cut(t, count, 60, 1) for t in texts]
+    assert chunking.cut_many(texts, count, 60, 1, processes=2) == alone
+    assert chunking.cut_many(texts, count, 60, 1, processes=1) == alone
+    assert chunking._JOB is None  # nothing of the job is left behind for a later fork
+    for text, (units, windows) in zip(texts, alone):
+        assert units == chunking.sentence_units(Article("a", "s", None, None, text), count, 60)
+        assert [(units[i][0], units[j][1]) for i, j in windows] == \
+            [(p.start, p.end) for p in split_article(Article("a", "s", None, None, text), count, 60, 1)]
