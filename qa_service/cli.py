@@ -86,7 +86,7 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
+    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, shareable_encoder
     from .store import build_index, index_status, live_manifest
 
     articles = _load_seeds(seeds_dir)
@@ -95,12 +95,16 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
         return f"index is up to date: {len(articles)} articles"
     click.echo(f"building index ({reason})", err=True)
     live = live_manifest(settings.index_dir)
-    if shareable_encoder(live, settings.model, settings.quantize):
-        # Same model files as the live index's ONNX export: embed with it, without loading torch (~10 s).
-        summary = build_index(articles, None, settings, progress=progress, encoder_of=live,
+    # Same model files as the live index's ONNX export, or as one this machine made for another index: embed
+    # with it, without loading torch or exporting (~15 s). Either is used only if its checksums still match.
+    shared = live if shareable_encoder(live, settings.model, settings.quantize) else \
+        cached_export(settings.model, settings.quantize)
+    if shared is not None:
+        summary = build_index(articles, None, settings, progress=progress, encoder_of=shared,
                               encoder_threads=INDEXING_THREADS)
     else:
         summary = build_index(articles, load_embedder(settings.model), settings, progress=progress)
+    remember_export(live_manifest(settings.index_dir))  # for the next new index of this model on this machine
     line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
     if summary.reused_articles:
         line += f" ({summary.reused_articles} unchanged articles not re-embedded)"

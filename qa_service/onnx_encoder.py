@@ -308,6 +308,106 @@ def shareable_encoder(manifest: dict | None, model: str, quantize: str, check_fi
         return False
 
 
+# --------------------------------------------------------------------------- the machine's export cache
+
+EXPORT_CACHE_KEEP = 4  # exports the cache holds (about 90 MB each for all-MiniLM-L6-v2); the least recently used go
+
+
+def export_cache_dir() -> Path | None:
+    """Where ONNX exports are kept for every index on this machine; None when the cache is off.
+
+    ``QA_EXPORT_CACHE`` names the folder ("off" turns the cache off); else ``$XDG_CACHE_HOME/qa-service/onnx``,
+    else ``~/.cache/qa-service/onnx``.
+    """
+    value = os.environ.get("QA_EXPORT_CACHE")
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "no", "false") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qa-service" / "onnx"
+
+
+def _cache_key(model_files: str, quantize: str) -> str:
+    return f"{model_files[:32]}-{quantize}-v{EXPORT_VERSION}"
+
+
+def cached_export(model: str, quantize: str) -> dict | None:
+    """Return a manifest (``model``, ``dimension``, ``encoder``, ``_build_dir``) of a cached export of ``model``'s
+    files, fit to embed a new index with (``shareable_encoder``, checksums included); None when there is none.
+
+    A new index folder of a model this machine has exported before then starts without loading torch or
+    exporting again (~15 s), as a rebuild of an existing index does with its live export.
+    """
+    root, digest = export_cache_dir(), model_files_digest(model)
+    if root is None or digest is None:
+        return None
+    folder = root / _cache_key(digest, quantize)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    manifest["_build_dir"] = str(folder)
+    if not shareable_encoder(manifest, model, quantize):
+        logger.info("not using the cached ONNX export in %s: it does not match the model or its checksums", folder)
+        return None
+    try:
+        os.utime(folder)  # used: kept longest
+    except OSError:
+        pass
+    return manifest
+
+
+def remember_export(manifest: dict | None) -> None:
+    """Keep the ONNX export of a build (its manifest, as ``read_manifest`` gives) in the machine's export cache.
+
+    Best effort: a cache that cannot be written is logged and skipped. The entry is assembled in a temporary
+    folder and renamed into place, so a reader sees all of it or nothing; an entry that no longer checks out is
+    replaced. Files are hard-linked where the cache shares the index's file system (builds are immutable).
+    """
+    entry = (manifest or {}).get("encoder") or {}
+    root = export_cache_dir()
+    if root is None or entry.get("backend") != "onnx" or not entry.get("model_files"):
+        return
+    folder = root / _cache_key(entry["model_files"], entry.get("quantize", "none"))
+    tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
+    try:
+        if folder.exists():
+            try:
+                cached = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+                if cached.get("encoder", {}).get("sha256") == entry.get("sha256") and \
+                        sha256_file(folder / entry["file"]) == entry["sha256"]:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
+        source = Path(manifest["_build_dir"])
+        for key in ("file", "tokenizer"):
+            (tmp / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(source / entry[key], tmp / entry[key])
+        cached = {"model": manifest["model"], "dimension": manifest["dimension"],
+                  "encoder": {**entry, "reused_from": None}, "cached_from": source.name}
+        (tmp / "manifest.json").write_text(json.dumps(cached, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, folder)
+    except (OSError, KeyError) as exc:
+        logger.info("could not keep the ONNX export in the cache %s: %s", root, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune_cache(root)
+
+
+def _prune_cache(root: Path) -> None:
+    try:
+        entries = [p for p in root.iterdir() if p.is_dir()]
+        kept = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
+                      reverse=True)
+        for path in kept[EXPORT_CACHE_KEEP:]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in entries:  # a writer killed mid-copy; a running one finishes within the hour
+            if path.name.startswith(".tmp-") and time.time() - path.stat().st_mtime > 3600:
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
 def _export_fp32(embedder, path: Path) -> tuple[list[str], int, dict]:
     """Export the sentence-transformers model (all its modules, then L2 norm) to ``path``, fused for onnxruntime.
 

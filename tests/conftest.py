@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,13 @@ from .fakes import FakeEmbedder
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = REPO / "seeds"
 SHARED = REPO.parent / "shared"
+
+# The suite's own cache folder (the machine's ONNX export cache lives under it), for this process and every
+# process it starts: tests never read or fill the user's ~/.cache, and each run starts from an empty cache.
+_CACHE = tempfile.mkdtemp(prefix="qa-service-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+os.environ.pop("QA_EXPORT_CACHE", None)
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture(scope="session")

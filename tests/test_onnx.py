@@ -329,6 +329,66 @@ def test_cli_rebuild_embeds_with_the_live_export_without_torch(tmp_path, real_in
     assert Searcher(settings).ask(QUESTION, k=3)["results"]
 
 
+@pytest.mark.slow
+def test_a_new_index_folder_embeds_with_the_machines_export_without_torch(tmp_path, real_index, monkeypatch):
+    """A model exported once on this machine is not exported again for another index folder: ``qa-service index``
+    into a new folder takes the cached export (checksummed) and never loads torch."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QA_EXPORT_CACHE", str(cache))
+    live = read_manifest(real_index.index_dir)
+    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+    onnx_encoder.remember_export(live)
+    cached = onnx_encoder.cached_export("all-MiniLM-L6-v2", "none")
+    assert cached is not None and cached["encoder"]["sha256"] == live["encoder"]["sha256"]
+    assert Path(cached["_build_dir"]).parent == cache
+    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "int8") is None  # another choice is another export
+
+    index_dir = tmp_path / "new-index"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from qa_service.cli import cli
+        cli(["index", {str(real_index.seeds_dir)!r}, "--index-dir", {str(index_dir)!r}], standalone_mode=False)
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**_clean_env(), "QA_EXPORT_CACHE": str(cache)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []  # torch never loaded
+    new = read_manifest(index_dir)
+    assert new["encoder"]["reused_from"] == Path(cached["_build_dir"]).name
+    assert new["encoder"]["sha256"] == live["encoder"]["sha256"]
+    assert new["counts"]["passages"] == live["counts"]["passages"]
+    np.testing.assert_allclose(np.load(Path(new["_build_dir"]) / "sentences.npy"),
+                               np.load(Path(live["_build_dir"]) / "sentences.npy"), atol=1e-5)
+
+    # A damaged entry is not used (the file is replaced, not written through: it shares the live build's inode),
+    # and keeping the export again repairs it.
+    model = Path(cached["_build_dir"]) / cached["encoder"]["file"]
+    model.unlink()
+    model.write_bytes(b"damaged")
+    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+    onnx_encoder.remember_export(live)
+    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is not None
+    assert sha256_file(Path(live["_build_dir"]) / live["encoder"]["file"]) == live["encoder"]["sha256"]
+
+    monkeypatch.setenv("QA_EXPORT_CACHE", "off")
+    assert onnx_encoder.export_cache_dir() is None
+    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+
+
+def test_the_export_cache_keeps_the_most_recently_used(tmp_path):
+    for i in range(onnx_encoder.EXPORT_CACHE_KEEP + 2):
+        entry = tmp_path / f"entry-{i}"
+        entry.mkdir()
+        os.utime(entry, (1000 + i, 1000 + i))
+    stale = tmp_path / ".tmp-1-1"
+    stale.mkdir()
+    os.utime(stale, (1000, 1000))
+    onnx_encoder._prune_cache(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        [f"entry-{i}" for i in range(2, onnx_encoder.EXPORT_CACHE_KEEP + 2)]
+
+
 def test_export_is_shared_only_for_the_same_model_files_and_choice(tmp_path, real_index):
     settings = _copy_index(real_index, tmp_path)
     manifest = read_manifest(settings.index_dir)
@@ -397,15 +457,14 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
                       content_hash="changed")
     articles = [changed] + list(seed_articles[1:])
     split = []
-    real_units = store.sentence_units
-    monkeypatch.setattr(store, "sentence_units", lambda article, *a, **k: split.append(article.id) or
-                        real_units(article, *a, **k))
+    real_cut = store.cut_many
+    monkeypatch.setattr(store, "cut_many", lambda texts, *a, **k: split.extend(texts) or real_cut(texts, *a, **k))
     build_index(articles, None, settings, encoder_of=old)
     new = read_manifest(settings.index_dir)
-    assert split == [changed.id]  # only the changed article was split
+    assert split == [changed.text]  # only the changed article was split
     assert new["counts"]["reused_layouts"] == len(articles) - 1
     assert new["counts"]["reused_articles"] == len(articles) - 1
-    monkeypatch.setattr(store, "sentence_units", real_units)
+    monkeypatch.setattr(store, "cut_many", real_cut)
     fresh = chunk_articles(articles, OnnxEmbedder.from_manifest(new), settings)
     con = sqlite3.connect(Path(new["_build_dir"]) / "passages.sqlite")
     stored_p = con.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence FROM passages '
