@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import signal
 import threading
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -106,11 +107,22 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
         return [cut(t, count_tokens, max_tokens, overlap_sentences) for t in texts]
     with _JOB_LOCK:
         _JOB = (count_tokens, max_tokens, overlap_sentences)
+        pool = multiprocessing.get_context("fork").Pool(n, initializer=_worker_signals)
         try:
-            with multiprocessing.get_context("fork").Pool(n) as pool:
-                return pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
+            cuts = pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
+            pool.close()  # the workers finish and exit by themselves
+            pool.join()
+            return cuts
         finally:
+            pool.terminate()  # after an error or Ctrl-C: stop them
             _JOB = None
+
+
+def _worker_signals() -> None:
+    """In a forked worker: Ctrl-C is left to the parent, which stops the pool (no traceback from every worker),
+    and SIGTERM stops the worker even where the parent only notes it (a gunicorn worker's handler)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCounter) -> list[tuple[int, int]]:

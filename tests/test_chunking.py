@@ -154,3 +154,25 @@ def test_cutting_many_articles_on_worker_processes_gives_the_same_cut(seed_artic
         assert units == chunking.sentence_units(Article("a", "s", None, None, text), count, 60)
         assert [(units[i][0], units[j][1]) for i, j in windows] == \
             [(p.start, p.end) for p in split_article(Article("a", "s", None, None, text), count, 60, 1)]
+
+
+def test_cutting_on_workers_returns_in_a_process_that_only_notes_sigterm(seed_articles):
+    """A gunicorn worker's SIGTERM handler only sets a flag; forked workers inherit it. The pool must still end."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from .conftest import REPO
+
+    script = textwrap.dedent(f"""
+        import signal
+        from qa_service.chunking import cut, cut_many
+        from qa_service.ingest import load_articles
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        texts = [a.text for a in load_articles({str(REPO / "seeds")!r}).articles] * 8
+        count = lambda t: len(t.split())
+        assert cut_many(texts, count, 60, 1, processes=2) == [cut(t, count, 60, 1) for t in texts]
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
