@@ -438,7 +438,8 @@ def section_build(b: Bench) -> None:
     if later is None:
         return
     corpus2, what2 = later
-    seconds2 = run_cli(["index", str(corpus2), "--index-dir", str(index_dir)], b.work / "build.log")
+    seconds2 = run_cli(["index", str(corpus2), "--index-dir", str(index_dir)], b.work / "build.log",
+                       QA_EXPORT_CACHE=str(cache))
     manifest2, onnx2, embedded2, sentences2 = _built_texts(index_dir, corpus2)
     if manifest2["encoder"].get("reused_from") != Path(manifest["_build_dir"]).name:
         raise RuntimeError("the re-index did not share the first build's ONNX export")

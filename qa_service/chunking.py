@@ -101,7 +101,8 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
     (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
     """
     global _JOB
-    n = min(processes or os.cpu_count() or 1, len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(processes or cores, len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
     if (n < 2 or len(texts) < PARALLEL_MIN_TEXTS or multiprocessing.current_process().daemon
             or "fork" not in multiprocessing.get_all_start_methods()):
         return [cut(t, count_tokens, max_tokens, overlap_sentences) for t in texts]

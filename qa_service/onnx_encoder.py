@@ -347,7 +347,9 @@ def cached_export(model: str, quantize: str) -> dict | None:
         return None
     manifest["_build_dir"] = str(folder)
     if not shareable_encoder(manifest, model, quantize):
-        logger.info("not using the cached ONNX export in %s: it does not match the model or its checksums", folder)
+        logger.info("not using the cached ONNX export in %s: it does not match the model or its checksums; "
+                    "removing it", folder)
+        shutil.rmtree(folder, ignore_errors=True)  # the next export of this model takes its place
         return None
     try:
         os.utime(folder)  # used: kept longest
@@ -360,8 +362,10 @@ def remember_export(manifest: dict | None) -> None:
     """Keep the ONNX export of a build (its manifest, as ``read_manifest`` gives) in the machine's export cache.
 
     Best effort: a cache that cannot be written is logged and skipped. The entry is assembled in a temporary
-    folder and renamed into place, so a reader sees all of it or nothing; an entry that no longer checks out is
-    replaced. Files are hard-linked where the cache shares the index's file system (builds are immutable).
+    folder and renamed into place, so a reader sees all of it or nothing. An entry for the same export (same
+    checksum and size) is left as it is without hashing it again: ``cached_export`` checks the checksums before
+    any use and removes an entry that fails them. Files are hard-linked where the cache shares the index's file
+    system (builds are immutable).
     """
     entry = (manifest or {}).get("encoder") or {}
     root = export_cache_dir()
@@ -370,16 +374,16 @@ def remember_export(manifest: dict | None) -> None:
     folder = root / _cache_key(entry["model_files"], entry.get("quantize", "none"))
     tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
     try:
+        source = Path(manifest["_build_dir"])
         if folder.exists():
             try:
                 cached = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
                 if cached.get("encoder", {}).get("sha256") == entry.get("sha256") and \
-                        sha256_file(folder / entry["file"]) == entry["sha256"]:
+                        (folder / entry["file"]).stat().st_size == (source / entry["file"]).stat().st_size:
                     return
             except (OSError, ValueError, KeyError):
                 pass
             shutil.rmtree(folder, ignore_errors=True)
-        source = Path(manifest["_build_dir"])
         for key in ("file", "tokenizer"):
             (tmp / entry[key]).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(source / entry[key], tmp / entry[key])

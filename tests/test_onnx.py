@@ -361,12 +361,14 @@ def test_a_new_index_folder_embeds_with_the_machines_export_without_torch(tmp_pa
     np.testing.assert_allclose(np.load(Path(new["_build_dir"]) / "sentences.npy"),
                                np.load(Path(live["_build_dir"]) / "sentences.npy"), atol=1e-5)
 
-    # A damaged entry is not used (the file is replaced, not written through: it shares the live build's inode),
-    # and keeping the export again repairs it.
+    # A damaged entry is not used but removed (the file is replaced, not written through: it shares the live
+    # build's inode), and keeping the export again puts a sound one in its place.
     model = Path(cached["_build_dir"]) / cached["encoder"]["file"]
+    size = model.stat().st_size
     model.unlink()
-    model.write_bytes(b"damaged")
+    model.write_bytes(b"\0" * size)  # the same size: only the checksum tells
     assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+    assert not Path(cached["_build_dir"]).exists()
     onnx_encoder.remember_export(live)
     assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is not None
     assert sha256_file(Path(live["_build_dir"]) / live["encoder"]["file"]) == live["encoder"]["sha256"]
