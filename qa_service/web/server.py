@@ -193,9 +193,16 @@ def _build(settings: Settings, seeds_dir: Path) -> str:
 
 
 def build_in_subprocess(settings: Settings, seeds_dir: Path) -> str:
-    """Run ``ensure_index`` in a spawned process, so this one never runs the model before forking."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_build, (settings, seeds_dir))
+    """Run ``ensure_index`` in a spawned process, so this one never runs the model before forking.
+
+    An executor's worker, not a ``multiprocessing.Pool``'s: it is not daemonic, so the build can cut a large
+    folder's articles on every core (``chunking.cut_many``), and a worker that dies raises here instead of
+    leaving the call waiting.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_build, settings, seeds_dir).result()
 
 
 def recover_writes(settings: Settings) -> str | None:
