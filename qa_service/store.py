@@ -422,8 +422,41 @@ def _reusable(old: dict | None, embedder: Embedder, encoder: dict, settings: Set
     return cut(old.get("chunking")) == cut(chunking_settings(settings))
 
 
+def _unchanged(old: dict, articles: Sequence[Article]) -> set[str]:
+    """Ids of ``articles`` whose content hash is the one the live build ``old`` indexed."""
+    indexed = old.get("articles", {})
+    return {a.id for a in articles if indexed.get(a.id) == a.content_hash}
+
+
+class _LiveRows:
+    """The live build's passage and sentence rows, read from its SQLite file at most once per build.
+
+    Both the cut (``_previous_layouts``) and the vectors (``_previous_vectors``) of unchanged articles come from
+    them; an upload to a large archive would otherwise read every sentence row twice.
+    """
+
+    def __init__(self, old: dict):
+        self._path = Path(old["_build_dir"]) / PASSAGES_DB
+        self._rows: tuple[list, list] | None = None
+
+    def get(self) -> tuple[list, list]:
+        """``(passages, sentences)``: ``(id, article_id, start, end, first_sentence, last_sentence)`` and
+        ``(id, article_id, start, end)`` rows in id order. Raises ``sqlite3.DatabaseError`` for an unreadable file."""
+        if self._rows is None:
+            con = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)
+            try:
+                passages = con.execute('SELECT id, article_id, start, "end", first_sentence, last_sentence '
+                                       "FROM passages ORDER BY id").fetchall()
+                sentences = con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id').fetchall()
+            finally:
+                con.close()
+            self._rows = (passages, sentences)
+        return self._rows
+
+
 def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, settings: Settings,
-                      articles: Sequence[Article], chunks: Chunks) -> tuple[np.ndarray, np.ndarray, int]:
+                      articles: Sequence[Article], chunks: Chunks,
+                      rows: _LiveRows | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Return passage and sentence vector arrays pre-filled (NaN elsewhere) from the live build.
 
     An article's vectors are reused only when the live build used the same model, encoder, precision and
@@ -436,7 +469,7 @@ def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, setti
     svecs = np.full((len(chunks.sentences), d), np.nan, dtype=np.float32)
     if not _reusable(old, embedder, encoder, settings):
         return pvecs, svecs, 0
-    unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
+    unchanged = _unchanged(old, articles)
     if not unchanged:
         return pvecs, svecs, 0
     build = Path(old["_build_dir"])
@@ -447,14 +480,13 @@ def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, setti
     for i, (a, _s, _e) in enumerate(chunks.sentences):
         new_s.setdefault(a, []).append(i)
     try:
-        con = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True)
+        passages, sentences = (rows or _LiveRows(old)).get()
         old_p: dict[str, list[tuple[int, int, int]]] = {}
-        for pid, a, st, en in con.execute('SELECT id, article_id, start, "end" FROM passages ORDER BY id'):
+        for pid, a, st, en, _first, _last in passages:
             old_p.setdefault(a, []).append((pid, st, en))
         old_s: dict[str, list[tuple[int, int, int]]] = {}
-        for sid, a, st, en in con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id'):
+        for sid, a, st, en in sentences:
             old_s.setdefault(a, []).append((sid, st, en))
-        con.close()
         old_index = read_dense_index(build / VECTORS)
         old_sent = np.load(build / SENTENCE_VECTORS, mmap_mode="r")
     except (sqlite3.DatabaseError, RuntimeError, OSError, ValueError):
@@ -477,7 +509,7 @@ def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, setti
 
 
 def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, settings: Settings,
-                      articles: Sequence[Article]) -> dict[str, Layout]:
+                      articles: Sequence[Article], rows: _LiveRows | None = None) -> dict[str, Layout]:
     """Return the live build's sentence spans and passage windows of every unchanged article.
 
     Only when the live build was cut with the same settings by the same encoder (same model, export checksum
@@ -485,16 +517,11 @@ def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, setti
     """
     if not _reusable(old, embedder, encoder, settings):
         return {}
-    unchanged = {a.id for a in articles if old.get("articles", {}).get(a.id) == a.content_hash}
+    unchanged = _unchanged(old, articles)
     if not unchanged:
         return {}
     try:
-        con = sqlite3.connect(f"file:{Path(old['_build_dir']) / PASSAGES_DB}?mode=ro", uri=True)
-        try:
-            sentences = con.execute('SELECT id, article_id, start, "end" FROM sentences ORDER BY id').fetchall()
-            passages = con.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
-        finally:
-            con.close()
+        passages, sentences = (rows or _LiveRows(old)).get()
     except sqlite3.DatabaseError:
         return {}
     first: dict[str, int] = {}
@@ -503,7 +530,7 @@ def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, setti
         if aid in unchanged:
             first.setdefault(aid, sid)
             layouts.setdefault(aid, ([], []))[0].append((start, end))
-    for aid, lo, hi in passages:
+    for _pid, aid, _start, _end, lo, hi in passages:
         if aid in layouts:
             layouts[aid][1].append((lo - first[aid], hi - first[aid]))
     return layouts
@@ -560,11 +587,12 @@ def build_index(
             mark = now
 
         old = live_manifest(index_dir)  # the live build, whose unchanged articles keep their cut and vectors
+        old_rows = _LiveRows(old) if old is not None else None
         previous = {}
         if encoder_of is not None:
             embedder, encoder = _share_encoder(encoder_of, tmp, encoder_threads)
             # the same encoder as the live build: unchanged articles keep its cut instead of being split again
-            previous = _previous_layouts(old, embedder, encoder, settings, articles)
+            previous = _previous_layouts(old, embedder, encoder, settings, articles, old_rows)
         lap("encoder")
         chunks = chunk_articles(articles, embedder, settings, previous)
         passages = chunks.passages
@@ -579,7 +607,8 @@ def build_index(
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
         fill_with = maybe_distributed(embedder, settings)
         # Unchanged articles keep the vectors of the live build: only new or changed text is embedded.
-        vectors, sentence_vectors, reused = _previous_vectors(old, embedder, encoder, settings, articles, chunks)
+        vectors, sentence_vectors, reused = _previous_vectors(old, embedder, encoder, settings, articles, chunks,
+                                                              old_rows)
         lap("reuse")
         sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with, settings.batch_size,
                                        progress, lap, passage_texts=embedded)

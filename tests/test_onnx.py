@@ -461,8 +461,14 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     split = []
     real_cut = store.cut_many
     monkeypatch.setattr(store, "cut_many", lambda texts, *a, **k: split.extend(texts) or real_cut(texts, *a, **k))
+    reads = []  # the live build's SQLite file, opened read-only: once for both its cut and its vectors
+    real_connect = store.sqlite3.connect
+    monkeypatch.setattr(store.sqlite3, "connect", lambda target, *a, **k: (
+        reads.append(target) if str(old["_build_dir"]) in str(target) else None) or real_connect(target, *a, **k))
     build_index(articles, None, settings, encoder_of=old)
+    monkeypatch.setattr(store.sqlite3, "connect", real_connect)
     new = read_manifest(settings.index_dir)
+    assert len(reads) == 1, reads
     assert split == [changed.text]  # only the changed article was split
     assert new["counts"]["reused_layouts"] == len(articles) - 1
     assert new["counts"]["reused_articles"] == len(articles) - 1
