@@ -10,7 +10,8 @@ import faiss
 import numpy as np
 import pytest
 
-from qa_service.retrieval.dense import EXACT, IVF, DenseIndex, build_dense_index, ivf_parameters
+from qa_service.retrieval.dense import (EXACT, IVF, IVF_FP16, REFINE_CANDIDATES, DenseIndex, build_dense_index,
+                                        ivf_parameters)
 from qa_service.store import MANIFEST, VECTORS, build_index, read_manifest
 
 
@@ -57,7 +58,46 @@ def test_above_threshold_is_ivf_with_recall(ivf_file):
     back = dense.vectors(np.array([3, 11_999]))
     np.testing.assert_allclose(back, data[[3, 11_999]], atol=1e-3)
     assert np.min(np.sum(back * data[[3, 11_999]], axis=1) / np.linalg.norm(back, axis=1)) >= 1 - 1e-5
-    assert entry["codes"] == "fp16"
+    assert entry["codes"] == "fp16" and entry["pq"] == "PQ24x4fs"
+
+
+def test_pq_proposes_and_float16_rescores(ivf_file):
+    """The 4-bit PQ scan alone is coarse; re-scoring its best candidates with the float16 vectors is what gives recall,
+    and the scores returned are the float16 vectors' own cosines, not PQ estimates."""
+    data, path, entry = ivf_file
+    dense = DenseIndex(path, entry)
+    queries = clustered(200, seed=7)
+    exact = faiss.IndexFlatIP(data.shape[1])
+    exact.add(data)
+    _, truth = exact.search(queries, 10)
+    _, coarse = dense.ivf.search(queries, 10)  # the PQ lists without re-scoring
+    scores, found = dense.search(queries, 10)
+    assert recall_at_10(found, truth) > recall_at_10(coarse, truth)
+    rescored = np.einsum("qd,qkd->qk", queries, dense.vectors(found.ravel()).reshape(*found.shape, -1))
+    np.testing.assert_allclose(scores, rescored, atol=1e-4)
+    assert dense.refine_candidates == entry["refine_candidates"] == REFINE_CANDIDATES
+
+
+def test_float16_ivf_of_earlier_builds_still_served(tmp_path):
+    """An index built before the PQ + re-scoring layout (float16 codes in the IVF lists) loads and answers as before."""
+    data = clustered(6_000)
+    params = ivf_parameters(len(data))
+    quantizer = faiss.IndexFlatIP(data.shape[1])
+    old = faiss.IndexIVFScalarQuantizer(quantizer, data.shape[1], params["nlist"], faiss.ScalarQuantizer.QT_fp16,
+                                        faiss.METRIC_INNER_PRODUCT)
+    old.train(data)
+    old.add(data)
+    old.make_direct_map()
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    entry = {"type": IVF_FP16, "codes": "fp16", "metric": "inner_product", **params}
+    dense = DenseIndex(tmp_path / "old.faiss", entry)
+    assert dense.is_ivf and not dense.refine
+    _, ids = dense.search(data[:20], 1)
+    assert ids[:, 0].tolist() == list(range(20))
+    allowed = np.arange(0, 6_000, 3, dtype=np.int64)
+    _, ids = dense.search(data[:1], 5, allowed)
+    assert set(ids.ravel()) <= set(allowed)
+    np.testing.assert_allclose(dense.vectors(np.array([5])), data[[5]], atol=1e-3)
 
 
 @pytest.mark.parametrize("share", [0.5, 0.01])
@@ -99,7 +139,7 @@ def test_build_index_switches_and_records_it(tmp_path, seed_articles, fake_embed
     assert {"nlist", "nprobe", "niter", "train_size"} <= set(faiss_entry)
     on_disk = json.loads((Path(manifest["_build_dir"]) / MANIFEST).read_text())
     assert on_disk["faiss"] == faiss_entry
-    assert isinstance(faiss.read_index(str(Path(manifest["_build_dir"]) / VECTORS)), faiss.IndexIVFScalarQuantizer)
+    assert isinstance(faiss.read_index(str(Path(manifest["_build_dir"]) / VECTORS)), faiss.IndexRefine)
     searcher = Searcher(settings, embedder=fake_embedder)
     assert searcher.backend.dense.is_ivf
     exact = Searcher(fake_index, embedder=fake_embedder)

@@ -3,16 +3,19 @@
 Why IVF-Flat and not HNSW above the size threshold (measured on this 2-core machine, see README "Benchmarks"):
 an HNSW graph (M=32, efConstruction=40) took 181 s to build over 200k vectors, so about 15 minutes at 1M, and
 needed efSearch=128 for recall@10 0.91 on the same data; IVF-Flat with 2,048 lists built 1M vectors in 47 s and
-answered in 1.7-3 ms at recall@10 0.97-0.99 (nprobe 32-64), against 60-300 ms for exact search. IVF also
-memory-maps its lists (``IO_FLAG_MMAP``), so worker processes share one copy through the page cache, and it
-reads vectors back through a direct map, which the searcher needs to score every candidate exactly.
+answered in 1.7-3 ms at recall@10 0.97-0.99 (nprobe 32-64), against 60-300 ms for exact search.
 
-The IVF lists hold float16 codes (``IndexIVFScalarQuantizer``, ``QT_fp16``) rather than float32: a probe of 64
-lists at 1M passages reads ~48 MB of float32 vectors, so the scan is bound by memory bandwidth. Measured 11-27
-at 1M (vectors between two SciFact passages plus noise, nlist 2048, nprobe 64, one thread, memory-mapped):
-float32 6.17 ms a question at recall@10 0.987, float16 4.55 ms at 0.987, 8-bit 4.40 ms at 0.977; float16 also
-halves the file (1,547 -> 779 bytes a passage). A float16 vector is within ~1e-3 of the float32 one per
-component, so candidate cosines move by about 1e-4.
+Above the threshold the index is ``IndexRefine``: an IVF of 4-bit product-quantised codes (``IndexIVFPQFastScan``,
+d/2 sub-quantisers: d/4 bytes a vector, scanned with SIMD lookup tables) proposes ``REFINE_CANDIDATES`` or more
+passages, and float16 copies of the vectors (``IndexScalarQuantizer``, ``QT_fp16``, memory-mapped) re-score them;
+those float16 vectors are also what ``vectors`` reads back for the searcher's exact candidate scores. Until 11-27
+the IVF lists themselves held the float16 vectors, and a probe of 64 lists at 1M passages read ~24 MB of them: the
+scan was bound by memory bandwidth (4.5 ms a question). Measured 11-27 at 1M (vectors between two SciFact passages
+plus noise, nlist 2048, one thread): float16 lists 4.55 ms at recall@10 0.987; fast-scan PQ192x4 alone 0.51 ms at
+0.68, re-scoring its best 200 in float16 0.26 ms more, at 0.984; PQ96x4 needed 800 candidates (1.5 ms) for 0.977.
+The price is memory: the fast-scan lists (d/4 bytes + an 8-byte id a passage, ~104 MB at 1M) are read into each
+worker, as FAISS cannot map them; the float16 vectors (the bulk, 2d bytes a passage) are mapped and shared.
+Builds from before (``IndexIVFScalarQuantizer``) are still read and searched as they are.
 
 Below ``Settings.ann_threshold`` passages the index stays an exact ``IndexFlatIP`` (memory-mapped with
 ``IO_FLAG_MMAP_IFC``): there a whole scan costs less than encoding the question.
@@ -29,8 +32,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 EXACT = "IndexFlatIP"
-IVF = "IndexIVFScalarQuantizer"  # with float16 codes (IVF_CODES)
-IVF_CODES = "fp16"
+IVF = "IndexRefine"  # fast-scan PQ IVF proposing, float16 vectors re-scoring
+IVF_FP16 = "IndexIVFScalarQuantizer"  # float16 codes in the IVF lists: builds before 11-27 (still read)
+IVF_CODES = "fp16"  # the re-scoring vectors' (and the older lists') precision
+# Candidates the PQ scan proposes for float16 re-scoring: at least this many, and at least REFINE_FACTOR x k.
+REFINE_CANDIDATES = 200
+REFINE_FACTOR = 4
 IVF_NITER = 10  # k-means iterations; more changed recall by < 0.002 on the benchmark data
 IVF_TRAIN_PER_LIST = 40  # training vectors per list (FAISS warns below 39)
 # A filter that allows at most this many passages is answered by an exact scan of just those vectors: an IVF
@@ -50,10 +57,15 @@ def configure_faiss() -> None:
 
 
 def ivf_parameters(n: int) -> dict:
-    """Return the IVF settings used for ``n`` vectors: about 2*sqrt(n) lists (a power of two), nlist/32 probes."""
+    """Return the IVF settings used for ``n`` vectors: about 2*sqrt(n) lists (a power of two), max(64, nlist/32) probes.
+
+    At least 64 probes since the lists hold PQ codes (11-27): probing 64 of 512 lists at 100k passages costs 0.43 ms
+    against 0.39 for 32, and lifts recall@10 0.909 -> 0.958 on vectors between two SciFact passages (0.966 -> 0.982
+    on the 91k real passage and sentence vectors of the SciFact and SQuAD indexes, 600 of their questions).
+    """
     nlist = int(2 ** round(math.log2(max(2.0 * math.sqrt(max(n, 1)), 64))))
     nlist = max(1, min(nlist, 65536, n // IVF_TRAIN_PER_LIST))  # tiny indexes (tests) still train
-    return {"nlist": nlist, "nprobe": min(nlist, max(32, nlist // 32)), "niter": IVF_NITER,
+    return {"nlist": nlist, "nprobe": min(nlist, max(64, nlist // 32)), "niter": IVF_NITER,
             "train_size": int(min(n, IVF_TRAIN_PER_LIST * nlist))}
 
 
@@ -76,19 +88,20 @@ def build_dense_index(vectors: np.ndarray, ann_threshold: int, seed: int = 1234)
             index.add(vectors)
         return index, {"type": EXACT, "metric": "inner_product", "ann_threshold": int(ann_threshold)}
     params = ivf_parameters(n)
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, params["nlist"], faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = params["niter"]
-    index.cp.seed = seed
+    m = d // 2 if d % 2 == 0 else d  # sub-quantisers of two dimensions each (4 bits: d/4 bytes a vector)
+    pq = f"PQ{m}x4fs"
+    index = faiss.index_factory(d, f"IVF{params['nlist']},{pq},Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = params["niter"]
+    ivf.cp.seed = seed
     rng = np.random.default_rng(seed)
     sample = vectors[np.sort(rng.choice(n, params["train_size"], replace=False))]
     index.train(sample)
     index.add(vectors)
-    index.make_direct_map()  # vectors(ids) reads rows back by id
-    index.nprobe = params["nprobe"]
-    return index, {"type": IVF, "codes": IVF_CODES, "metric": "inner_product", "ann_threshold": int(ann_threshold),
-                   "exact_filter_limit": EXACT_FILTER_LIMIT, **params}
+    ivf.nprobe = params["nprobe"]
+    return index, {"type": IVF, "base": "IndexIVFPQFastScan", "pq": pq, "codes": IVF_CODES, "metric": "inner_product",
+                   "refine_candidates": REFINE_CANDIDATES, "refine_factor": REFINE_FACTOR,
+                   "ann_threshold": int(ann_threshold), "exact_filter_limit": EXACT_FILTER_LIMIT, **params}
 
 
 def read_dense_index(path: Path, mmap: bool = True):
@@ -99,7 +112,7 @@ def read_dense_index(path: Path, mmap: bool = True):
         return faiss.read_index(str(path))
     with open(path, "rb") as fh:
         fourcc = fh.read(4)
-    if fourcc in (b"IxFI", b"IxF2", b"IxFl"):  # flat codes: map the vectors themselves
+    if fourcc in (b"IxFI", b"IxF2", b"IxFl", b"IxRF"):  # flat codes (or the re-scoring ones): map the vectors
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     if fourcc.startswith(b"Iw"):  # IVF: map the inverted lists (FAISS needs a plain file reader for that)
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -116,11 +129,15 @@ class DenseIndex:
         configure_faiss()
         self.index = read_dense_index(path, mmap=mmap)
         self.meta = dict(meta or {})
-        self.is_ivf = isinstance(self.index, faiss.IndexIVF)
+        self.refine = isinstance(self.index, faiss.IndexRefine)
+        self.ivf = faiss.extract_index_ivf(self.index) if self.refine else self.index
+        self.is_ivf = isinstance(self.ivf, faiss.IndexIVF)
         if self.is_ivf:
-            self.nprobe = int(self.meta.get("nprobe") or self.index.nprobe)
-            self.index.nprobe = self.nprobe
+            self.nprobe = int(self.meta.get("nprobe") or self.ivf.nprobe)
+            self.ivf.nprobe = self.nprobe
             self.exact_filter_limit = int(self.meta.get("exact_filter_limit", EXACT_FILTER_LIMIT))
+            self.refine_candidates = int(self.meta.get("refine_candidates", REFINE_CANDIDATES))
+            self.refine_factor = float(self.meta.get("refine_factor", REFINE_FACTOR))
 
     @property
     def size(self) -> int:
@@ -139,6 +156,8 @@ class DenseIndex:
             n = len(queries)
             return np.zeros((n, k), dtype=np.float32), -np.ones((n, k), dtype=np.int64)
         if allowed is None:
+            if self.refine:
+                return self.index.search(queries, k, params=self._params(k, self.nprobe))
             return self.index.search(queries, k)
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
         sel = self._faiss.IDSelectorBatch(allowed)
@@ -148,11 +167,22 @@ class DenseIndex:
             return self._exact_subset(queries, k, allowed)
         # Probe more lists the fewer passages the filter keeps, so about as many allowed vectors are scanned.
         share = len(allowed) / self.size
-        nprobe = min(int(self.index.nlist), int(math.ceil(self.nprobe / max(share, 1e-9))))
-        scores, ids = self.index.search(queries, k, params=self._faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
+        nprobe = min(int(self.ivf.nlist), int(math.ceil(self.nprobe / max(share, 1e-9))))
+        scores, ids = self.index.search(queries, k, params=self._params(k, nprobe, sel))
         if (ids < 0).any():  # the probed lists held fewer than k allowed passages
             return self._exact_subset(queries, k, allowed)
         return scores, ids
+
+    def _params(self, k: int, nprobe: int, sel=None):
+        """Search parameters: ``nprobe`` lists (only ``sel``'s ids), and how many candidates to re-score."""
+        ivf = self._faiss.SearchParametersIVF(nprobe=nprobe) if sel is None else \
+            self._faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        if not self.refine:
+            return ivf
+        factor = max(self.refine_factor, self.refine_candidates / k)
+        params = self._faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=ivf)
+        params._keep = ivf  # the SWIG object holds a bare pointer to the IVF parameters
+        return params
 
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sims = queries @ self.vectors(allowed).T
