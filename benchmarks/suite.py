@@ -535,6 +535,9 @@ def _query_vectors(b: Bench, n: int) -> tuple[list[str], np.ndarray]:
     return texts, searcher.embedder.encode(texts, batch_size=64)
 
 
+FILTER_SHARES = (0.5, 0.1, 0.02)  # filters the scale section times: half, a tenth and a fiftieth of the passages
+
+
 def section_scale(b: Bench) -> None:
     """Exact vs automatic (IVF above the threshold) dense index at each size: build, memory, p50, recall@10."""
     import faiss
@@ -594,6 +597,16 @@ def section_scale(b: Bench) -> None:
             search_lat.append((time.perf_counter() - t0) * 1000)
         q50 = question_p50(dense)
         rss1 = load.memory_mb()
+        filtered = {}  # share of passages a filter allows -> dense top-50 p50 (ms) within them
+        rng = np.random.default_rng(n)
+        for share in FILTER_SHARES:
+            allowed = np.sort(rng.choice(n, max(1, int(share * n)), replace=False)).astype(np.int64)
+            lat = []
+            for i in range(min(len(qvecs), 50)):
+                t0 = time.perf_counter()
+                dense.search(qvecs[i:i + 1], 50, allowed)
+                lat.append((time.perf_counter() - t0) * 1000)
+            filtered[share] = float(np.median(lat))
         kind = entry["type"] + (f" nlist={entry['nlist']} nprobe={entry['nprobe']}" if "nlist" in entry else "")
         label = f"{n:,} passages"
         b.add(Row("scale", f"{label}: question p50 (encode + dense top-50) vs small-index floor", q50, "ms", floor,
@@ -604,6 +617,10 @@ def section_scale(b: Bench) -> None:
                   ">= 0.95" if entry["type"] != "IndexFlatIP" else "",
                   f"{len(qvecs)} real questions over synthetic vectors made from real MiniLM vectors "
                   f"({b.facts['basis']})"))
+        b.add(Row("scale", f"{label}: filtered dense top-50 p50, {FILTER_SHARES[1]:.0%} of passages allowed",
+                  filtered[FILTER_SHARES[1]], "ms", float(np.median(search_lat)), "unfiltered search",
+                  note="; ".join(f"{share:.0%} allowed: {ms:.2f} ms" for share, ms in filtered.items())
+                       + " (random passages; a filter is applied before ranking, not after)"))
         b.add(Row("scale", f"{label}: index build", build_s, "s",
                   note=f"{kind}; generating the vectors took {gen_s:.1f} s (not counted)"))
         b.add(Row("scale", f"{label}: memory per passage (index file)", path.stat().st_size / n, "bytes",

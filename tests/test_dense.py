@@ -100,9 +100,10 @@ def test_float16_ivf_of_earlier_builds_still_served(tmp_path):
     np.testing.assert_allclose(dense.vectors(np.array([5])), data[[5]], atol=1e-3)
 
 
-@pytest.mark.parametrize("share", [0.5, 0.01])
+@pytest.mark.parametrize("share", [0.5, 0.01, 0.001])
 def test_filtered_ivf_search_keeps_recall(ivf_file, share):
-    """A broad filter probes more lists; a narrow one is scanned exactly. Either way only allowed ids come back."""
+    """A broad filter probes more lists; a narrow one is scanned exactly (the float16 vectors, skipping the others), a
+    very narrow one by reading its vectors back. Either way only allowed ids come back."""
     data, path, entry = ivf_file
     dense = DenseIndex(path, entry)
     rng = np.random.default_rng(3)

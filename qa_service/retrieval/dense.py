@@ -160,11 +160,12 @@ class DenseIndex:
                 return self.index.search(queries, k, params=self._params(k, self.nprobe))
             return self.index.search(queries, k)
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-        sel = self._faiss.IDSelectorBatch(allowed)
         if not self.is_ivf:
+            sel, _bits = self._bitmap(allowed)
             return self.index.search(queries, k, params=self._faiss.SearchParameters(sel=sel))
         if len(allowed) <= self.exact_filter_limit:
             return self._exact_subset(queries, k, allowed)
+        sel, _bits = self._bitmap(allowed)  # _bits: the memory sel points into, alive until the search returns
         # Probe more lists the fewer passages the filter keeps, so about as many allowed vectors are scanned.
         share = len(allowed) / self.size
         nprobe = min(int(self.ivf.nlist), int(math.ceil(self.nprobe / max(share, 1e-9))))
@@ -184,7 +185,28 @@ class DenseIndex:
         params._keep = ivf  # the SWIG object holds a bare pointer to the IVF parameters
         return params
 
+    def _bitmap(self, allowed: np.ndarray):
+        """Return an ``IDSelectorBitmap`` of ``allowed`` and the bit array it reads (keep it alive while searching).
+
+        A bitmap is built in ~1 ms for half of 1M ids; ``IDSelectorBatch`` hashes every id first (59 ms there, 41 ms
+        for 100k ids), which had made a filtered question at 1M passages cost 25-90 ms.
+        """
+        mask = np.zeros(self.size, dtype=bool)
+        mask[allowed] = True
+        bits = np.packbits(mask, bitorder="little")
+        return self._faiss.IDSelectorBitmap(self.size, self._faiss.swig_ptr(bits)), bits
+
+    # Below size / this many allowed ids, reading their vectors back one by one beats a scan of every float16 vector
+    # that skips the others (1M passages: 1,000 ids 1.4 against 2.4 ms; 5,000 ids 7.7 against 3.9; 19,000 28 against 6.7).
+    SCAN_SHARE = 500
+
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.refine and len(allowed) * self.SCAN_SHARE > self.size:
+            sel, _bits = self._bitmap(allowed)
+            refine = self._faiss.downcast_index(self.index.refine_index)
+            scores, ids = refine.search(queries, k, params=self._faiss.SearchParameters(sel=sel))
+            scores[ids < 0] = 0.0
+            return scores, ids
         sims = queries @ self.vectors(allowed).T
         k_eff = min(k, len(allowed))
         top = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
