@@ -153,6 +153,47 @@ def test_articles_page_lists_everything(client, fake_searcher):
         assert f'href="/articles/{article.id}"' in page
 
 
+def test_articles_page_is_paged_newest_first(client, fake_searcher, monkeypatch):
+    from qa_service.web import pages
+
+    monkeypatch.setattr(pages, "ARTICLES_PER_PAGE", 2)
+    everything = fake_searcher.catalog()
+    newest_first = sorted(everything, key=lambda a: (a.date or "", a.id), reverse=True)
+    n_pages = -(-len(everything) // 2)
+    assert n_pages >= 2
+    seen = []
+    for page in range(1, n_pages + 1):
+        text = client.get(f"/articles?page={page}", headers=HTML).get_data(as_text=True)
+        seen += re.findall(r'class="article-link" href="/articles/([^"]+)"', text)
+        assert f"Page {page} of {n_pages}" in text and f"{len(everything)} articles" in text
+        assert ('rel="next"' in text) == (page < n_pages) and ('rel="prev"' in text) == (page > 1)
+    assert seen == [a.id for a in newest_first]
+    last = client.get(f"/articles?page={n_pages}", headers=HTML).get_data(as_text=True)
+    assert client.get("/articles?page=999", headers=HTML).get_data(as_text=True) == last
+    first = client.get("/articles", headers=HTML).get_data(as_text=True)
+    for bad in ("0", "-1", "abc", "1e3"):
+        r = client.get(f"/articles?page={bad}", headers=HTML)
+        assert r.status_code == 200 and r.get_data(as_text=True) == first
+
+
+def test_a_large_archive_gets_a_source_field_not_a_menu(client, fake_searcher, monkeypatch):
+    """Above SOURCE_MENU_LIMIT articles the form does not list them all: the source is typed (id or file name)."""
+    from qa_service.web import pages
+
+    monkeypatch.setattr(pages, "SOURCE_MENU_LIMIT", 1)
+    page = client.get("/", headers=HTML).get_data(as_text=True)
+    assert '<input type="text" name="source"' in page and '<select name="source">' not in page
+    article = fake_searcher.articles()[0]
+    assert f'<option value="{article.id}"' not in page
+    r = client.get("/", query_string={"q": QUESTION, "source": article.source}, headers=HTML)
+    text = r.get_data(as_text=True)
+    assert r.status_code == 200 and f'value="{article.source}"' in text
+    assert set(re.findall(r'href="/articles/([^"?#]+)\?start=', text)) == {article.id}
+    r = client.get("/", query_string={"q": QUESTION, "source": "<nope>"}, headers=HTML)
+    assert r.status_code == 400 and "Unknown source" in r.get_data(as_text=True)
+    assert "<nope>" not in r.get_data(as_text=True)
+
+
 def test_html_errors_render_the_error_template(client):
     r = client.get("/articles/nope", headers=HTML)
     assert r.status_code == 404 and r.mimetype == "text/html"

@@ -70,6 +70,12 @@ def passage_parts(hit: dict) -> list[tuple[str, bool]]:
     return [(text[:a], False), (text[a:b], True), (text[b:], False)]
 
 
+# Up to this many articles the form offers them in a menu; above, the source is typed (an id or a file name, as the
+# API takes it): a menu of every article of a large archive would be megabytes of HTML on every page.
+SOURCE_MENU_LIMIT = 200
+ARTICLES_PER_PAGE = 100  # the article list's page size
+
+
 def _label(title: str | None, source: str) -> str:
     return title or source
 
@@ -98,13 +104,15 @@ def index():
     k_choices = set(K_CHOICES)
     if form["k"].isdigit() and 1 <= int(form["k"]) <= state.settings.max_k:
         k_choices.add(int(form["k"]))
-    articles = [{"id": a.id, "label": _label(a.title, a.source), "date": a.date} for a in searcher.catalog()]
+    articles = None  # None: a text field instead of a menu
+    if searcher.article_count <= SOURCE_MENU_LIMIT:  # (catalog() would build every article's entry)
+        articles = [{"id": a.id, "label": _label(a.title, a.source), "date": a.date} for a in searcher.catalog()]
     html = render_template(
         "index.html", form=form, result=result, hits=hits, error=error, articles=articles,
         k_choices=sorted(k_choices), default_k=5, max_chars=state.settings.max_question_chars,
         modes=("hybrid", "dense", "lexical") if state.supports_mode else (),
         filters_open=any(form[n] for n in ("k", "source", "date_from", "date_to", "mode")),
-        passage_total=searcher.passage_count,
+        passage_total=searcher.passage_count, article_total=searcher.article_count,
     )
     return html, status
 
@@ -112,11 +120,17 @@ def index():
 @bp.get("/articles")
 @operation(summary="The indexed articles", tag="pages", html=True)
 def articles():
+    """Newest first, ``ARTICLES_PER_PAGE`` to a page (``?page=N``; a page past the end shows the last one)."""
     searcher = get_state().searcher
+    catalog = sorted(searcher.catalog(), key=lambda a: (a.date or "", a.id), reverse=True)
+    pages = max(1, -(-len(catalog) // ARTICLES_PER_PAGE))
+    raw = request.args.get("page", "1")
+    page = min(int(raw), pages) if raw.isdigit() and int(raw) >= 1 else 1
+    first = (page - 1) * ARTICLES_PER_PAGE
     items = [{"id": a.id, "label": _label(a.title, a.source), "source": a.source, "date": a.date,
-              "passages": searcher.passage_count_for(a.id)} for a in searcher.catalog()]
-    items.sort(key=lambda a: (a["date"] or "", a["id"]), reverse=True)
-    return render_template("articles.html", articles=items)
+              "passages": searcher.passage_count_for(a.id)} for a in catalog[first:first + ARTICLES_PER_PAGE]]
+    return render_template("articles.html", articles=items, total=len(catalog), page=page, pages=pages,
+                           first=first + 1, last=first + len(items))
 
 
 def _span(text_length: int) -> tuple[int, int] | None:
