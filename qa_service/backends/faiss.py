@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from contextlib import nullcontext
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -135,25 +135,38 @@ class FaissBackend:
         """Return the passage ids ``filters`` allow (None: all)."""
         if filters is None or filters.is_empty():
             return None
+        # Array work only, nothing per article in Python: at 1M articles a question with a filter must not pay
+        # for a loop over the archive.
         keep = np.ones(len(self._article_ids), dtype=bool)
         if filters.sources:
-            by_name = {meta[0]: a for a, meta in self._meta.items()}
-            wanted = set()
+            wanted = []
             unknown = []
             for s in filters.sources:
-                if s in self._meta:
-                    wanted.add(s)
-                elif s in by_name:
-                    wanted.add(by_name[s])
-                else:
+                a = s if s in self._meta else self._by_source.get(s)
+                if a is None:
                     unknown.append(s)
+                else:
+                    wanted.append(self._article_pos[a])
             if unknown:
                 raise unknown_sources(unknown)
-            keep &= np.array([a in wanted for a in self._article_ids])
+            chosen = np.zeros(len(self._article_ids), dtype=bool)
+            chosen[wanted] = True
+            keep &= chosen
         if filters.date_from or filters.date_to:
             lo, hi = filters.date_from or "0000-00-00", filters.date_to or "9999-99-99"
-            keep &= np.array([bool(d) and lo <= d <= hi for d in self._article_dates])
+            dates = self._date_array
+            keep &= (dates != "") & (dates >= lo) & (dates <= hi)
         return np.flatnonzero(keep[self._passage_article]).astype(np.int64)
+
+    @cached_property
+    def _by_source(self) -> dict[str, str]:
+        """File name -> article id, built on the first filter by file name (ids need no lookup)."""
+        return {meta[0]: a for a, meta in self._meta.items()}
+
+    @cached_property
+    def _date_array(self) -> np.ndarray:
+        """Every article's ISO date ("" when it has none), in article order, for vectorised date filters."""
+        return np.array([d or "" for d in self._article_dates], dtype="U10")
 
     def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
                    lexical_mix: bool, weights: tuple[float, float]) -> Evidence:
