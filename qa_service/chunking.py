@@ -101,14 +101,12 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
     (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
     """
     global _JOB
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = min(processes or cores, len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
-    if (n < 2 or len(texts) < PARALLEL_MIN_TEXTS or multiprocessing.current_process().daemon
-            or "fork" not in multiprocessing.get_all_start_methods()):
+    n = min(processes or cores(), len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
+    if n < 2 or len(texts) < PARALLEL_MIN_TEXTS or not can_fork():
         return [cut(t, count_tokens, max_tokens, overlap_sentences) for t in texts]
     with _JOB_LOCK:
         _JOB = (count_tokens, max_tokens, overlap_sentences)
-        pool = multiprocessing.get_context("fork").Pool(n, initializer=_worker_signals)
+        pool = fork_pool(n)
         try:
             cuts = pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
             pool.close()  # the workers finish and exit by themselves
@@ -117,6 +115,24 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
         finally:
             pool.terminate()  # after an error or Ctrl-C: stop them
             _JOB = None
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def can_fork() -> bool:
+    """Whether this process may start forked workers: fork exists here and this is not a pool's (daemonic) worker."""
+    return not multiprocessing.current_process().daemon and "fork" in multiprocessing.get_all_start_methods()
+
+
+def fork_pool(n: int):
+    """A pool of ``n`` forked workers that inherit this process's memory (what they need is never pickled).
+
+    Callers check ``can_fork`` first, close and join the pool when done, and terminate it after an error.
+    """
+    return multiprocessing.get_context("fork").Pool(n, initializer=_worker_signals)
 
 
 def _worker_signals() -> None:

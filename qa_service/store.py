@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -313,16 +314,70 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
         con.close()
 
 
-def _write_lexical(folder: Path, chunks: Chunks, articles: Sequence[Article]) -> None:
-    from .retrieval.lexical import LexicalIndex, Vocabulary
+LEXICAL_PARALLEL_MIN = 2_000  # passages: below, the lexical files are written here, one after another
+_LEXICAL_JOB: tuple | None = None  # (folder, passage texts, sentence texts) for forked workers: inherited, never pickled
+_LEXICAL_LOCK = threading.Lock()
 
-    articles_by_id = {a.id: a for a in articles}
-    # The headline is part of what a passage is about, so BM25 sees it with every passage.
-    texts = [f"{articles_by_id[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
-    LexicalIndex.build(texts).save(folder / LEXICAL / "passages")
-    LexicalIndex.build(texts, analyzer="bigrams").save(folder / LEXICAL / "bigrams")
-    LexicalIndex.build([articles_by_id[a].text[s:e] for a, s, e in chunks.sentences]).save(folder / LEXICAL / "sentences")
-    Vocabulary.from_texts(texts).save(folder / VOCABULARY)
+
+def _lexical_part(part: str) -> None:
+    """Write one part of a build's lexical files (run in this process or in a forked worker)."""
+    from .retrieval.lexical import LexicalIndex, Vocabulary, analyze, pairs
+
+    folder, texts, sentence_texts = _LEXICAL_JOB
+    if part == "passages":  # one analysis of each passage serves BM25 over its terms and over its word pairs
+        terms = [analyze(t) for t in texts]
+        LexicalIndex.from_terms(terms).save(folder / LEXICAL / "passages")
+        LexicalIndex.from_terms([pairs(t) for t in terms], analyzer="bigrams").save(folder / LEXICAL / "bigrams")
+    elif part == "sentences":
+        LexicalIndex.build(sentence_texts).save(folder / LEXICAL / "sentences")
+    else:
+        Vocabulary.from_texts(texts).save(folder / VOCABULARY)
+
+
+_LEXICAL_PARTS = ("passages", "sentences", "vocabulary")  # longest first
+
+
+class _LexicalWrite:
+    """The lexical files of a build being written: ``wait()`` for them; ``stop()`` abandons them (after an error).
+
+    A large build writes them on forked workers (``chunking.fork_pool``) while this process builds the dense index
+    and the SQLite file: all of it is CPU-bound Python and numpy, and a new article in a 100k-passage archive had
+    spent 27 of its 33 s writing these files one after another (README "Adding and removing articles").
+    """
+
+    def __init__(self, folder: Path, chunks: Chunks, articles: Sequence[Article]):
+        global _LEXICAL_JOB
+        from .chunking import can_fork, cores, fork_pool
+
+        by_id = {a.id: a for a in articles}
+        # The headline is part of what a passage is about, so BM25 sees it with every passage.
+        texts = [f"{by_id[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
+        sentence_texts = [by_id[a].text[s:e] for a, s, e in chunks.sentences]
+        self._pool = self._result = None
+        with _LEXICAL_LOCK:
+            _LEXICAL_JOB = (folder, texts, sentence_texts)
+            try:
+                if len(texts) >= LEXICAL_PARALLEL_MIN and cores() > 1 and can_fork():
+                    self._pool = fork_pool(min(cores(), len(_LEXICAL_PARTS)))
+                    self._result = self._pool.map_async(_lexical_part, _LEXICAL_PARTS, chunksize=1)
+                else:
+                    for part in _LEXICAL_PARTS:
+                        _lexical_part(part)
+            finally:
+                _LEXICAL_JOB = None  # the workers forked with their copy
+
+    def wait(self) -> None:
+        if self._pool is not None:
+            self._result.get()  # a worker's exception is raised here
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
 
 @dataclass
@@ -612,12 +667,16 @@ def build_index(
         lap("reuse")
         sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with, settings.batch_size,
                                        progress, lap, passage_texts=embedded)
-        # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
-        index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
-        faiss.write_index(index, str(tmp / VECTORS))
-        np.save(tmp / SENTENCE_VECTORS, sentence_vectors.astype(np.float32))
-        _write_db(tmp / PASSAGES_DB, articles, chunks)
-        _write_lexical(tmp, chunks, articles)
+        lexical = _LexicalWrite(tmp, chunks, articles)  # on forked workers for a large build, meanwhile:
+        try:
+            # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
+            index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
+            faiss.write_index(index, str(tmp / VECTORS))
+            np.save(tmp / SENTENCE_VECTORS, sentence_vectors.astype(np.float32))
+            _write_db(tmp / PASSAGES_DB, articles, chunks)
+            lexical.wait()
+        finally:
+            lexical.stop()  # after an error: no worker may still be writing into the folder removed below
         lap("write")
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):

@@ -348,3 +348,50 @@ def test_pool_groups_is_the_mean_of_the_chosen_tokens_and_the_special_ones():
     for row, want in zip(out[:2], expected):
         assert np.allclose(row, want / np.linalg.norm(want))
     assert np.isnan(out[2]).all()
+
+
+def _lexical_files(settings) -> dict[str, str]:
+    from qa_service.store import LEXICAL, VOCABULARY
+
+    files = read_manifest(settings.index_dir)["files"]
+    return {name: entry["sha256"] for name, entry in files.items() if name.startswith(LEXICAL) or name == VOCABULARY}
+
+
+def test_lexical_files_written_on_forked_workers_are_the_same(tmp_path, seed_articles, monkeypatch):
+    """A large build writes BM25 and the vocabulary on forked workers: byte for byte what one process writes."""
+    from qa_service import chunking, store
+
+    here = Settings(index_dir=tmp_path / "here", model="fake-hash-64")
+    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 10**9)
+    _build(here, seed_articles)
+    forked = Settings(index_dir=tmp_path / "forked", model="fake-hash-64")
+    pools = []
+    real_pool = chunking.fork_pool
+    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)
+    monkeypatch.setattr(chunking, "cores", lambda: 2)
+    monkeypatch.setattr(chunking, "fork_pool", lambda n: pools.append(n) or real_pool(n))
+    _build(forked, seed_articles)
+    assert pools and pools[-1] == 2  # the forked path ran
+    assert _lexical_files(forked) == _lexical_files(here) and len(_lexical_files(here)) >= 4
+    question = "What did Pezeshkian say about rebuilding Gaza?"
+    assert [h.citation.start for h in Searcher(forked, embedder=FakeEmbedder()).search(question, mode="lexical")] == \
+           [h.citation.start for h in Searcher(here, embedder=FakeEmbedder()).search(question, mode="lexical")]
+
+
+def test_a_failing_lexical_worker_fails_the_build_and_leaves_the_live_index(tmp_path, seed_articles, monkeypatch):
+    from qa_service import chunking, store
+    from qa_service.retrieval.lexical import LexicalIndex
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles[:2])
+    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)
+    monkeypatch.setattr(chunking, "cores", lambda: 2)
+
+    def full_disk(*args, **kwargs):  # only the forked workers build the sentences' BM25
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(LexicalIndex, "build", classmethod(full_disk))
+    with pytest.raises(OSError, match="No space left"):
+        _build(settings, seed_articles)
+    assert not list((settings.index_dir / BUILDS).glob(".tmp-*"))
+    assert {a.id for a in Searcher(settings, embedder=FakeEmbedder()).articles()} == {a.id for a in seed_articles[:2]}

@@ -69,7 +69,11 @@ def analyze(text: str) -> list[str]:
 
 def bigrams(text: str) -> list[str]:
     """Return adjacent pairs of BM25 terms ("prison_exchang"): phrases shared with the question count extra."""
-    terms = analyze(text)
+    return pairs(analyze(text))
+
+
+def pairs(terms: Sequence[str]) -> list[str]:
+    """Return the adjacent pairs of already analysed ``terms`` (what ``bigrams`` gives for their text)."""
     return [f"{a}_{b}" for a, b in zip(terms, terms[1:])]
 
 
@@ -187,11 +191,17 @@ class LexicalIndex:
     def build(cls, texts: Sequence[str], analyzer: str = "terms") -> "LexicalIndex":
         import bm25s
 
+        return cls.from_terms([ANALYZERS[analyzer](t) for t in texts], analyzer)
+
+    @classmethod
+    def from_terms(cls, corpus: Sequence[Sequence[str]], analyzer: str = "terms") -> "LexicalIndex":
+        """Index texts already analysed by ``ANALYZERS[analyzer]`` (one term list per text)."""
+        import bm25s
+
         bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        corpus = [ANALYZERS[analyzer](t) or [""] for t in texts]
-        if texts:
-            bm25.index(corpus, show_progress=False)
-        return cls(bm25, len(texts), analyzer)
+        if corpus:
+            bm25.index([list(terms) or [""] for terms in corpus], show_progress=False)
+        return cls(bm25, len(corpus), analyzer)
 
     def save(self, folder: Path) -> None:
         self.bm25.save(str(folder))
