@@ -90,6 +90,42 @@ def test_add_replace_remove_an_article(settings):
     assert not list(settings.seeds_dir.glob(".*")) and not (settings.index_dir / "write-journal.json").exists()
 
 
+def test_an_upload_writes_lexical_files_on_forked_workers_while_questions_are_answered(settings, monkeypatch):
+    """A large archive's upload forks workers for BM25 from a process whose other threads keep answering."""
+    import threading
+
+    from qa_service import chunking, store
+
+    pools = []
+    real_pool = chunking.fork_pool
+    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)  # the seeds stand in for a large archive
+    monkeypatch.setattr(chunking, "cores", lambda: 2)
+    monkeypatch.setattr(chunking, "fork_pool", lambda n: pools.append(n) or real_pool(n))
+    app = make_app(settings)
+    stop, answered, failed = threading.Event(), [], []
+
+    def ask():
+        client = app.test_client()
+        while not stop.is_set():
+            r = client.post("/api/ask", json={"question": "Gaza ceasefire", "k": 3})
+            (answered if r.status_code == 200 else failed).append(r.status_code)
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in askers:
+        thread.start()
+    try:
+        r = app.test_client().post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE}, headers=KEY)
+    finally:
+        stop.set()
+        for thread in askers:
+            thread.join(30)
+    assert r.status_code == 201, r.get_json()
+    assert pools, "the lexical files were not written on forked workers"
+    assert answered and not failed
+    hits = app.test_client().post("/api/ask", json={"question": "flamingo zebras", "k": 1, "mode": "lexical"})
+    assert hits.get_json()["results"][0]["citation"]["article_id"] == "flamingo-1"
+
+
 def test_uploads_have_their_own_larger_cap(settings):
     app = make_app(settings.with_(max_upload_bytes=200_000))
     client = app.test_client()
