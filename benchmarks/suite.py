@@ -601,11 +601,8 @@ def section_scale(b: Bench) -> None:
         rng = np.random.default_rng(n)
         for share in FILTER_SHARES:
             allowed = np.sort(rng.choice(n, max(1, int(share * n)), replace=False)).astype(np.int64)
-            lat = []
-            for i in range(min(len(qvecs), 50)):
-                t0 = time.perf_counter()
-                dense.search(qvecs[i:i + 1], 50, allowed)
-                lat.append((time.perf_counter() - t0) * 1000)
+            lat, _ = time_calls(lambda q, ids=allowed: dense.search(q.reshape(1, -1), 50, ids), list(qvecs),
+                                min(len(qvecs), 50))
             filtered[share] = float(np.median(lat))
         kind = entry["type"] + (f" nlist={entry['nlist']} nprobe={entry['nprobe']}" if "nlist" in entry else "")
         label = f"{n:,} passages"

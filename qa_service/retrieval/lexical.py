@@ -189,8 +189,6 @@ class LexicalIndex:
 
     @classmethod
     def build(cls, texts: Sequence[str], analyzer: str = "terms") -> "LexicalIndex":
-        import bm25s
-
         return cls.from_terms([ANALYZERS[analyzer](t) for t in texts], analyzer)
 
     @classmethod
