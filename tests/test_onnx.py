@@ -164,6 +164,32 @@ def test_serving_encoder_runs_on_sleeping_threads(real_index):
     assert options.intra_op_num_threads == SERVING_THREADS >= 1
 
 
+
+@pytest.mark.slow
+def test_a_busy_server_encodes_on_one_thread_with_the_same_vectors(real_index):
+    """``share_cores``: while other workers answer, the encoder uses its one-thread session (less CPU in
+    thread hand-offs); alone, the two-thread one (lower latency). Both give bit-identical vectors."""
+    encoder = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=2)
+    questions = _dev_questions()
+    alone = encoder.encode(questions[:1])
+    busy = [False]
+    encoder.share_cores(lambda: busy[0])
+    assert encoder._session_now().get_session_options().intra_op_num_threads == 2
+    busy[0] = True
+    assert encoder._session_now().get_session_options().intra_op_num_threads == 1
+    narrow = np.stack([encoder.encode([q])[0] for q in questions])
+    busy[0] = False
+    wide = np.stack([encoder.encode([q])[0] for q in questions])
+    assert np.array_equal(narrow, wide) and np.array_equal(wide[:1], alone)
+    batch_wide = encoder.encode(questions)
+    busy[0] = True
+    assert np.array_equal(encoder.encode(questions), batch_wide)  # batches too
+
+    single = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=1)
+    single.share_cores(lambda: True)  # already one thread: no second session
+    assert single._narrow is None and single._session_now() is single._session
+
+
 def test_serving_process_never_imports_torch(real_index, real_searcher):
     """A fresh process builds a Searcher from the index and answers, without torch or sentence-transformers."""
     script = textwrap.dedent(f"""

@@ -16,7 +16,7 @@ import requests
 from click.testing import CliRunner
 
 from qa_service.cli import cli
-from qa_service.web.server import QAServer, gunicorn_options, is_loopback
+from qa_service.web.server import QAServer, WorkerActivity, gunicorn_options, is_loopback
 
 SEEDS = Path(__file__).resolve().parent.parent / "seeds"
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
@@ -61,6 +61,109 @@ def test_gunicorn_configuration(fake_index):
     assert cfg.worker_class_str == "gthread" and cfg.timeout == 30 and not cfg.preload_app
     assert cfg.limit_request_line == 8190
     assert gunicorn_options("::1", 80, 1)["bind"] == ["[::1]:80"]
+
+
+
+class _Worker:  # what gunicorn hands its hooks: an object the master can tag before the fork
+    pass
+
+
+def test_workers_see_each_other_answering_through_shared_memory():
+    """``WorkerActivity``: flags in memory shared across the fork; each worker sees the others', not its own."""
+    import multiprocessing
+
+    activity = WorkerActivity(workers=2)
+    a, b = _Worker(), _Worker()
+    activity.assign(a)
+    activity.assign(b)
+    assert a.qa_activity_slot != b.qa_activity_slot
+    seen = multiprocessing.get_context("fork").Queue()
+    started, release = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
+
+    def worker_b():
+        activity.adopt(b)
+        seen.put(activity.others_answering())
+        with activity.answering():
+            started.set()
+            release.wait(30)
+
+    child = multiprocessing.get_context("fork").Process(target=worker_b)
+    child.start()
+    activity.adopt(a)  # this process plays worker a
+    assert started.wait(30)
+    assert seen.get(timeout=30) is False  # b alone
+    assert activity.others_answering()  # a sees b answering
+    with activity.answering():
+        assert activity.others_answering()  # its own flag does not count
+    release.set()
+    child.join(30)
+    assert not activity.others_answering()
+
+    # A worker killed mid-answer: the master clears its flag when it reaps it, and re-uses the slot.
+    dead = _Worker()
+    activity.assign(dead)
+    activity._flags[dead.qa_activity_slot] = 1
+    assert activity.others_answering()
+    activity.release(dead)
+    assert not activity.others_answering()
+
+    # More workers than flags (a reload overlapping old and new workers): the extra one just does not publish.
+    extra = [_Worker() for _ in range(len(activity._flags) + 1)]
+    for w in extra:
+        activity.assign(w)
+    assert extra[-1].qa_activity_slot is None
+    lone = WorkerActivity(workers=1)
+    lone.adopt(extra[-1])
+    with lone.answering():
+        assert not any(lone._flags)
+    with pytest.raises(RuntimeError):
+        with activity.answering():  # a failed answer still lowers the flag
+            raise RuntimeError("boom")
+    assert activity._flags[activity._slot] == 0
+
+
+def test_the_app_marks_its_answers_and_shares_cores_with_other_workers(fake_searcher):
+    """``create_app(activity=...)`` hands the encoder the "others answering" signal, at start and after a reload,
+    and raises this worker's flag exactly while ``Searcher.ask`` runs."""
+    from qa_service.web import create_app
+
+    activity = WorkerActivity(workers=2)
+    me = _Worker()
+    activity.assign(me)
+    activity.adopt(me)
+
+    class Embedder:
+        def __init__(self, inner):
+            self.inner, self.shared = inner, None
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def share_cores(self, contended):
+            self.shared = contended
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.embedder, self.flags = inner, Embedder(inner.embedder), []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def ask(self, question, k=5, filters=None, mode="hybrid"):
+            self.flags.append(activity._flags[me.qa_activity_slot])
+            return self.inner.ask(question, k=k, filters=filters, mode=mode)
+
+    searcher = Recording(fake_searcher)
+    app = create_app(fake_searcher.settings, searcher, activity=activity)
+    assert searcher.embedder.shared == activity.others_answering
+    response = app.test_client().post("/api/ask", json={"question": "Who leads Hamas?"})
+    assert response.status_code == 200
+    assert searcher.flags == [1] and activity._flags[me.qa_activity_slot] == 0
+
+    fresh = Recording(fake_searcher)
+    state = app.extensions["qa_service"]
+    state._share_cores(fresh)
+    assert fresh.embedder.shared == activity.others_answering
 
 
 # --------------------------------------------------------------------------- a real server

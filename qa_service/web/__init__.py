@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import nullcontext
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ class QAState:
     # Loads the live index again (reloads); None: serve ``searcher`` for good.
     load_searcher: Callable[[], "Searcher"] | None = None
     write_embedder: Any = None  # embeds uploaded articles; None: the live index's own encoder
+    # Under gunicorn: which workers are answering (``server.WorkerActivity``); None outside a server.
+    activity: Any = None
 
     def __post_init__(self):
         self._waiting = threading.BoundedSemaphore(max(1, self.settings.max_queue))
@@ -100,6 +103,13 @@ class QAState:
         self._next_check = 0.0
         self._seen: tuple | None = None  # (inode, mtime) of index/CURRENT when last looked at
         self.reloads = 0
+        self._share_cores(self.searcher)
+
+    def _share_cores(self, searcher) -> None:
+        """Let the searcher's encoder drop to one thread while other workers are answering (``share_cores``)."""
+        share = getattr(getattr(searcher, "embedder", None), "share_cores", None)
+        if self.activity is not None and share is not None:
+            share(self.activity.others_answering)
 
     def ask(self, req: AskRequestBase) -> dict:
         """Run ``Searcher.ask`` for a validated request; return its structure plus ``ok``, ``took_ms``, urls."""
@@ -115,7 +125,8 @@ class QAState:
             if not self.lock.acquire(timeout=self.settings.queue_timeout):
                 raise Overloaded("The question waited too long for its turn; try again in a moment.")
             try:
-                result = searcher.ask(req.question, k=req.k, filters=filters, **kwargs)
+                with self.activity.answering() if self.activity is not None else nullcontext():
+                    result = searcher.ask(req.question, k=req.k, filters=filters, **kwargs)
             finally:
                 self.lock.release()
         finally:
@@ -185,6 +196,7 @@ class QAState:
             return False
         try:
             searcher = self.load_searcher()
+            self._share_cores(searcher)
             warm_up(searcher)  # its own encoder, not yet shared with any request: no need for self.lock
         except Exception as exc:  # a broken build: keep answering from the one we have
             message = exc.message if isinstance(exc, QAError) else f"{type(exc).__name__}: {exc}"
@@ -229,13 +241,16 @@ def _accepts_mode(searcher) -> bool:
 
 
 def create_app(settings: Settings | None = None, searcher: "Searcher | None" = None, *,
-               load_searcher: Callable[[], "Searcher"] | None = None, write_embedder: Any = None) -> Flask:
+               load_searcher: Callable[[], "Searcher"] | None = None, write_embedder: Any = None,
+               activity: Any = None) -> Flask:
     """Build the app; load the index and model now (unless a ready ``searcher`` is given, as tests do).
 
     Args:
         load_searcher: loads the live index again when it changes; by default ``Searcher(settings)``
             when no ``searcher`` is given, and no reloads when one is.
         write_embedder: embeds uploaded articles (tests pass a fake); None: the index's own encoder.
+        activity: the gunicorn workers' ``server.WorkerActivity``; the encoder then uses its second core only
+            while no other worker is answering.
     """
     if settings is None:
         settings = searcher.settings if searcher is not None else Settings.from_env()
@@ -261,6 +276,7 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
         settings=settings, searcher=searcher,
         ask_model=ask_request_model(settings.max_question_chars, settings.max_k),
         supports_mode=_accepts_mode(searcher), load_searcher=load_searcher, write_embedder=write_embedder,
+        activity=activity,
     )
 
     @app.before_request

@@ -12,10 +12,13 @@ Choices, for a CPU-bound service on a small machine:
 * The master only checks the index manifest (cheap, no torch) so a missing or mismatched index fails
   fast with a sentence instead of a worker traceback.
 * Logs (errors and access) go to stderr.
+* Workers tell each other when they are answering (``WorkerActivity``, flags in memory shared across the
+  fork), so a worker encodes a question on two threads only while no other worker needs a core.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import multiprocessing
@@ -23,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -47,8 +51,58 @@ class StderrLogger(GunicornLogger):
                 handler.setStream(sys.stderr)
 
 
-def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeout: int = 30) -> dict:
+class WorkerActivity:
+    """Which of the server's worker processes are answering a question at this moment.
+
+    One flag per worker in a shared-memory array the master makes before it forks: each worker writes only its
+    own flag (around ``Searcher.ask``) and reads the others', with no lock. The master hands out a flag before
+    each fork (``pre_fork``) and clears it when the worker exits (``child_exit``), so a worker killed mid-answer
+    does not look busy for ever. The encoder uses ``others_answering`` to choose between its two-thread session
+    (fast alone) and its one-thread session (cheaper once the other core is taken; ``OnnxEmbedder.share_cores``).
+    gunicorn starts a new worker before an old one is gone when it reloads, so there are twice as many flags as
+    workers, plus two; a worker that finds none free simply does not publish (others see it as idle).
+    """
+
+    def __init__(self, workers: int):
+        self._flags = multiprocessing.RawArray(ctypes.c_int, 2 * max(1, workers) + 2)
+        self._free = list(range(len(self._flags)))  # master-side bookkeeping
+        self._slot: int | None = None  # this worker's flag (after the fork)
+
+    # master side (gunicorn hooks)
+    def assign(self, worker) -> None:
+        worker.qa_activity_slot = self._free.pop(0) if self._free else None
+
+    def release(self, worker) -> None:
+        slot = getattr(worker, "qa_activity_slot", None)
+        if slot is not None:
+            self._flags[slot] = 0
+            self._free.append(slot)
+
+    # worker side
+    def adopt(self, worker) -> None:
+        self._slot = getattr(worker, "qa_activity_slot", None)
+
+    @contextmanager
+    def answering(self):
+        slot = self._slot
+        if slot is None:
+            yield
+            return
+        self._flags[slot] = 1
+        try:
+            yield
+        finally:
+            self._flags[slot] = 0
+
+    def others_answering(self) -> bool:
+        own = self._slot
+        return any(flag for i, flag in enumerate(self._flags) if i != own)
+
+
+def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeout: int = 30,
+                     activity: WorkerActivity | None = None) -> dict:
     """Return the gunicorn settings this service runs with."""
+    activity = activity or WorkerActivity(workers)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
         "bind": [bind],
@@ -71,7 +125,9 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeo
         "logger_class": StderrLogger,
         "proc_name": "qa-service",
         "forwarded_allow_ips": "127.0.0.1,::1",
-        "post_fork": _remember_worker,
+        "pre_fork": lambda server, worker: activity.assign(worker),
+        "post_fork": lambda server, worker: (activity.adopt(worker), _remember_worker(server, worker)),
+        "child_exit": lambda server, worker: activity.release(worker),
         "control_socket_disable": True,  # gunicorn >= 25: no runtime-control socket in $HOME
     }
 
@@ -138,9 +194,10 @@ class _Heartbeat:
 class QAServer(BaseApplication):
     """gunicorn, configured in code, serving ``create_app(settings)`` in each worker."""
 
-    def __init__(self, settings: Settings, options: dict):
+    def __init__(self, settings: Settings, options: dict, activity: WorkerActivity | None = None):
         self.settings = settings
         self.options = options
+        self.activity = activity
         super().__init__()
 
     def load_config(self):
@@ -153,7 +210,7 @@ class QAServer(BaseApplication):
 
         with _Heartbeat():
             try:
-                app = create_app(self.settings)
+                app = create_app(self.settings, activity=self.activity)
             except QAError as exc:
                 logging.getLogger("gunicorn.error").error("cannot start: %s", exc.message)
                 sys.exit(WORKER_BOOT_ERROR)
@@ -231,4 +288,5 @@ def check_index(settings: Settings) -> dict:
 
 def run(settings: Settings, host: str, port: int, workers: int) -> None:
     """Serve until stopped (SIGINT/SIGTERM)."""
-    QAServer(settings, gunicorn_options(host, port, workers)).run()
+    activity = WorkerActivity(workers)
+    QAServer(settings, gunicorn_options(host, port, workers, activity=activity), activity).run()
