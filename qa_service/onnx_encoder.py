@@ -52,9 +52,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Smallest cosine to sentence-transformers, over the probe texts, that an export must reach to be used.
 # fp32 agrees to ~1e-7; dynamic per-channel int8 measured 0.991 minimum / 0.995 mean on 500 SciFact abstracts.
 MIN_COSINE = {"fp32": 0.9999, "int8": 0.97}
-# One question on 2 intra-op threads: 5.5 ms p50 against 7.9 ms on one (fp32, dev questions, this 2-core machine).
-# With spinning off (below), two busy processes of 2 threads each still answer 218 questions/s together against
-# 227/s with one thread each, so the latency gain costs loaded throughput almost nothing.
+# One question on 2 intra-op threads: 4.2-4.9 ms p50 against 6.5-6.8 ms on one (fp32, dev questions, this 2-core
+# machine), for ~1 ms more CPU in thread hand-offs; a serving worker therefore falls back to one thread while other
+# workers hold questions (``share_cores``).
 SERVING_THREADS = max(1, min(2, os.cpu_count() or 1))
 INDEXING_THREADS = 2
 
@@ -126,10 +126,12 @@ class OnnxEmbedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning for the next operator. Spinning kept two serving workers of 2
-        # threads each at 66 questions/s per process (15 ms each) against 111/s without it; batch encoding
-        # (indexing) measured the same either way (400 passages: 4.05 s vs 3.9 s).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Pool threads spin between the operators of one run (a sleeping thread takes ~1 ms a question longer to
+        # wake: 4.2-4.9 against 5.3-6.2 ms p50, two threads, dev questions) but stop spinning when the run ends
+        # (``force_spinning_stop``): left spinning, they burnt 40 ms of CPU in each 50 ms after a question, which
+        # kept two serving workers at 66 questions/s each against 111/s. A one-thread session has no pool.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

@@ -69,7 +69,7 @@ class _Worker:  # what gunicorn hands its hooks: an object the master can tag be
 
 
 def test_workers_see_each_other_answering_through_shared_memory():
-    """``WorkerActivity``: flags in memory shared across the fork; each worker sees the others', not its own."""
+    """``WorkerActivity``: counters in memory shared across the fork; each worker sees the others', not its own."""
     import multiprocessing
 
     activity = WorkerActivity(workers=2)
@@ -93,8 +93,10 @@ def test_workers_see_each_other_answering_through_shared_memory():
     assert started.wait(30)
     assert seen.get(timeout=30) is False  # b alone
     assert activity.others_answering()  # a sees b answering
-    with activity.answering():
-        assert activity.others_answering()  # its own flag does not count
+    with activity.answering(), activity.answering():  # two questions of this worker's threads
+        assert activity._counts[a.qa_activity_slot] == 2
+        assert activity.others_answering()  # its own count does not matter
+    assert activity._counts[a.qa_activity_slot] == 0
     release.set()
     child.join(30)
     assert not activity.others_answering()
@@ -102,29 +104,29 @@ def test_workers_see_each_other_answering_through_shared_memory():
     # A worker killed mid-answer: the master clears its flag when it reaps it, and re-uses the slot.
     dead = _Worker()
     activity.assign(dead)
-    activity._flags[dead.qa_activity_slot] = 1
+    activity._counts[dead.qa_activity_slot] = 1
     assert activity.others_answering()
     activity.release(dead)
     assert not activity.others_answering()
 
     # More workers than flags (a reload overlapping old and new workers): the extra one just does not publish.
-    extra = [_Worker() for _ in range(len(activity._flags) + 1)]
+    extra = [_Worker() for _ in range(len(activity._counts) + 1)]
     for w in extra:
         activity.assign(w)
     assert extra[-1].qa_activity_slot is None
     lone = WorkerActivity(workers=1)
     lone.adopt(extra[-1])
     with lone.answering():
-        assert not any(lone._flags)
+        assert not any(lone._counts)
     with pytest.raises(RuntimeError):
-        with activity.answering():  # a failed answer still lowers the flag
+        with activity.answering():  # a failed answer still lowers the count
             raise RuntimeError("boom")
-    assert activity._flags[activity._slot] == 0
+    assert activity._counts[activity._slot] == 0
 
 
 def test_the_app_marks_its_answers_and_shares_cores_with_other_workers(fake_searcher):
     """``create_app(activity=...)`` hands the encoder the "others answering" signal, at start and after a reload,
-    and raises this worker's flag exactly while ``Searcher.ask`` runs."""
+    and counts the question in this worker's counter while the worker holds it."""
     from qa_service.web import create_app
 
     activity = WorkerActivity(workers=2)
@@ -150,7 +152,7 @@ def test_the_app_marks_its_answers_and_shares_cores_with_other_workers(fake_sear
             return getattr(self.inner, name)
 
         def ask(self, question, k=5, filters=None, mode="hybrid"):
-            self.flags.append(activity._flags[me.qa_activity_slot])
+            self.flags.append(activity._counts[me.qa_activity_slot])
             return self.inner.ask(question, k=k, filters=filters, mode=mode)
 
     searcher = Recording(fake_searcher)
@@ -158,7 +160,7 @@ def test_the_app_marks_its_answers_and_shares_cores_with_other_workers(fake_sear
     assert searcher.embedder.shared == activity.others_answering
     response = app.test_client().post("/api/ask", json={"question": "Who leads Hamas?"})
     assert response.status_code == 200
-    assert searcher.flags == [1] and activity._flags[me.qa_activity_slot] == 0
+    assert searcher.flags == [1] and activity._counts[me.qa_activity_slot] == 0
 
     fresh = Recording(fake_searcher)
     state = app.extensions["qa_service"]

@@ -94,7 +94,7 @@ class QAState:
     # Loads the live index again (reloads); None: serve ``searcher`` for good.
     load_searcher: Callable[[], "Searcher"] | None = None
     write_embedder: Any = None  # embeds uploaded articles; None: the live index's own encoder
-    # Under gunicorn: which workers are answering (``server.WorkerActivity``); None outside a server.
+    # Under gunicorn: how many questions each worker holds (``server.WorkerActivity``); None outside a server.
     activity: Any = None
 
     def __post_init__(self):
@@ -122,13 +122,13 @@ class QAState:
         if not self._waiting.acquire(blocking=False):
             raise Overloaded("Too many questions are waiting; try again in a moment.")
         try:
-            if not self.lock.acquire(timeout=self.settings.queue_timeout):
-                raise Overloaded("The question waited too long for its turn; try again in a moment.")
-            try:
-                with self.activity.answering() if self.activity is not None else nullcontext():
+            with self.activity.answering() if self.activity is not None else nullcontext():
+                if not self.lock.acquire(timeout=self.settings.queue_timeout):
+                    raise Overloaded("The question waited too long for its turn; try again in a moment.")
+                try:
                     result = searcher.ask(req.question, k=req.k, filters=filters, **kwargs)
-            finally:
-                self.lock.release()
+                finally:
+                    self.lock.release()
         finally:
             self._waiting.release()
         took_ms = round((time.perf_counter() - started) * 1000, 3)
