@@ -382,9 +382,11 @@ def section_build(b: Bench) -> None:
     re-index (other articles into the first folder: every one is new, so everything is embedded) shares the
     live export. Neither of the last two loads torch, as no later ``qa-service index`` of the same model does.
     """
+    from qa_service.config import Settings
     from qa_service.embedding import SentenceTransformerEmbedder
     from qa_service.store import read_manifest
 
+    batch = Settings().batch_size  # the floors encode in the build's own batches, so batching is no advantage
     corpus, what = _build_corpus(b)
     index_dir = b.work / "build-index"
     shutil.rmtree(index_dir, ignore_errors=True)
@@ -395,17 +397,17 @@ def section_build(b: Bench) -> None:
     manifest, onnx, embedded, sentences = _built_texts(index_dir, corpus)
     b.facts["build_index"] = index_dir
     t0 = time.perf_counter()
-    onnx.encode(embedded, batch_size=32)
+    onnx.encode(embedded, batch_size=batch)
     t_pass = time.perf_counter() - t0
     pooled = manifest.get("sentence_vectors") == "pooled"  # sentence vectors came from the passage pass
     t_sent = 0.0
     if not pooled:
         t0 = time.perf_counter()
-        onnx.encode(sentences, batch_size=64)
+        onnx.encode(sentences, batch_size=2 * batch)
         t_sent = time.perf_counter() - t0
     st = SentenceTransformerEmbedder("all-MiniLM-L6-v2")
     t0 = time.perf_counter()
-    st.encode(embedded, batch_size=32)
+    st.encode(embedded, batch_size=batch)
     t_torch = time.perf_counter() - t0
     n, m = len(embedded), len(sentences)
     note = (f"{what}: {n} passages, {m} sentences ({'pooled from the passage pass' if pooled else 'embedded apart'}), "
@@ -444,7 +446,7 @@ def section_build(b: Bench) -> None:
     if manifest2["encoder"].get("reused_from") != Path(manifest["_build_dir"]).name:
         raise RuntimeError("the re-index did not share the first build's ONNX export")
     t0 = time.perf_counter()
-    onnx2.encode(embedded2, batch_size=32)
+    onnx2.encode(embedded2, batch_size=batch)
     t_pass2 = time.perf_counter() - t0
     n2 = len(embedded2)
     b.add(Row("build", "qa-service index into that folder again (other articles; export shared, no torch), "
