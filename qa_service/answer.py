@@ -29,6 +29,12 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
 
 
+@lru_cache(maxsize=4096)
+def _words_and_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The folded words and the BM25 terms of a passage with its title; cached like ``_terms``."""
+    return frozenset(words(text)), frozenset(analyze(text))
+
+
 @lru_cache(maxsize=65536)
 def _terms(text: str) -> frozenset[str]:
     """The BM25 terms of a sentence; cached, since the same sentences come back question after question."""
@@ -91,38 +97,51 @@ def answer_sentence_score(asked: AskedFor, qterms: set[str], sentence: str, cosi
 
 def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], sims: dict[int, np.ndarray],
                k: int, group: bool = True) -> list[Hit]:
-    """Turn ranked candidates into at most ``k`` hits with answer sentences (and groups, if ``group``)."""
+    """Turn ranked candidates into at most ``k`` hits with answer sentences (and groups, if ``group``).
+
+    Candidates are prepared (passage row, answering sentence, its vector) ``k`` at a time, as the loop below
+    reaches them: most questions fill their ``k`` results from the first few, so the rest are never scored.
+    """
     qterms = set(searcher.question_terms(question))
     asked = asked_for(question)
     considered = cands[: max(4 * k, 20)]  # enough for k results after dropping overlaps and grouping
     rows = searcher._passages([c.pid for c in considered])
-    prepared = []
-    for cand in considered:
-        if cand.pid not in rows:
-            break
+
+    def prepare(cand: "Candidate"):
         article_id, start, end, text = rows[cand.pid]
-        sids = list(searcher.passage_sentence_ids(cand.pid))
+        sids = searcher.passage_sentence_ids(cand.pid)
         # A passage is whole sentences, so each sentence is a slice of the passage's own text (the article's
         # text from ``start``): no article text is read here.
-        sent_scores = []
-        for sid, sim in zip(sids, sims.get(cand.pid, np.zeros(len(sids)))):
-            s, e = searcher.sentence_span(sid)
-            sent_scores.append(answer_sentence_score(asked, qterms, text[s - start:e - start], sim))
-        best = int(np.argmax(sent_scores)) if sent_scores else 0
         cosines = sims.get(cand.pid)
+        best, best_score = 0, -math.inf
+        for i, (sid, sim) in enumerate(zip(sids, cosines if cosines is not None else np.zeros(len(sids)))):
+            s, e = searcher.sentence_span(sid)
+            score = answer_sentence_score(asked, qterms, text[s - start:e - start], sim)
+            if score > best_score:  # the first of equal scores, as argmax
+                best, best_score = i, score
         answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense
-        s, e = searcher.sentence_span(sids[best]) if sids else (start, end)
-        prepared.append((cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine,
-                         sids[best] if sids else None))
-    # The answer sentences' vectors (for grouping), fetched together: one lookup, not one per result.
-    wanted = [p[9] for p in prepared if p[9] is not None]
-    vectors = dict(zip(wanted, searcher.sentence_vectors(wanted))) if group and wanted else {}
+        s, e = searcher.sentence_span(sids[best]) if len(sids) else (start, end)
+        return (cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine,
+                sids[best] if len(sids) else None)
+
+    def prepared_blocks():
+        for first in range(0, len(considered), max(1, k)):
+            block = []
+            for cand in considered[first:first + max(1, k)]:
+                if cand.pid not in rows:
+                    break
+                block.append(prepare(cand))
+            # The block's answer sentences' vectors (for grouping), fetched together: one lookup per block.
+            wanted = [p[9] for p in block if p[9] is not None]
+            vectors = dict(zip(wanted, searcher.sentence_vectors(wanted))) if group and wanted else {}
+            for p in block:
+                yield p, vectors.get(p[9])
+            if len(block) < len(considered[first:first + max(1, k)]):
+                return
+
     hits: list[Hit] = []
     chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
-    for cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid in prepared:
-        if len(hits) >= k:
-            break
-        vec = vectors.get(best_sid)
+    for (cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid), vec in prepared_blocks():
 
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):
@@ -150,6 +169,8 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
         hit.extra["also_reported_by"] = []
         hits.append(hit)
         chosen.append((hit, article_id, start, end, vec, _numbers(answer_text)))
+        if len(hits) >= k:
+            break
     for hit in hits:
         hit.extra.setdefault("figures_differ", False)
     return hits
@@ -227,8 +248,7 @@ def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
     qwords = {w for w in words(corrected) if w not in stop and len(w) > 1}
     if not qwords:
         return 0.0
-    have = set(words(hit.text + " " + (hit.citation.title or "")))
-    have_stems = set(analyze(hit.text + " " + (hit.citation.title or "")))
+    have, have_stems = _words_and_terms(hit.text + " " + (hit.citation.title or ""))
     total = got = 0.0
     for w in qwords:
         idf = math.log(1 + n / (1 + counts.get(w, 0)))

@@ -184,7 +184,8 @@ class FaissBackend:
         pids = np.array(sorted(ids), dtype=np.int64)
         lexical = np.zeros(len(pids), dtype=np.float32) if lex_all is None else lex_all[pids]
         sids, bounds = self._sentence_ids(pids)
-        sentence_cosines = np.split(np.asarray(self.sentence_matrix[sids]) @ qvec, bounds[1:-1])
+        flat = np.asarray(self.sentence_matrix[sids]) @ qvec
+        sentence_cosines = [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]  # np.split, faster
         mix = (self._lexical_mix(lexical_text, pids, lex_all, weights, sids, bounds)
                if lexical_mix and lex_all is not None else None)
         return Evidence(pids, self.dense.vectors(pids) @ qvec, sentence_cosines, lexical, mix,

@@ -80,6 +80,13 @@ def pairs(terms: Sequence[str]) -> list[str]:
 ANALYZERS = {"terms": analyze, "bigrams": bigrams}
 
 
+@lru_cache(maxsize=1024)
+def _question_terms(analyzer: str, question: str) -> tuple[str, ...]:
+    """A question's terms for ``LexicalIndex.scores``: one question is scored against passages, sentences and
+    word pairs (two of them with the same analyser), so its analysis is remembered, not redone."""
+    return tuple(ANALYZERS[analyzer](question))
+
+
 def translit_key(word: str) -> str:
     """Return a spelling-insensitive key for a transliterated name."""
     w = word.lower()
@@ -218,7 +225,7 @@ class LexicalIndex:
 
     def scores(self, question: str) -> np.ndarray:
         """Return the BM25 score of every text for ``question`` (float32 ``[size]``)."""
-        terms = [t for t in self._analyze(question) if t in self.bm25.vocab_dict]
+        terms = [t for t in _question_terms(self.analyzer, question) if t in self.bm25.vocab_dict]
         if not terms or self.size == 0:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
