@@ -126,12 +126,12 @@ class OnnxEmbedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Pool threads spin between the operators of one run (a sleeping thread takes ~1 ms a question longer to
-        # wake: 4.2-4.9 against 5.3-6.2 ms p50, two threads, dev questions) but stop spinning when the run ends
-        # (``force_spinning_stop``): left spinning, they burnt 40 ms of CPU in each 50 ms after a question, which
-        # kept two serving workers at 66 questions/s each against 111/s. A one-thread session has no pool.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Idle pool threads sleep instead of spinning for the next operator. Spinning kept two serving workers of 2
+        # threads each at 66 questions/s per process (15 ms each) against 111/s without it. Spinning only within a
+        # run (``force_spinning_stop``) answered back-to-back questions ~0.9 ms sooner (4.2 against 5.1 ms p50) but
+        # a question arriving after the machine sat idle for 20 ms or more far later (10-12 against 7.5-9 ms; one
+        # thread 7.4-8.4), which is how a lightly used service is asked; so the threads sleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
