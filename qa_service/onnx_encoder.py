@@ -52,9 +52,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Smallest cosine to sentence-transformers, over the probe texts, that an export must reach to be used.
 # fp32 agrees to ~1e-7; dynamic per-channel int8 measured 0.991 minimum / 0.995 mean on 500 SciFact abstracts.
 MIN_COSINE = {"fp32": 0.9999, "int8": 0.97}
-# One question on 2 intra-op threads: 4.2-4.9 ms p50 against 6.5-6.8 ms on one (fp32, dev questions, this 2-core
-# machine), for ~1 ms more CPU in thread hand-offs; a serving worker therefore falls back to one thread while other
-# workers hold questions (``share_cores``).
+# One question on 2 intra-op threads: 4.3-5.7 ms p50 against 6.4-7.4 ms on one, back to back (fp32, dev questions,
+# this 2-core machine), for ~1 ms more CPU in thread hand-offs; a serving worker therefore falls back to one thread
+# while other workers hold questions (``share_cores``).
 SERVING_THREADS = max(1, min(2, os.cpu_count() or 1))
 INDEXING_THREADS = 2
 
