@@ -8,7 +8,7 @@ import pytest
 from qa_service.errors import InvalidRequest
 from qa_service.retrieval import fusion
 from qa_service.retrieval.dates import date_preference, question_period
-from qa_service.retrieval.lexical import Vocabulary, analyze, translit_key, words
+from qa_service.retrieval.lexical import LexicalIndex, TOP_BLOCK, Vocabulary, analyze, top_positive, translit_key, words
 from qa_service.types import Filters
 
 
@@ -20,6 +20,44 @@ def test_rrf_and_convex_fusion_by_hand():
     assert rrf == pytest.approx([1 / 61, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62])
     assert fusion.convex_fusion(dense, fusion.scale_by_max(lexical), 0.5) == pytest.approx([0.45, 0.75, 0.30])
     assert fusion.convex_fusion(dense, fusion.scale_by_max(np.zeros(3)), 0.5) == pytest.approx(dense * 0.5)
+
+
+def _top_by_sorting(scores, k):
+    positive = np.flatnonzero(scores > 0)
+    return positive[np.lexsort((positive, -scores[positive]))][:k]
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "sparse", "zeros", "negative"])
+def test_top_positive_is_exact_against_a_full_sort(kind):
+    """The block-maximum bound may only skip texts that cannot be in the top k; ties at the k-th score are broken
+    by id, whatever path (small arrays sort all positives, large ones only those above the bound)."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(0, 40 * TOP_BLOCK))
+        k = int(rng.integers(1, 60))
+        if kind == "distinct":
+            scores = rng.random(n, dtype=np.float32)
+        elif kind == "ties":
+            scores = np.round(rng.random(n) * 4).astype(np.float32)
+        elif kind == "sparse":
+            scores = np.where(rng.random(n) < 0.01, rng.random(n), 0).astype(np.float32)
+        elif kind == "zeros":
+            scores = np.zeros(n, dtype=np.float32)
+        else:
+            scores = (rng.random(n) - 0.7).astype(np.float32)
+        got = top_positive(scores, k)
+        assert got.dtype == np.int64
+        assert np.array_equal(got, _top_by_sorting(scores, k))
+    assert len(top_positive(np.ones(10, dtype=np.float32), 0)) == 0
+
+
+def test_lexical_search_ranks_by_bm25_with_a_filter():
+    texts = [f"filler words {i} about nothing" for i in range(2000)] + ["ceasefire talks in Doha"] * 3
+    index = LexicalIndex.build(texts)
+    scores, ids = index.search("ceasefire talks", 5)
+    assert ids.tolist() == [2000, 2001, 2002] and np.all(scores > 0)
+    scores, ids = index.search("ceasefire talks", 5, allowed=np.array([5, 2001, 2002]))
+    assert ids.tolist() == [2001, 2002]
 
 
 def test_lexical_analysis_folds_quotes_and_numbers():
