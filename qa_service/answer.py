@@ -6,6 +6,7 @@ All of it works from what the index stored (sentence vectors, BM25 vocabulary); 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from functools import lru_cache
@@ -30,9 +31,9 @@ def _numbers(text: str) -> set[str]:
 
 
 @lru_cache(maxsize=4096)
-def _words_and_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
-    """The folded words and the BM25 terms of a passage with its title; cached like ``_terms``."""
-    return frozenset(words(text)), frozenset(analyze(text))
+def _words(text: str) -> frozenset[str]:
+    """The folded words of a passage with its title (``coverage``); cached like ``_terms``."""
+    return frozenset(words(text))
 
 
 @lru_cache(maxsize=65536)
@@ -125,19 +126,16 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
                 sids[best] if len(sids) else None)
 
     def prepared_blocks():
-        for first in range(0, len(considered), max(1, k)):
-            block = []
-            for cand in considered[first:first + max(1, k)]:
-                if cand.pid not in rows:
-                    break
-                block.append(prepare(cand))
+        # Only candidates with a row, in order: a missing row (deleted meanwhile) ends the list, as it always has.
+        ready = list(itertools.takewhile(lambda c: c.pid in rows, considered))
+        step = max(1, k)
+        for first in range(0, len(ready), step):
+            block = [prepare(cand) for cand in ready[first:first + step]]
             # The block's answer sentences' vectors (for grouping), fetched together: one lookup per block.
             wanted = [p[9] for p in block if p[9] is not None]
             vectors = dict(zip(wanted, searcher.sentence_vectors(wanted))) if group and wanted else {}
             for p in block:
                 yield p, vectors.get(p[9])
-            if len(block) < len(considered[first:first + max(1, k)]):
-                return
 
     hits: list[Hit] = []
     chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
@@ -248,7 +246,8 @@ def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
     qwords = {w for w in words(corrected) if w not in stop and len(w) > 1}
     if not qwords:
         return 0.0
-    have, have_stems = _words_and_terms(hit.text + " " + (hit.citation.title or ""))
+    text = hit.text + " " + (hit.citation.title or "")
+    have, have_stems = _words(text), _terms(text)
     total = got = 0.0
     for w in qwords:
         idf = math.log(1 + n / (1 + counts.get(w, 0)))

@@ -54,13 +54,33 @@ def test_missing_or_mismatched_index_fails_before_serving(tmp_path, fake_index, 
     assert result.exit_code == 2
 
 
-def test_gunicorn_configuration(fake_index):
+def test_gunicorn_configuration(fake_index, monkeypatch):
     server = QAServer(fake_index, gunicorn_options("127.0.0.1", 8123, workers=3))
     cfg = server.cfg
     assert cfg.bind == ["127.0.0.1:8123"] and cfg.workers == 3
     assert cfg.worker_class_str == "gthread" and cfg.timeout == 30 and not cfg.preload_app
     assert cfg.limit_request_line == 8190
     assert gunicorn_options("::1", 80, 1)["bind"] == ["[::1]:80"]
+    # The workers' activity counters: one for each of 3 workers, twice over, plus 2; handed out by the master's
+    # hooks before each fork, taken up after it (besides the heartbeat hook), and freed when a worker exits.
+    activity = server.activity
+    assert len(activity._counts) == 8
+    worker = _Worker()
+    cfg.pre_fork(None, worker)
+    assert worker.qa_activity_slot == 0
+    import gunicorn.util
+
+    from qa_service.web import server as server_module
+
+    # post_fork still runs the heartbeat hook, which remembers the worker and patches gunicorn's error page:
+    # restored after the test.
+    monkeypatch.setattr(server_module, "_worker", None)
+    monkeypatch.setattr(gunicorn.util, "write_error", gunicorn.util.write_error)
+    cfg.post_fork(None, worker)
+    assert activity._slot == worker.qa_activity_slot and server_module._worker is worker
+    activity._counts[worker.qa_activity_slot] = 1
+    server.cfg.child_exit(None, worker)
+    assert activity._counts[worker.qa_activity_slot] == 0 and worker.qa_activity_slot in activity._free
 
 
 

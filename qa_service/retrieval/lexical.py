@@ -192,7 +192,6 @@ class LexicalIndex:
         self.bm25 = bm25
         self.size = size
         self.analyzer = analyzer
-        self._analyze = ANALYZERS[analyzer]
 
     @classmethod
     def build(cls, texts: Sequence[str], analyzer: str = "terms") -> "LexicalIndex":

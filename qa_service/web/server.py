@@ -105,10 +105,8 @@ class WorkerActivity:
         return any(count for i, count in enumerate(self._counts) if i != own)
 
 
-def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeout: int = 30,
-                     activity: WorkerActivity | None = None) -> dict:
-    """Return the gunicorn settings this service runs with."""
-    activity = activity or WorkerActivity(workers)
+def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeout: int = 30) -> dict:
+    """Return the gunicorn settings this service runs with (``QAServer`` adds the ``WorkerActivity`` hooks)."""
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
         "bind": [bind],
@@ -131,9 +129,7 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeo
         "logger_class": StderrLogger,
         "proc_name": "qa-service",
         "forwarded_allow_ips": "127.0.0.1,::1",
-        "pre_fork": lambda server, worker: activity.assign(worker),
-        "post_fork": lambda server, worker: (activity.adopt(worker), _remember_worker(server, worker)),
-        "child_exit": lambda server, worker: activity.release(worker),
+        "post_fork": _remember_worker,
         "control_socket_disable": True,  # gunicorn >= 25: no runtime-control socket in $HOME
     }
 
@@ -200,16 +196,25 @@ class _Heartbeat:
 class QAServer(BaseApplication):
     """gunicorn, configured in code, serving ``create_app(settings)`` in each worker."""
 
-    def __init__(self, settings: Settings, options: dict, activity: WorkerActivity | None = None):
+    def __init__(self, settings: Settings, options: dict):
         self.settings = settings
         self.options = options
-        self.activity = activity
+        self.activity = WorkerActivity(options.get("workers", 1))  # made here, in the master, before any fork
         super().__init__()
 
     def load_config(self):
         for key, value in self.options.items():
             if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
                 self.cfg.set(key, value)
+        post_fork = self.cfg.post_fork
+
+        def adopt_then(server, worker):
+            self.activity.adopt(worker)
+            post_fork(server, worker)
+
+        self.cfg.set("pre_fork", lambda server, worker: self.activity.assign(worker))
+        self.cfg.set("post_fork", adopt_then)
+        self.cfg.set("child_exit", lambda server, worker: self.activity.release(worker))
 
     def load(self):
         from . import create_app
@@ -294,5 +299,4 @@ def check_index(settings: Settings) -> dict:
 
 def run(settings: Settings, host: str, port: int, workers: int) -> None:
     """Serve until stopped (SIGINT/SIGTERM)."""
-    activity = WorkerActivity(workers)
-    QAServer(settings, gunicorn_options(host, port, workers, activity=activity), activity).run()
+    QAServer(settings, gunicorn_options(host, port, workers)).run()
