@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -164,6 +165,43 @@ def test_security_headers_on_json(client):
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert "script-src 'self'" in r.headers["Content-Security-Policy"]
     assert r.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_json_bodies_are_flasks_compact_json_with_the_same_values(app, client):
+    """The orjson provider (web/jsonio.py): an answer reads back equal, key order kept, UTF-8 and compact."""
+    from flask.json.provider import DefaultJSONProvider
+
+    r = client.post("/api/ask", json={"question": "Qu'a dit Pezeshkian à Téhéran ?"})
+    raw = r.get_data()
+    body = json.loads(raw)
+    assert raw.endswith(b"\n") and b"\n" not in raw[:-1]
+    assert list(body) == list(json.loads(raw, object_pairs_hook=dict))
+    assert "Téhéran".encode() in raw and b"\\u00e9" not in raw  # written as UTF-8, not escaped
+    assert not re.search(rb"\s", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw[:-1]))  # compact: no space outside strings
+    # Flask's own encoder writes the same values in the same order.
+    standard = DefaultJSONProvider(app)
+    standard.sort_keys, standard.ensure_ascii = False, False
+    assert json.loads(standard.dumps(body)) == body
+    assert list(json.loads(standard.dumps(body))) == list(body)
+
+
+def test_json_provider_keeps_flasks_handling_of_other_types(app):
+    import datetime
+    import decimal
+    import uuid
+
+    with app.app_context():
+        value = {"when": datetime.datetime(2024, 6, 1, 12, 0, tzinfo=datetime.timezone.utc),
+                 "day": datetime.date(2024, 6, 1), "amount": decimal.Decimal("1.50"),
+                 "id": uuid.UUID(int=1), 7: "non-string key", "small": 1e-05, "nan": float("nan")}
+        out = json.loads(app.json.dumps(value))
+        assert out["when"] == "Sat, 01 Jun 2024 12:00:00 GMT"  # HTTP dates, as Flask writes them
+        assert out["day"] == "Sat, 01 Jun 2024 00:00:00 GMT"
+        assert out["amount"] == "1.50" and out["id"] == str(uuid.UUID(int=1)) and out["7"] == "non-string key"
+        assert out["small"] == 1e-05 and out["nan"] is None  # valid JSON where json.dumps wrote NaN
+        assert app.json.dumps({"b": 1, "a": 2}, sort_keys=True) == '{"a": 2, "b": 1}'  # options: Flask's encoder
+        with pytest.raises(TypeError):
+            app.json.dumps({"x": object()})
 
 
 # --------------------------------------------------------------------------- every error path

@@ -35,6 +35,7 @@ from ..config import Settings
 from ..errors import Overloaded, QAError
 from .auth import OPEN_ENDPOINTS, check_security_settings, require_key
 from .errors import register_error_handlers
+from .jsonio import OrjsonProvider
 from .schemas import AskRequestBase, ask_request_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -261,8 +262,7 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
     check_security_settings(settings)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
-    app.json.sort_keys = False
-    app.json.ensure_ascii = False
+    app.json = OrjsonProvider(app)  # the same compact bytes as Flask's encoder, ~15x cheaper (jsonio)
 
     if searcher is None:
         from ..retrieval import Searcher
