@@ -29,10 +29,19 @@ _NO_BREAK_AFTER = re.compile(
 )
 
 
+# pysbd writes its regular expressions as strings at each call, two or more for every abbreviation it finds in a
+# text: ~2,500 distinct patterns over 200 SciFact abstracts and the seeds, more than the 512 that the ``re``
+# module keeps compiled, so most calls compiled their pattern again (40% of pysbd's time). With room for them
+# all, splitting those texts takes 1.01 s instead of 1.71 (1.41 s in a fresh process), with the same sentences.
+RE_CACHE_SIZE = 8192
+
+
 @lru_cache(maxsize=1)
 def _segmenter():
     import pysbd
 
+    if getattr(re, "_MAXCACHE", RE_CACHE_SIZE) < RE_CACHE_SIZE:  # CPython's compiled-pattern cache
+        re._MAXCACHE = RE_CACHE_SIZE
     return pysbd.Segmenter(language="en", clean=False, char_span=False)
 
 
