@@ -345,7 +345,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, build_from: Pa
 
 
 def _load_benchmarks():
-    """Import this checkout's benchmarks/suite.py (by path: pysbd installs an unrelated top-level ``benchmarks``)."""
+    """Import this checkout's benchmarks/suite.py (by path: a package of that name may be installed; pysbd had one)."""
     import importlib.util
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks"

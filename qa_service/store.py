@@ -65,7 +65,7 @@ def rebuild_hint(index_dir: Path) -> str:
 
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
-            "splitter": "pysbd+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT,
+            "splitter": "sentencex+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT,
             "sentence_context": SENTENCE_CONTEXT, "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
 
 
@@ -162,8 +162,8 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
 
     Args:
         previous: article id -> its layout in the live build (``_previous_layouts``), taken as it is instead of
-            splitting the article again: sentence splitting is most of a build's time after embedding (pysbd,
-            ~14 ms an abstract), and an upload or re-index would otherwise split every unchanged article.
+            cutting the article again: cutting (sentence splitting and token counting) is most of a build's
+            time after embedding, and an upload or re-index would otherwise cut every unchanged article.
     """
     max_tokens = min(settings.max_tokens, embedder.max_seq_length - 2)
     chunks = Chunks([], [], [])

@@ -141,22 +141,6 @@ def test_packing_equals_the_plain_rule_for_any_counter(lengths, max_tokens, over
     assert pack_sentences(text, spans, counter, max_tokens, overlap, own) == expected
 
 
-def test_splitting_again_compiles_no_pattern_again(seed_articles, monkeypatch):
-    """pysbd's patterns outnumber the ``re`` module's default cache; the segmenter makes room for all of them."""
-    import re._compiler
-
-    from pysbd.lang.english import English
-
-    abbreviations = sorted(English.Abbreviation.ABBREVIATIONS)[:400]  # two patterns or more each
-    texts = [a.text for a in seed_articles] + [" ".join(f"The {a}. of the city met them." for a in abbreviations)]
-    first = [split_sentences(t) for t in texts]
-    compiled = []
-    original = re._compiler.compile
-    monkeypatch.setattr(re._compiler, "compile", lambda *a, **k: compiled.append(a[0]) or original(*a, **k))
-    assert [split_sentences(t) for t in texts] == first
-    assert compiled == []
-
-
 def test_cutting_many_articles_on_worker_processes_gives_the_same_cut(seed_articles):
     from qa_service import chunking
 

@@ -2,10 +2,11 @@
 
 Every API response is JSON: an answer with 5 results is ~6 KB of nested dicts, lists, strings and numbers. The
 standard library's encoder spends ~38 us on one, orjson ~2.3 us (measured on the dev questions' answers), and
-the gap grows with the cold caches a request meets after the question encoder has run: 0.18 ms less per
-``POST /api/ask`` over HTTP, paired over 600 questions (README, Benchmarks). The output is Flask's compact
-JSON with the same keys in the same order and the same values (UTF-8, not escapes); only some floats
-are spelled otherwise (``0.00001`` for ``1e-05``; the same double when parsed), and the answers of the dev
+the gap grows with the cold caches a request meets after the question encoder has run: ~0.14 ms less per
+``POST /api/ask`` over HTTP (two servers asked in turn, 600 questions each: -0.36 ms with orjson's server started
+second, +0.08 with it started first, paired medians; -0.14 once the start order's own -0.22 is taken out).
+The output is Flask's compact JSON with the same keys in the same order and the same values (UTF-8, not
+escapes); only some floats are spelled otherwise (``0.00001`` for ``1e-05``; the same double when parsed), and the answers of the dev
 questions came out byte for byte the same. What orjson does not encode itself (dates, decimals, UUIDs,
 dataclasses, ``__html__`` objects) goes to Flask's own ``default``, as before; a float that is not finite is
 written as ``null`` (valid JSON) where the standard library wrote ``NaN``. Calls with options (``indent``,
