@@ -315,6 +315,10 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
 
 
 LEXICAL_PARALLEL_MIN = 2_000  # passages: below, the lexical files are written here, one after another
+# Passages to embed from which one forked worker writes the lexical files while they are embedded: the encoder
+# keeps both cores busy, but the worker's CPU (~0.4 s for 900 passages) then costs the build about half of that
+# instead of all of it (README, "Benchmarks"). Below it a fork is not worth its while.
+LEXICAL_EARLY_MIN = 256
 _LEXICAL_JOB: tuple | None = None  # (folder, passage texts, sentence texts) for forked workers: inherited, never pickled
 _LEXICAL_LOCK = threading.Lock()
 
@@ -343,9 +347,11 @@ class _LexicalWrite:
     A large build writes them on forked workers (``chunking.fork_pool``) while this process builds the dense index
     and the SQLite file: all of it is CPU-bound Python and numpy. One new article in an archive of 100k one-sentence
     articles took 27-33 s, 21-27 of them writing, one file after another; 20 s and 14 on workers (11-27).
+    ``embedding``: how many passages the build embeds after starting this; from ``LEXICAL_EARLY_MIN`` of them one
+    forked worker writes every part meanwhile.
     """
 
-    def __init__(self, folder: Path, chunks: Chunks, articles: Sequence[Article]):
+    def __init__(self, folder: Path, chunks: Chunks, articles: Sequence[Article], embedding: int = 0):
         global _LEXICAL_JOB
         from .chunking import can_fork, cores, fork_pool
 
@@ -359,6 +365,9 @@ class _LexicalWrite:
             try:
                 if len(texts) >= LEXICAL_PARALLEL_MIN and cores() > 1 and can_fork():
                     self._pool = fork_pool(min(cores(), len(_LEXICAL_PARTS)))
+                    self._result = self._pool.map_async(_lexical_part, _LEXICAL_PARTS, chunksize=1)
+                elif embedding >= LEXICAL_EARLY_MIN and cores() > 1 and can_fork():
+                    self._pool = fork_pool(1)
                     self._result = self._pool.map_async(_lexical_part, _LEXICAL_PARTS, chunksize=1)
                 else:
                     for part in _LEXICAL_PARTS:
@@ -665,10 +674,12 @@ def build_index(
         vectors, sentence_vectors, reused = _previous_vectors(old, embedder, encoder, settings, articles, chunks,
                                                               old_rows)
         lap("reuse")
-        sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with, settings.batch_size,
-                                       progress, lap, passage_texts=embedded)
-        lexical = _LexicalWrite(tmp, chunks, articles)  # on forked workers for a large build, meanwhile:
+        # The lexical files do not depend on the vectors: a forked worker writes them while passages are embedded
+        # (for a large archive, several while the dense index and the SQLite file are written).
+        lexical = _LexicalWrite(tmp, chunks, articles, embedding=int(np.isnan(vectors[:, 0]).sum()))
         try:
+            sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with,
+                                           settings.batch_size, progress, lap, passage_texts=embedded)
             # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).
             index, dense_entry = build_dense_index(vectors.reshape(-1, embedder.dimension), settings.ann_threshold)
             faiss.write_index(index, str(tmp / VECTORS))

@@ -357,34 +357,39 @@ def _lexical_files(settings) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in files.items() if name.startswith(LEXICAL) or name == VOCABULARY}
 
 
-def test_lexical_files_written_on_forked_workers_are_the_same(tmp_path, seed_articles, monkeypatch):
-    """A large build writes BM25 and the vocabulary on forked workers: byte for byte what one process writes."""
+@pytest.mark.parametrize("threshold,workers", [("LEXICAL_PARALLEL_MIN", 2), ("LEXICAL_EARLY_MIN", 1)])
+def test_lexical_files_written_on_forked_workers_are_the_same(tmp_path, seed_articles, monkeypatch, threshold, workers):
+    """A large build writes BM25 and the vocabulary on forked workers, and a build with many passages to embed on one
+    worker while it embeds them: byte for byte what one process writes."""
     from qa_service import chunking, store
 
     here = Settings(index_dir=tmp_path / "here", model="fake-hash-64")
     monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 10**9)
+    monkeypatch.setattr(store, "LEXICAL_EARLY_MIN", 10**9)
     _build(here, seed_articles)
     forked = Settings(index_dir=tmp_path / "forked", model="fake-hash-64")
     pools = []
     real_pool = chunking.fork_pool
-    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)
+    monkeypatch.setattr(store, threshold, 1)
     monkeypatch.setattr(chunking, "cores", lambda: 2)
     monkeypatch.setattr(chunking, "fork_pool", lambda n: pools.append(n) or real_pool(n))
     _build(forked, seed_articles)
-    assert pools and pools[-1] == 2  # the forked path ran
+    assert pools and pools[-1] == workers  # the forked path ran
     assert _lexical_files(forked) == _lexical_files(here) and len(_lexical_files(here)) >= 4
     question = "What did Pezeshkian say about rebuilding Gaza?"
     assert [h.citation.start for h in Searcher(forked, embedder=FakeEmbedder()).search(question, mode="lexical")] == \
            [h.citation.start for h in Searcher(here, embedder=FakeEmbedder()).search(question, mode="lexical")]
 
 
-def test_a_failing_lexical_worker_fails_the_build_and_leaves_the_live_index(tmp_path, seed_articles, monkeypatch):
+@pytest.mark.parametrize("threshold", ["LEXICAL_PARALLEL_MIN", "LEXICAL_EARLY_MIN"])
+def test_a_failing_lexical_worker_fails_the_build_and_leaves_the_live_index(tmp_path, seed_articles, monkeypatch,
+                                                                            threshold):
     from qa_service import chunking, store
     from qa_service.retrieval.lexical import LexicalIndex
 
     settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
     _build(settings, seed_articles[:2])
-    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)
+    monkeypatch.setattr(store, threshold, 1)
     monkeypatch.setattr(chunking, "cores", lambda: 2)
 
     def full_disk(*args, **kwargs):  # only the forked workers build the sentences' BM25
