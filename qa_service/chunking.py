@@ -23,6 +23,8 @@ import signal
 import threading
 from typing import Callable, Sequence
 
+from sentencex import segment
+
 from .types import Article, Passage
 
 TokenCounter = Callable[[str], int]
@@ -31,12 +33,6 @@ TokenCounter = Callable[[str], int]
 _NO_BREAK_AFTER = re.compile(
     r"(?:\b(?:Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|Mr|Mrs|Ms|Dr|Gen|Lt|Col|Sen|Rep|Gov|St|No|Vol|vs)\.|\b[A-Z]\.)$"
 )
-
-
-def _segment(text: str):
-    from sentencex import segment
-
-    return segment("en", text)
 
 
 def split_sentences(text: str, offset: int = 0) -> list[tuple[int, int]]:
@@ -50,7 +46,7 @@ def split_sentences(text: str, offset: int = 0) -> list[tuple[int, int]]:
         cursor = 0
         ptext = para.group()
         pieces: list[tuple[int, int]] = []
-        for sent in _segment(ptext):
+        for sent in segment("en", ptext):
             stripped = sent.strip()
             if not stripped:
                 continue
@@ -99,9 +95,9 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
 
     Token counting (the model's tokenizer, ~0.1 ms a call, once per sentence and per candidate window) and
     sentence splitting are a build's slowest step after embedding, and they run before it, on one core: 200
-    SciFact abstracts take 0.43-0.53 s here, 0.26-0.28 s on two workers. Forked workers start in milliseconds, inherit the
-    token counter (it is not pickled) and run only the splitter and the tokenizer: no model, and no thread
-    pool of this process is used in them. Where fork is unavailable, or this process is itself a pool's
+    SciFact abstracts take 0.43-0.53 s here, 0.26-0.28 s on two workers. Forked workers start in milliseconds,
+    inherit the token counter (it is not pickled) and run only the splitter and the tokenizer: no model, and no
+    thread pool of this process is used in them. Where fork is unavailable, or this process is itself a pool's
     (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
     """
     global _JOB

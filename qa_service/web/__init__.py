@@ -262,7 +262,7 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
     check_security_settings(settings)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes,
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
-    app.json = OrjsonProvider(app)  # the same compact bytes as Flask's encoder, ~15x cheaper (jsonio)
+    app.json = OrjsonProvider(app)  # Flask's compact JSON, ~15x cheaper to encode (web/jsonio.py)
 
     if searcher is None:
         from ..retrieval import Searcher
