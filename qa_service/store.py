@@ -363,11 +363,14 @@ class _LexicalWrite:
         with _LEXICAL_LOCK:
             _LEXICAL_JOB = (folder, texts, sentence_texts)
             try:
-                if len(texts) >= LEXICAL_PARALLEL_MIN and cores() > 1 and can_fork():
-                    self._pool = fork_pool(min(cores(), len(_LEXICAL_PARTS)))
-                    self._result = self._pool.map_async(_lexical_part, _LEXICAL_PARTS, chunksize=1)
-                elif embedding >= LEXICAL_EARLY_MIN and cores() > 1 and can_fork():
-                    self._pool = fork_pool(1)
+                workers = 0
+                if cores() > 1 and can_fork():
+                    if len(texts) >= LEXICAL_PARALLEL_MIN:
+                        workers = min(cores(), len(_LEXICAL_PARTS))
+                    elif embedding >= LEXICAL_EARLY_MIN:
+                        workers = 1
+                if workers:
+                    self._pool = fork_pool(workers)
                     self._result = self._pool.map_async(_lexical_part, _LEXICAL_PARTS, chunksize=1)
                 else:
                     for part in _LEXICAL_PARTS:

@@ -168,21 +168,24 @@ def test_security_headers_on_json(client):
 
 
 def test_json_bodies_are_flasks_compact_json_with_the_same_values(app, client):
-    """The orjson provider (web/jsonio.py): an answer reads back equal, key order kept, UTF-8 and compact."""
+    """The orjson provider (web/jsonio.py): the app's key order, UTF-8, compact, and Flask's values."""
     from flask.json.provider import DefaultJSONProvider
 
-    r = client.post("/api/ask", json={"question": "Qu'a dit Pezeshkian à Téhéran ?"})
+    question = "Qu'a dit Pezeshkian à Téhéran ?"
+    r = client.post("/api/ask", json={"question": question})
     raw = r.get_data()
     body = json.loads(raw)
     assert raw.endswith(b"\n") and b"\n" not in raw[:-1]
-    assert list(body) == list(json.loads(raw, object_pairs_hook=dict))
+    assert list(body)[:2] == ["ok", "question"] and list(body) != sorted(body)  # the app's order, not sorted keys
     assert "Téhéran".encode() in raw and b"\\u00e9" not in raw  # written as UTF-8, not escaped
     assert not re.search(rb"\s", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw[:-1]))  # compact: no space outside strings
-    # Flask's own encoder writes the same values in the same order.
+    # An answer as the searcher returns it reads back the same, float for float and key for key, from Flask's
+    # standard encoder and from this one.
+    answer = {"ok": True, **app.extensions["qa_service"].searcher.ask(question, k=5)}
     standard = DefaultJSONProvider(app)
     standard.sort_keys, standard.ensure_ascii = False, False
-    assert json.loads(standard.dumps(body)) == body
-    assert list(json.loads(standard.dumps(body))) == list(body)
+    ours, theirs = json.loads(app.json.dumps(answer)), json.loads(standard.dumps(answer))
+    assert ours == theirs and json.dumps(ours) == json.dumps(theirs)  # equal values, and in the same order
 
 
 def test_json_provider_keeps_flasks_handling_of_other_types(app):
