@@ -12,6 +12,7 @@ import click
 
 from .config import DEFAULT_MODEL, Settings
 from .errors import QAError
+from .types import is_blank
 
 logger = logging.getLogger("qa_service")
 
@@ -207,6 +208,8 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
     """Ask QUESTION (or, without one, read questions interactively)."""
     from .retrieval import Searcher
 
+    if question is not None and is_blank(question):
+        raise click.UsageError("The question is empty.")
     searcher = Searcher(settings)
     questions = [question] if question is not None else None
     if questions is None:
@@ -218,13 +221,11 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
                 line = input("? ")
             except EOFError:
                 return
-            if not line.strip():
+            if is_blank(line):
                 return
             yield line
 
     for q in questions or interactive():
-        if not q.strip():
-            raise click.UsageError("The question is empty.")
         result = searcher.ask(q, k, mode=mode)
         if as_json:
             result.pop("took_ms", None)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace and invisible format characters (U+200B, U+FEFF, ...).
+
+    ``str.strip`` keeps zero-width spaces and byte-order marks, so a question of only those would otherwise be
+    searched as if it said something. Format characters inside real text (a ZWNJ in Persian) are left alone.
+    """
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ def test_usage_errors_exit_2(tmp_path):
     runner = CliRunner()
     assert runner.invoke(cli, ["ask", "q", "-k", "0"]).exit_code == 2
     assert runner.invoke(cli, ["ask", "q", "-k", "abc"]).exit_code == 2
+    for blank in ("", "  ", "\u200b\ufeff"):  # checked before any index is opened
+        result = runner.invoke(cli, ["ask", blank, "--index-dir", str(tmp_path / "none")])
+        assert result.exit_code == 2 and "The question is empty" in result.output
     assert runner.invoke(cli, ["nosuchcommand"]).exit_code == 2
     assert runner.invoke(cli, ["index", str(tmp_path / "missing")]).exit_code == 2
 

@@ -181,3 +181,13 @@ def test_question_preparation_is_remembered_per_vocabulary(fake_searcher, monkey
     monkeypatch.setattr(type(fake_searcher.backend), "vocabulary", property(lambda self: reloaded))
     fake_searcher.prepare(question)
     assert calls == [question, question, question]
+
+
+@pytest.mark.parametrize("text, blank", [
+    ("", True), ("  \n\t", True), ("\u00a0", True), ("\u200b\ufeff\u2060", True),
+    ("x", False), ("\u200bx", False), ("می\u200cخواهم", False), ("?", False),
+])
+def test_is_blank_sees_invisible_characters(text, blank):
+    from qa_service.types import is_blank
+
+    assert is_blank(text) is blank

@@ -215,6 +215,7 @@ ERROR_CASES = [
     # (method, path, request kwargs, status, code)
     ("POST", "/api/ask", {"json": {"question": ""}}, 400, "question_empty"),
     ("POST", "/api/ask", {"json": {"question": "  \n\t "}}, 400, "question_empty"),
+    ("POST", "/api/ask", {"json": {"question": "\u200b \u2060\u00a0"}}, 400, "question_empty"),
     ("POST", "/api/ask", {"json": {}}, 400, "question_missing"),
     ("POST", "/api/ask", {"json": {"k": 3}}, 400, "question_missing"),
     ("POST", "/api/ask", {"json": {"question": "x" * 1001}}, 400, "question_too_long"),
@@ -258,6 +259,9 @@ ERROR_CASES = [
     ("GET", "/api/ask", {}, 400, "question_missing"),
     ("GET", "/api/ask?q=", {}, 400, "question_empty"),
     ("GET", "/api/ask?q=%20%20", {}, 400, "question_empty"),
+    ("GET", "/api/ask?q=%E2%80%8B%EF%BB%BF", {}, 400, "question_empty"),  # a zero-width space and a BOM
+    ("GET", "/api/ask?q=x&k=3&k=4", {}, 400, "parameter_repeated"),
+    ("GET", "/api/ask?q=x&q=y", {}, 400, "parameter_repeated"),
     ("GET", "/api/ask?q=" + "x" * 1001, {}, 400, "question_too_long"),
     ("GET", "/api/ask?q=x&k=abc", {}, 400, "wrong_type"),
     ("GET", "/api/ask?q=x&k=2.5", {}, 400, "wrong_type"),

@@ -90,6 +90,8 @@ def test_filters_in_the_form(client, fake_searcher):
 @pytest.mark.parametrize("query, message", [
     ({"q": ""}, "The question is empty"),
     ({"q": "   "}, "The question is empty"),
+    ({"q": "\u200b"}, "The question is empty"),
+    ({"q": "x", "k": ["3", "4"]}, "given more than once"),
     ({"q": "x" * 1001}, "too long"),
     ({"q": "x", "k": "0"}, "between 1 and 50"),
     ({"q": "x", "date_from": "2025-02-01", "date_to": "2025-01-01"}, "is after"),

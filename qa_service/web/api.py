@@ -16,7 +16,7 @@ bp = Blueprint("api", __name__)
 
 ASK_ERRORS = ("question_missing", "question_empty", "question_too_long", "wrong_type", "unknown_field",
               "k_out_of_range", "date_malformed", "date_range_inverted", "too_many_sources",
-              "unknown_source", "mode_unknown")
+              "unknown_source", "mode_unknown", "parameter_repeated")
 
 
 def _ask_model(app):

@@ -36,6 +36,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "The request is not valid."),
     "bad_request": (400, "The request could not be understood."),
     "duplicate_key": (400, "A key appears twice in the same JSON object."),
+    "parameter_repeated": (400, "A query parameter that takes one value is given more than once."),
     "article_id_invalid": (400, "The article id is not allowed: use ASCII letters, digits, '-' and '_'."),
     "article_text_invalid": (400, "The article text cannot be used."),
     "unauthorized": (401, "A valid API key is needed: send it in the X-API-Key header."),

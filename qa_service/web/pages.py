@@ -21,7 +21,7 @@ bp = Blueprint("pages", __name__)
 
 K_CHOICES = (3, 5, 10, 20)
 FORM_ERRORS = ("question_empty", "question_too_long", "wrong_type", "k_out_of_range", "date_malformed",
-               "date_range_inverted", "unknown_source", "mode_unknown", "too_many_sources")
+               "date_range_inverted", "unknown_source", "mode_unknown", "too_many_sources", "parameter_repeated")
 
 
 @bp.app_template_filter("nice_date")

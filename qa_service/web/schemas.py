@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from ..articles import ARTICLE_ID_PATTERN
 from ..errors import InvalidRequest
-from ..types import Filters
+from ..types import Filters, is_blank
 
 MODES = ("hybrid", "dense", "lexical")
 MAX_SOURCES = 100
@@ -72,7 +72,7 @@ class AskRequestBase(BaseModel):
     @field_validator("question", check_fields=False)
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+        if is_blank(value):
             raise PydanticCustomError("question_empty", "The question is empty; type a question.")
         return value.strip()
 
@@ -257,6 +257,9 @@ def parse_query(model: type[BaseModel], args: Mapping[str, Any], refuse_unknown:
             values = args.getlist(name) if hasattr(args, "getlist") else [args.get(name)]
             value: Any = [v for v in values if v] or None
         else:
+            if hasattr(args, "getlist") and len(args.getlist(name)) > 1:  # ?k=3&k=4: which one was meant?
+                raise InvalidRequest(f"The parameter {name!r} is given more than once; give it once.",
+                                     code="parameter_repeated")
             value = args.get(name)
             if value == "" and name != "q":
                 value = None
