@@ -9,6 +9,7 @@ carries an ONNX export of its model, encoded by ``onnx_encoder.OnnxEmbedder`` (s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -67,6 +68,22 @@ def pool_groups(tokens: np.ndarray, offsets: np.ndarray, special: np.ndarray, gr
             vector = tokens[inside | special].mean(axis=0)
             out[g] = vector / max(float(np.linalg.norm(vector)), 1e-12)
     return out
+
+
+def whole_words(tokens) -> frozenset[str]:
+    """Return the lower-cased words a tokenizer holds whole (``"forums"``, not ``"##ums"`` or ``"[CLS]"``).
+
+    The words a model reads as one token are common words of its language; ``lexical.Vocabulary.correct``
+    does not take them for misspelt names (WordPiece, SentencePiece "▁word" and byte-level BPE "Ġword" alike).
+    """
+    out = set()
+    for token in tokens:
+        if token.startswith("##"):
+            continue
+        word = token.lstrip("\u2581\u0120")
+        if len(word) > 1 and word.isalpha():
+            out.add(word.lower())
+    return frozenset(out)
 
 
 def is_default_model(name: str) -> bool:
@@ -177,6 +194,11 @@ class SentenceTransformerEmbedder:
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    @functools.cached_property
+    def known_words(self) -> frozenset[str]:
+        """The words the model's tokenizer holds whole (``whole_words``)."""
+        return whole_words(self._tokenizer.get_vocab())
 
 
 def token_pooling_of(model) -> str | None:

@@ -21,6 +21,7 @@ build falls back to sentence-transformers, says so in a warning and records ``"b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .files import link_or_copy, sha256_file
-from .embedding import Embedder, Group, normalize_rows, pool_groups, token_pooling_of
+from .embedding import Embedder, Group, normalize_rows, pool_groups, token_pooling_of, whole_words
 from .errors import IndexCorrupt, ModelNotFound
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,11 @@ class OnnxEmbedder:
                 pooled[i] = pool_groups(tokens[row, :n], np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2),
                                         np.asarray(enc.special_tokens_mask, dtype=bool), groups[i])
         return normalize_rows(out), pooled
+
+    @functools.cached_property
+    def known_words(self) -> frozenset[str]:
+        """The words the model's tokenizer holds whole (``embedding.whole_words``)."""
+        return whole_words(self._tokenizer.get_vocab())
 
     def count_tokens(self, text: str) -> int:
         if self._counter is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 
 from qa_service.errors import InvalidRequest
@@ -68,14 +70,55 @@ def test_lexical_analysis_folds_quotes_and_numbers():
     assert translit_key("al-Hayyah") == translit_key("al-Hayya")
 
 
+@pytest.fixture(scope="module")
+def model_words():
+    """The words the shipped model's tokenizer holds whole: what ``Searcher.prepare`` passes as ``known``."""
+    from tokenizers import Tokenizer
+
+    from qa_service.embedding import resolve_model_path, whole_words
+
+    return whole_words(Tokenizer.from_file(str(Path(resolve_model_path("all-MiniLM-L6-v2")) / "tokenizer.json"))
+                       .get_vocab())
+
+
+@pytest.mark.parametrize("with_known", [False, True])
 @pytest.mark.parametrize("variant,indexed", [
     ("Araqchi", "araghchi"), ("Pezeshkiyan", "pezeshkian"), ("Haniya", "haniyeh"), ("al-Hayyah", "al-hayya"),
-    ("Galant", "gallant"),
+    ("Galant", "gallant"), ("Binyamin", "benjamin"),
 ])
-def test_name_variants_found_in_vocabulary(seed_articles, variant, indexed):
+def test_name_variants_found_in_vocabulary(seed_articles, model_words, with_known, variant, indexed):
     vocab = Vocabulary.from_texts(a.text for a in seed_articles)
-    _corrected, found = vocab.correct(f"What did {variant} say?")
+    _corrected, found = vocab.correct(f"What did {variant} say?", model_words if with_known else frozenset())
     assert indexed in found[variant]
+
+
+def test_words_of_the_language_are_not_corrected_into_other_words(seed_articles, model_words):
+    vocab = Vocabulary.from_texts(a.text for a in seed_articles)
+    question = "Apart from multilateral forums, what other diplomatic channel did Bagheri Kani use?"
+    # Neither word is in the articles; close indexed words exist ("forms", "diplomacy").
+    assert vocab.correct(question)[1] == {"forums": ["forms"], "diplomatic": ["diplomacy"]}
+    assert vocab.correct(question, model_words) == (question, {})
+    # a misspelling the model does not know as a word is still corrected
+    assert vocab.correct("Who is Binyamin?", model_words)[0] == "Who is Benjamin?"
+
+
+def test_whole_words_of_wordpiece_sentencepiece_and_bpe_vocabularies():
+    from qa_service.embedding import whole_words
+
+    tokens = ["[CLS]", "##ums", "forums", "Diplomatic", "\u2581channel", "\u0120meeting", "<s>", "a", "2024", "don't"]
+    assert whole_words(tokens) == {"forums", "diplomatic", "channel", "meeting"}
+
+
+def test_searcher_passes_the_model_words_to_the_spelling_correction(fake_searcher):
+    question = "Which multilateral forums did Kani attend?"
+    assert fake_searcher.prepare(question)[0] != question  # the fake model knows no words: "forums" -> "forms"
+    fake_searcher.embedder.known_words = frozenset({"forums"})
+    fake_searcher._prepared = None
+    try:
+        assert fake_searcher.prepare(question) == (question, question)
+    finally:
+        del fake_searcher.embedder.known_words
+        fake_searcher._prepared = None
 
 
 def test_variant_spelling_finds_the_other_spelling(fake_searcher):
@@ -164,9 +207,9 @@ def test_question_preparation_is_remembered_per_vocabulary(fake_searcher, monkey
     calls = []
     correct = type(vocabulary).correct
 
-    def counting(self, question):
+    def counting(self, question, known=frozenset()):
         calls.append(question)
-        return correct(self, question)
+        return correct(self, question, known)
 
     monkeypatch.setattr(type(vocabulary), "correct", counting)
     question = "What did Araqchi say to the Hamas delegation about a ceasefire?"

@@ -15,7 +15,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 import numpy as np
 
@@ -132,31 +132,37 @@ class Vocabulary:
     def load(cls, path: Path) -> "Vocabulary":
         return cls(json.loads(path.read_text(encoding="utf-8")))
 
-    def variants(self, word: str) -> list[str]:
-        """Return indexed spellings of ``word`` other than itself (same transliteration key, or close)."""
+    def variants(self, word: str, known: Container[str] = frozenset()) -> list[str]:
+        """Return indexed spellings of ``word`` other than itself (same transliteration key, or close).
+
+        ``known``: words of the language (``embedding.whole_words`` of the model's tokenizer). One of them that
+        no passage holds is not a misspelling: only its same-key spellings count, not merely close words
+        ("forums" is not "forms", "diplomatic" not "diplomacy"; "Galant" still finds "Gallant").
+        """
         w = fold(word)
         if len(w) < self.MIN_LEN or not w.replace("-", "").isalpha():
             return []
         key = translit_key(w)
         same = [v for v in self._all_by_key.get(key, ()) if v != w]
-        if same or w in self.counts:
+        if same or w in self.counts or w in known:
             return same
         from rapidfuzz import fuzz, process
 
         best = process.extractOne(key, self._keys, scorer=fuzz.ratio, score_cutoff=self.CUTOFF)
         return [self._by_key[best[0]]] if best else []
 
-    def correct(self, question: str) -> tuple[str, dict[str, list[str]]]:
+    def correct(self, question: str, known: Container[str] = frozenset()) -> tuple[str, dict[str, list[str]]]:
         """Return ``question`` with unindexed spellings replaced by indexed ones, and every variant found.
 
         The corrected question suits the dense side (one vector, in the corpus's spelling); the
-        variants, appended to the question, let BM25 match every spelling the passages use.
+        variants, appended to the question, let BM25 match every spelling the passages use. ``known``: see
+        ``variants``.
         """
         found: dict[str, list[str]] = {}
 
         def swap(match: re.Match) -> str:
             token = match.group(0)
-            options = self.variants(token)
+            options = self.variants(token, known)
             if not options:
                 return token
             # prefer the spelling that keeps the question's form ("al-Hayyah" → "al-Hayya")

@@ -161,7 +161,7 @@ class Searcher:
         cached = memo[1].get(question)
         if cached is not None:
             return cached
-        corrected, variants = vocabulary.correct(question)
+        corrected, variants = vocabulary.correct(question, getattr(self.embedder, "known_words", frozenset()))
         extra = " ".join(v for options in variants.values() for v in options)
         result = (corrected, f"{corrected} {extra}".strip())
         if len(memo[1]) >= self.PREPARED_CACHE:
