@@ -394,6 +394,8 @@ def test_openapi_documents_every_route_and_error(app, client):
                  "invalid_json", "unknown_field", "wrong_type"):
         assert f"`{code}`" in codes_400
     assert {"413", "415", "405", "500"} <= set(ask["responses"])
+    assert "`parameter_repeated`" not in codes_400  # a JSON body has no query parameters to repeat
+    assert "`parameter_repeated`" in doc["paths"]["/api/ask"]["get"]["responses"]["400"]["description"]
     assert "404" in doc["paths"]["/api/articles/{article_id}"]["get"]["responses"]
     params = {p["name"]: p for p in doc["paths"]["/api/ask"]["get"]["parameters"]}
     assert set(params) == {"q", "k", "source", "date_from", "date_to", "mode"}

@@ -16,7 +16,7 @@ bp = Blueprint("api", __name__)
 
 ASK_ERRORS = ("question_missing", "question_empty", "question_too_long", "wrong_type", "unknown_field",
               "k_out_of_range", "date_malformed", "date_range_inverted", "too_many_sources",
-              "unknown_source", "mode_unknown", "parameter_repeated")
+              "unknown_source", "mode_unknown")
 
 
 def _ask_model(app):
@@ -53,7 +53,8 @@ def ask_post():
 
 
 @bp.get("/api/ask")
-@operation(summary="Ask a question (query string)", query=True, response=AskResponse, errors=ASK_ERRORS,
+@operation(summary="Ask a question (query string)", query=True, response=AskResponse,
+           errors=ASK_ERRORS + ("parameter_repeated",),
            description="The same as POST /api/ask, with the question in `q`; `source` may repeat.")
 def ask_get():
     state = get_state()
