@@ -560,6 +560,12 @@ def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, setti
         logger.warning("previous build unreadable; embedding every article again")
         return pvecs, svecs, 0
     reused = 0
+    # (new row, live row) pairs of every reusable article, copied in one read each below: per article, the
+    # reads cost more than the copying once an upload to a large archive keeps 100,000 articles (~1.1 s of 3.5).
+    p_new: list[int] = []
+    p_old: list[int] = []
+    s_new: list[int] = []
+    s_old: list[int] = []
     for aid in unchanged:
         np_ids, ns_ids = new_p.get(aid, []), new_s.get(aid, [])
         op, os_ = old_p.get(aid, []), old_s.get(aid, [])
@@ -567,11 +573,17 @@ def _previous_vectors(old: dict | None, embedder: Embedder, encoder: dict, setti
             continue
         if [(chunks.sentences[i][1], chunks.sentences[i][2]) for i in ns_ids] != [(st, en) for _, st, en in os_]:
             continue
-        if np_ids:
-            pvecs[np_ids] = old_index.reconstruct_batch(np.array([pid for pid, _, _ in op], dtype=np.int64))
-        if ns_ids:
-            svecs[ns_ids] = old_sent[[sid for sid, _, _ in os_]]
+        p_new += np_ids
+        p_old += [pid for pid, _, _ in op]
+        s_new += ns_ids
+        s_old += [sid for sid, _, _ in os_]
         reused += 1
+    if p_new:
+        pvecs[np.asarray(p_new, dtype=np.int64)] = old_index.reconstruct_batch(np.asarray(p_old, dtype=np.int64))
+    if s_new:
+        old_ids = np.asarray(s_old, dtype=np.int64)
+        order = np.argsort(old_ids, kind="stable")  # read the mapped file front to back
+        svecs[np.asarray(s_new, dtype=np.int64)[order]] = old_sent[old_ids[order]]
     return pvecs, svecs, reused
 
 
