@@ -259,10 +259,10 @@ def section_query(b: Bench) -> None:
         t0 = time.perf_counter()
         searcher.ask(q, k=5)
         idle_inproc.append((time.perf_counter() - t0) * 1000)
-    # The same two back to back in alternating blocks: question by question (above), each side first re-warms the
-    # caches the other process's model evicted, which no client of a running service pays (measured on 11-27:
-    # +1.6-1.9 ms over HTTP, +0.9 ms in-process). The target stays on the interleaved row; this shows the steady
-    # state of both.
+    # The same two back to back in alternating blocks. Question by question (above), each side runs right after the
+    # other process's model has filled the caches, and both come out slower (11-27: +1.6-1.9 ms over HTTP, +0.9 ms
+    # in-process; their ratio moved either way). The target stays on the interleaved row; this one shows each side
+    # in its steady state.
     block_http, block_inproc = [], []
     for start in range(0, b.sizes.latency_n, b.sizes.latency_block):
         block = [qs[i % len(qs)] for i in range(start, min(start + b.sizes.latency_block, b.sizes.latency_n))]

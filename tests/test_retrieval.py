@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qa_service.errors import InvalidRequest
