@@ -248,12 +248,13 @@ def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
         return 0.0
     text = hit.text + " " + (hit.citation.title or "")
     have, have_stems = _words(text), _terms(text)
+    spellings = searcher.spelling_variants(question)  # "Araqchi" is found in a passage that writes "Araghchi"
     total = got = 0.0
     for w in qwords:
         idf = math.log(1 + n / (1 + counts.get(w, 0)))
         total += idf
         stem = analyze(w)
-        if w in have or (stem and stem[0] in have_stems):
+        if w in have or (stem and stem[0] in have_stems) or any(v in have for v in spellings.get(w, ())):
             got += idf
     return got / total if total else 0.0
 

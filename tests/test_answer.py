@@ -75,3 +75,18 @@ def test_the_answer_sentence_supplies_what_the_question_asks():
     # Otherwise closeness and shared words decide, as before.
     q = "What did the minister demand for the leaders?"
     assert _answer_of(q, ["He demanded that the leaders be punished.", "The weather was mild."], [0.5, 0.1]).startswith("He")
+
+
+def test_coverage_counts_a_spelling_variant_of_a_question_word(fake_searcher):
+    """The seeds write both Araqchi and Araghchi: a passage with either spelling covers the question's word."""
+    from qa_service.answer import coverage
+    from qa_service.types import Citation, Hit
+
+    question = "What did Araqchi discuss with Hamas in Doha?"
+    assert fake_searcher.spelling_variants(question) == {"araqchi": ("araghchi",)}
+    cite = Citation("a", "a.txt", None, None, 0, 10)
+    one, other = (Hit(1, 1.0, f"{name} discussed a truce with Hamas in Doha.", cite) for name in ("Araqchi", "Araghchi"))
+    nameless = coverage(fake_searcher, question, Hit(1, 1.0, "Someone discussed a truce with Hamas in Doha.", cite))
+    assert coverage(fake_searcher, question, one) == coverage(fake_searcher, question, other) > nameless + 0.1
+    hyphen = "What did Khalil al-Hayyah say in Doha?"
+    assert fake_searcher.spelling_variants(hyphen)["hayyah"] == ("hayya",)

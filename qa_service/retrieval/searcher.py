@@ -33,7 +33,7 @@ from ..store import check_model
 from ..types import Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
-from .lexical import analyze
+from .lexical import analyze, fold
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,14 @@ class Searcher:
         ~0.9 ms of regular expressions, so results are remembered for the current vocabulary; a new
         vocabulary object (a reload, another PostgreSQL generation) starts a new memory.
         """
+        return self._prepared_entry(question)[:2]
+
+    def spelling_variants(self, question: str) -> dict[str, tuple[str, ...]]:
+        """Each folded word of ``question`` that the passages also spell otherwise -> those spellings
+        ("araqchi" -> ("araghchi",)): what ``prepare`` added for BM25, by word (the no-answer coverage)."""
+        return self._prepared_entry(question)[2]
+
+    def _prepared_entry(self, question: str) -> tuple[str, str, dict[str, tuple[str, ...]]]:
         vocabulary = self.vocabulary
         memo = self._prepared
         if memo is None or memo[0] is not vocabulary:
@@ -163,7 +171,12 @@ class Searcher:
             return cached
         corrected, variants = vocabulary.correct(question, getattr(self.embedder, "known_words", frozenset()))
         extra = " ".join(v for options in variants.values() for v in options)
-        result = (corrected, f"{corrected} {extra}".strip())
+        by_word: dict[str, tuple[str, ...]] = {}
+        for token, options in variants.items():
+            by_word[fold(token)] = tuple(options)
+            if "-" in token:  # "al-Hayyah" is also the words "al" and "hayyah"
+                by_word[fold(token).rpartition("-")[2]] = tuple(dict.fromkeys(o.rpartition("-")[2] for o in options))
+        result = (corrected, f"{corrected} {extra}".strip(), by_word)
         if len(memo[1]) >= self.PREPARED_CACHE:
             memo[1].clear()
         memo[1][question] = result
