@@ -1,4 +1,5 @@
-"""Records that cross module boundaries: articles, passages, filters and search hits."""
+"""Records that cross module boundaries (articles, passages, filters, search hits) and ``is_blank``, the one test
+of a question's text that the API, the form and the CLI share."""
 
 from __future__ import annotations
 
