@@ -82,19 +82,23 @@ def test_citations_slice_the_article_text_for_every_passage(pg_searcher, seed_ar
         assert sentences[first][1] == start and sentences[last][2] == end  # passages are whole sentences
 
 
-def test_bm25_in_sql_equals_bm25s(fake_searcher, pg_searcher):
+@pytest.mark.parametrize("background_docs", [0.0, 1000.0])
+def test_bm25_in_sql_equals_bm25s(fake_searcher, pg_searcher, background_docs):
+    """Plain BM25, and hybrid's idf blended with English frequencies (``lexical.blended_idf``)."""
     faiss_backend, pg = fake_searcher.backend, pg_searcher.backend
-    from qa_service.retrieval.lexical import analyze, bigrams
+    from qa_service.retrieval.lexical import analyze, background_idfs, bigrams
 
     for question in QUESTIONS:
         text = pg_searcher.prepare(question)[1]
         with pg.snapshot():
-            for kind, index, terms in ((PASSAGE_TERMS, faiss_backend.lexical, analyze(text)),
-                                       (PASSAGE_PAIRS, faiss_backend.lexical_bigrams, bigrams(text)),
-                                       (SENTENCE_TERMS, faiss_backend.lexical_sentences, analyze(text))):
-                expected = index.scores(text)
+            for kind, index, terms, blend in ((PASSAGE_TERMS, faiss_backend.lexical, analyze(text), background_docs),
+                                              (PASSAGE_PAIRS, faiss_backend.lexical_bigrams, bigrams(text), 0.0),
+                                              (SENTENCE_TERMS, faiss_backend.lexical_sentences, analyze(text),
+                                               background_docs)):
+                expected = index.scores(text, blend)
                 # ids differ by the sequences' start (1 in PostgreSQL, 0 in FAISS)
-                best, scores, _ = pg._bm25(kind, terms, list(range(1, len(expected) + 1)))
+                best, scores, _ = pg._bm25(kind, terms, list(range(1, len(expected) + 1)),
+                                           background=background_idfs(text), background_docs=blend)
                 got = np.array([scores.get(i + 1, 0.0) for i in range(len(expected))])
                 np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
                 assert best == pytest.approx(float(expected.max()) if len(expected) else 0.0, rel=1e-4, abs=1e-5)

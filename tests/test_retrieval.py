@@ -10,7 +10,8 @@ import pytest
 from qa_service.errors import InvalidRequest
 from qa_service.retrieval import fusion
 from qa_service.retrieval.dates import date_preference, question_period
-from qa_service.retrieval.lexical import LexicalIndex, TOP_BLOCK, Vocabulary, analyze, top_positive, translit_key, words
+from qa_service.retrieval.lexical import (LexicalIndex, TOP_BLOCK, Vocabulary, analyze, background_idfs, blended_idf,
+                                          corpus_idf, top_positive, translit_key, words)
 from qa_service.types import Filters
 
 
@@ -60,6 +61,53 @@ def test_lexical_search_ranks_by_bm25_with_a_filter():
     assert ids.tolist() == [2000, 2001, 2002] and np.all(scores > 0)
     scores, ids = index.search("ceasefire talks", 5, allowed=np.array([5, 2001, 2002]))
     assert ids.tolist() == [2001, 2002]
+
+
+def test_background_idf_lifts_names_over_words_a_small_index_happens_to_hold_rarely():
+    """Five news articles name Haniyeh in most passages and say "met" once: plain BM25 then ranks a passage that
+    met someone in Doha above one where Haniyeh received someone in Doha. English frequencies put that right."""
+    texts = (["Haniyeh received the foreign minister in Doha."]
+             + [f"Haniyeh spoke about the war, statement {i}." for i in range(6)]
+             + ["Al-Hayya met the foreign minister in Doha.", "The ceasefire talks went on."])
+    index = LexicalIndex.build(texts)
+    question = "Who met Haniyeh in Doha?"
+    plain, blended = index.scores(question), index.scores(question, background_docs=1000)
+    assert np.argmax(plain) == 7 and np.argmax(blended) == 0
+    assert np.array_equal(index.scores(question, background_docs=0), plain)
+
+    # By hand: each term's BM25 column, scaled by its blended idf over its corpus idf.
+    background = background_idfs(question)
+    assert set(background) == set(analyze(question)) == {"who", "met", "haniyeh", "doha"}
+    assert background["haniyeh"] > background["doha"] > background["met"]  # rarer in English, higher
+    expected = np.zeros(len(texts))
+    for term in analyze(question):
+        df = sum(term in analyze(t) for t in texts)
+        idf = corpus_idf(df, len(texts))
+        expected += index.scores(term) * blended_idf(idf, background[term], len(texts), 1000) / idf
+    np.testing.assert_allclose(blended, expected, rtol=1e-5)
+
+
+def test_blended_idf_leaves_a_large_index_and_an_unknown_term_alone():
+    assert blended_idf(2.0, 10.0, n=9, background_docs=1000) == pytest.approx((9 * 2 + 1000 * 10) / 1009)
+    assert blended_idf(2.0, 10.0, n=10_000_000, background_docs=1000) == pytest.approx(2.0, abs=1e-3)
+    assert blended_idf(2.0, None, n=9, background_docs=1000) == 2.0
+    assert blended_idf(2.0, 10.0, n=9, background_docs=0) == 2.0
+
+
+def test_hybrid_blends_idf_and_lexical_mode_stays_plain_bm25(fake_searcher):
+    backend = fake_searcher.backend
+    question = "Who met Haniyeh in Doha?"
+    qvec = fake_searcher.encode_questions([question])[0]
+    with backend.snapshot():
+        hybrid = backend.candidates(qvec, question, 50, "hybrid", None, True, (0.3, 0.2), 1000)
+        plain = backend.candidates(qvec, question, 50, "hybrid", None, True, (0.3, 0.2), 0)
+        lexical = backend.candidates(qvec, question, 50, "lexical", None, False, (0.3, 0.2), 1000)
+        everything = backend.lexical.scores(question)
+    assert np.array_equal(plain.lexical, everything[plain.pids])
+    assert np.array_equal(lexical.lexical, everything[lexical.pids])
+    blended = backend.lexical.scores(question, 1000)
+    assert np.array_equal(hybrid.lexical, blended[hybrid.pids]) and not np.allclose(blended, everything)
+    assert not np.allclose(hybrid.lexical_mix, plain.lexical_mix[np.searchsorted(plain.pids, hybrid.pids)])
 
 
 def test_lexical_analysis_folds_quotes_and_numbers():

@@ -82,7 +82,8 @@ class IndexBackend(Protocol):
     def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)
 
     def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
-                   lexical_mix: bool, weights: tuple[float, float]) -> Evidence: ...
+                   lexical_mix: bool, weights: tuple[float, float],
+                   background_docs: float = 0.0) -> Evidence: ...  # hybrid's idf blend (lexical.blended_idf)
 
     def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]: ...
 

@@ -169,14 +169,14 @@ class FaissBackend:
         return np.array([d or "" for d in self._article_dates], dtype="U10")
 
     def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
-                   lexical_mix: bool, weights: tuple[float, float]) -> Evidence:
+                   lexical_mix: bool, weights: tuple[float, float], background_docs: float = 0.0) -> Evidence:
         ids: set[int] = set()
         if mode in ("dense", "hybrid"):
             _, dids = self.dense.search(qvec.reshape(1, -1), pool, selection)
             ids.update(int(i) for i in dids[0] if i >= 0)
         lex_all = None
         if mode in ("lexical", "hybrid"):
-            lex_all = self.lexical.scores(lexical_text)
+            lex_all = self.lexical.scores(lexical_text, background_docs if mode == "hybrid" else 0.0)
             _, lids = self.lexical.search(lexical_text, pool, selection, scores=lex_all)
             ids.update(int(i) for i in lids)
         if not ids:
@@ -186,7 +186,7 @@ class FaissBackend:
         sids, bounds = self._sentence_ids(pids)
         flat = np.asarray(self.sentence_matrix[sids]) @ qvec
         sentence_cosines = [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]  # np.split, faster
-        mix = (self._lexical_mix(lexical_text, pids, lex_all, weights, sids, bounds)
+        mix = (self._lexical_mix(lexical_text, pids, lex_all, weights, sids, bounds, background_docs)
                if lexical_mix and lex_all is not None else None)
         return Evidence(pids, self.dense.vectors(pids) @ qvec, sentence_cosines, lexical, mix,
                         [self._article_dates[a] for a in self._passage_article[pids]])
@@ -201,7 +201,8 @@ class FaissBackend:
         return sids, bounds
 
     def _lexical_mix(self, text: str, pids: np.ndarray, passage_scores: np.ndarray,
-                     weights: tuple[float, float], sids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+                     weights: tuple[float, float], sids: np.ndarray, bounds: np.ndarray,
+                     background_docs: float = 0.0) -> np.ndarray:
         """Return the lexical evidence of candidates ``pids`` on a 0..1 scale.
 
         Passage BM25, the BM25 of the passage's best sentence and BM25 over word pairs, each divided by
@@ -211,7 +212,7 @@ class FaissBackend:
             top = float(all_scores.max()) if len(all_scores) else 0.0  # best over the index, not the candidates
             return scores / top if top > 0 else np.zeros_like(scores)
 
-        sentence_all = self.lexical_sentences.scores(text)
+        sentence_all = self.lexical_sentences.scores(text, background_docs)
         sentence_best = np.zeros(len(pids), dtype=np.float32)
         has = bounds[1:] > bounds[:-1]
         if has.any():

@@ -47,7 +47,8 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import ArticleNotFound, IndexCorrupt, IndexMismatch, IndexNotBuilt, LastArticle, QAError
-from ..retrieval.lexical import BM25_B, BM25_K1, Vocabulary, analyze, bigrams, words, _hyphenated
+from ..retrieval.lexical import (BM25_B, BM25_K1, Vocabulary, _hyphenated, analyze, background_idfs, bigrams,
+                                 words)
 from ..types import Article, ArticleInfo, Filters
 from . import ARTICLE_COLUMNS, Evidence
 
@@ -333,31 +334,36 @@ class PostgresBackend:
         return " AND ".join(clauses), params
 
     def _bm25(self, kind: int, terms: list[str], ids: Sequence[int] = (), top: int = 0,
-              selection: tuple[str, dict] | None = None) -> tuple[float, dict[int, float], list[int]]:
+              selection: tuple[str, dict] | None = None, background: dict[str, float] | None = None,
+              background_docs: float = 0.0) -> tuple[float, dict[int, float], list[int]]:
         """BM25 of ``terms`` over one kind of postings.
 
         Returns ``(best score over the whole index, {id: score} for ``ids`` and the ranked ones, the
-        ``top`` best ids under ``selection``)``. Repeated terms count repeatedly, as in bm25s.
+        ``top`` best ids under ``selection``)``. Repeated terms count repeatedly, as in bm25s. With
+        ``background`` (term -> background idf) each idf is blended as ``lexical.blended_idf`` does.
         """
         n, total = self._stats.get(kind, (0.0, 0.0))
         if not terms or n == 0:
             return 0.0, {}, []
         counted = Counter(t.replace("\x00", "") for t in terms)  # PostgreSQL text cannot hold NUL
         q_terms, q_weights = list(counted), [float(v) for v in counted.values()]
+        blend = background_docs if background else 0.0
+        q_background = [float((background or {}).get(t, 0.0)) for t in q_terms]
         avgdl = total / n
         sql = """
-        WITH q AS (SELECT * FROM unnest(%(terms)s::text[], %(weights)s::float8[]) AS q(term, w)),
+        WITH q AS (SELECT * FROM unnest(%(terms)s::text[], %(weights)s::float8[], %(bg)s::float8[]) AS q(term, w, bg)),
         df AS (SELECT ts.term, ts.df::float8 AS df FROM qa_term_stats ts JOIN q USING (term)
                WHERE ts.kind = %(kind)s AND ts.df > 0),
         s AS MATERIALIZED (
-            SELECT po.doc, sum(q.w * ln(1 + (%(n)s - df.df + 0.5) / (df.df + 0.5))
+            SELECT po.doc, sum(q.w * (%(n)s * ln(1 + (%(n)s - df.df + 0.5) / (df.df + 0.5)) + %(blend)s * q.bg)
+                               / (%(n)s + %(blend)s)
                                * po.tf / (po.tf + %(k1)s * (1 - %(b)s + %(b)s * po.dl / %(avgdl)s)))::float8 AS score
             FROM qa_postings po JOIN q USING (term) JOIN df USING (term)
             WHERE po.kind = %(kind)s GROUP BY po.doc)
         SELECT 0, NULL::bigint, max(score) FROM s
         UNION ALL SELECT 1, doc, score FROM s WHERE doc = ANY(%(ids)s)"""
-        params = {"terms": q_terms, "weights": q_weights, "kind": kind, "n": n, "k1": BM25_K1, "b": BM25_B,
-                  "avgdl": avgdl, "ids": [int(i) for i in ids]}
+        params = {"terms": q_terms, "weights": q_weights, "bg": q_background, "blend": float(blend), "kind": kind,
+                  "n": n, "k1": BM25_K1, "b": BM25_B, "avgdl": avgdl, "ids": [int(i) for i in ids]}
         if top:
             if selection is None:
                 sql += "\nUNION ALL (SELECT 2, doc, score FROM s ORDER BY score DESC, doc LIMIT %(top)s)"
@@ -377,7 +383,7 @@ class PostgresBackend:
         return best, scores, ranked
 
     def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
-                   lexical_mix: bool, weights: tuple[float, float]) -> Evidence:
+                   lexical_mix: bool, weights: tuple[float, float], background_docs: float = 0.0) -> Evidence:
         conn = self._conn()
         qvec = np.asarray(qvec, dtype=np.float32)
         where, params = ("WHERE " + selection[0], dict(selection[1])) if selection else ("", {})
@@ -392,8 +398,10 @@ class PostgresBackend:
         terms = analyze(lexical_text)
         lexical: dict[int, float] = {}
         passage_best = 0.0
+        blend = background_docs if mode == "hybrid" else 0.0
+        background = background_idfs(lexical_text) if blend > 0 else None
         if mode in ("lexical", "hybrid"):
-            passage_best, lexical, ranked = self._bm25(PASSAGE_TERMS, terms, ids, pool, selection)
+            passage_best, lexical, ranked = self._bm25(PASSAGE_TERMS, terms, ids, pool, selection, background, blend)
             ids += ranked
         pids = np.array(sorted(set(ids)), dtype=np.int64)
         if not len(pids):
@@ -420,7 +428,8 @@ class PostgresBackend:
         mix = None
         if lexical_mix and mode == "hybrid":
             ws, wb = weights
-            sent_top, sent_scores, _ = self._bm25(SENTENCE_TERMS, terms, sids)
+            sent_top, sent_scores, _ = self._bm25(SENTENCE_TERMS, terms, sids, background=background,
+                                                  background_docs=blend)
             pair_top, pair_scores, _ = self._bm25(PASSAGE_PAIRS, bigrams(lexical_text), pids.tolist())
             sentence_best = np.array([max([sent_scores.get(s, 0.0) for s in range(rows[p][0], rows[p][1] + 1)],
                                           default=0.0) for p in pids], dtype=np.float32)

@@ -6,11 +6,17 @@ Haniya / Haniyeh, al-Hayyah / al-Hayya) are matched by ``Vocabulary.correct``: a
 passage contains is replaced by the closest word that passages do contain, compared on a transliteration
 key (gh→q, j→y, doubled letters and a final "h" dropped) with rapidfuzz similarity. Measured on the dev
 questions, this rewrite also helps the dense side, so the searcher embeds the corrected question.
+
+A small index knows little about which words are rare. In five news articles "met" or "leadership" occur
+in a passage or two and weigh more than "Haniyeh", which most passages name. Hybrid search therefore blends
+each query term's idf with a background idf from general English word frequencies (wordfreq), weighted
+as if the background were ``BACKGROUND_DOCS`` more texts (``blended_idf``); a large index barely moves.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from functools import lru_cache
@@ -24,6 +30,13 @@ _QUOTES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "“": '"', "”": '
 
 BM25_K1 = 0.9
 BM25_B = 0.4
+# Hybrid search's background idf (see the module docstring): it counts as this many texts beside the index's
+# own, and a word's chance to occur in a text is its frequency in English times BACKGROUND_WORDS. Measured
+# (11-27) against plain BM25 inside hybrid: news dev success@1 0.769 -> 0.846, MRR@10 0.835 -> 0.872; SQuAD
+# R@1 0.8507 -> 0.8513; SciFact nDCG@10 0.7368 -> 0.7373 (README "Retrieval quality"); 100 to 10,000 all
+# gave the same dev figures.
+BACKGROUND_DOCS = 1000.0
+BACKGROUND_WORDS = 100
 
 
 def fold(text: str) -> str:
@@ -78,6 +91,39 @@ def pairs(terms: Sequence[str]) -> list[str]:
 
 
 ANALYZERS = {"terms": analyze, "bigrams": bigrams}
+
+
+@lru_cache(maxsize=65536)
+def _background_idf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    # The small list holds English words of Zipf >= 3; rarer words and names count as Zipf 1 (1 in 10^8 words).
+    zipf = max(1.0, zipf_frequency(word, "en", wordlist="small"))
+    return -math.log(min(0.5, 10 ** (zipf - 9) * BACKGROUND_WORDS))
+
+
+@lru_cache(maxsize=1024)
+def background_idfs(text: str) -> dict[str, float]:
+    """Return the background idf of each BM25 term of ``text`` (a term from several words: the rarest's)."""
+    stop, stemmer = _stopwords(), _stemmer()
+    out: dict[str, float] = {}
+    for w in words(text):
+        if w not in stop:
+            term = stemmer.stemWord(w)
+            out[term] = max(out.get(term, 0.0), _background_idf(w))
+    return out
+
+
+def corpus_idf(df: float, n: float) -> float:
+    """BM25's (Lucene) idf of a term found in ``df`` of ``n`` texts."""
+    return math.log(1 + (n - df + 0.5) / (df + 0.5))
+
+
+def blended_idf(idf: float, background: float | None, n: float, background_docs: float) -> float:
+    """Return ``idf`` (from ``n`` texts) blended with a ``background`` idf counted as ``background_docs`` texts."""
+    if background is None or background_docs <= 0:
+        return idf
+    return (n * idf + background_docs * background) / (n + background_docs)
 
 
 @lru_cache(maxsize=1024)
@@ -228,12 +274,32 @@ class LexicalIndex:
         bm25.scores = {k: v.view(np.ndarray) if isinstance(v, np.memmap) else v for k, v in bm25.scores.items()}
         return cls(bm25, size, analyzer)
 
-    def scores(self, question: str) -> np.ndarray:
-        """Return the BM25 score of every text for ``question`` (float32 ``[size]``)."""
+    def scores(self, question: str, background_docs: float = 0.0) -> np.ndarray:
+        """Return the BM25 score of every text for ``question`` (float32 ``[size]``).
+
+        Args:
+            background_docs: blend each term's idf with its background idf (``blended_idf``); 0: plain BM25.
+        """
         terms = [t for t in _question_terms(self.analyzer, question) if t in self.bm25.vocab_dict]
         if not terms or self.size == 0:
             return np.zeros(self.size, dtype=np.float32)
-        return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
+        if background_docs <= 0:
+            return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
+        # bm25s stores idf x the term-frequency part per (term, text), a column per term: rescale each column.
+        background = background_idfs(question)
+        matrix = self.bm25.scores
+        data, indices, indptr = matrix["data"], matrix["indices"], matrix["indptr"]
+        rows, values = [], []
+        for term in terms:
+            tid = self.bm25.vocab_dict[term]
+            start, end = int(indptr[tid]), int(indptr[tid + 1])
+            idf = corpus_idf(end - start, self.size)
+            rows.append(indices[start:end])
+            values.append(np.float32(blended_idf(idf, background.get(term), self.size, background_docs) / idf)
+                          * data[start:end])
+        out = np.zeros(self.size, dtype=np.float32)
+        np.add.at(out, np.concatenate(rows), np.concatenate(values))  # as bm25s sums (0.9 vs 0.7 ms at 100k)
+        return out
 
     def search(self, question: str, k: int, allowed: np.ndarray | None = None,
                scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ from ..store import check_model
 from ..types import Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
-from .lexical import analyze, fold
+from .lexical import BACKGROUND_DOCS, analyze, fold
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class RetrievalConfig:
     sentence_weight: float = 0.85  # dense score = (1 - w) * passage cosine + w * best sentence cosine
     sentence_bm25_weight: float = 0.3  # lexical score mixes passage BM25 with its best sentence's BM25 ...
     bigram_weight: float = 0.2  # ... and BM25 over word pairs (phrases shared with the question)
+    background_docs: float = BACKGROUND_DOCS  # hybrid: term idf blended with English's (lexical.blended_idf)
     candidates: int = 50
     date_boost: float = 0.3  # share of the query's score range given to a date match
     reranker: str | None = None  # cross-encoder name or folder; None: no reranking
@@ -191,7 +192,7 @@ class Searcher:
         pool = max(cfg.candidates, n)
         want_mix = mode == "hybrid" and cfg.fusion == "convex"
         ev = self.backend.candidates(qvec, lexical_text, pool, mode, selection, want_mix,
-                                     (cfg.sentence_bm25_weight, cfg.bigram_weight))
+                                     (cfg.sentence_bm25_weight, cfg.bigram_weight), cfg.background_docs)
         if not len(ev.pids):
             return [], {}
         pids, lex = ev.pids, ev.lexical

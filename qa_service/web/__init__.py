@@ -229,6 +229,9 @@ class QAState:
 def warm_up(searcher) -> None:
     """Ask one question so the first real one does not pay for lazy initialisation."""
     try:
+        from ..retrieval.lexical import background_idfs
+
+        background_idfs("warm up")  # hybrid's English word list (lexical.blended_idf): 0.1 s to import and read
         searcher.ask("warm up", k=1)
     except Exception:  # a failed warm-up must not stop anything; a real request will show the error
         logger.warning("warm-up question failed", exc_info=True)

@@ -231,10 +231,9 @@ class QAServer(BaseApplication):
 
 def warm_up(app) -> None:
     """Ask one question at start-up so the first real one does not pay for lazy initialisation."""
-    try:
-        app.extensions["qa_service"].searcher.ask("warm up", k=1)
-    except Exception:  # a failed warm-up must not stop the server; the request will show the error
-        logger.warning("warm-up question failed", exc_info=True)
+    from . import warm_up as warm_up_searcher
+
+    warm_up_searcher(app.extensions["qa_service"].searcher)  # logs, never raises
 
 
 def is_loopback(host: str) -> bool:
