@@ -102,6 +102,17 @@ def test_load_questions_reads_the_dev_set():
     assert {q.kind for q in ds.questions} >= {"fact", "multi-source", "unanswerable"}
 
 
+def test_the_extra_news_questions_are_answered_by_their_sources():
+    """benchmarks/news_extra.jsonl: each answer is written in one of its seed articles, word for word."""
+    dataset = ev.load_questions(Path(__file__).parent.parent / "benchmarks" / "news_extra.jsonl")
+    texts = {p.name: ev.normalize_text(p.read_text(encoding="utf-8")) for p in SEEDS.glob("*.txt")}
+    assert len(dataset.questions) == 34 and len(dataset.answerable()) == 31
+    for q in dataset.answerable():
+        for answer in q.answers:
+            assert any(ev.normalize_text(answer) in texts[source] for source in q.sources), (q.id, answer)
+    assert not any(q.sources for q in dataset.questions if not q.answerable)
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2: not valid JSON"),
     ('{"id": "a", "question": "again?"}', "duplicate question id"),
