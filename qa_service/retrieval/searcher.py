@@ -9,7 +9,8 @@ re-embeds passages or sentences; the question vector is computed once and shared
 1. spelling variants of names are looked up in the index vocabulary (``lexical.Vocabulary``);
 2. the backend's dense (FAISS or pgvector) and lexical (BM25) retrieval each propose candidates,
    restricted by the filters before ranking, each with all the evidence fusion needs;
-3. every candidate gets both exact scores, its dense score also looks at its best sentence, and the
+3. every candidate gets both exact scores, its dense score also looks at its best sentence, its lexical
+   score weighs words by how rare they are in the index and in English (``lexical.blended_idf``), and the
    two are fused (reciprocal rank fusion or a score-normalised convex combination, see ``fusion``);
 4. a date named in the question gently prefers articles from that time;
 5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article and
