@@ -30,10 +30,11 @@ _QUOTES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "“": '"', "”": '
 
 BM25_K1 = 0.9
 BM25_B = 0.4
-# Hybrid search's background idf (see the module docstring): it counts as this many texts beside the index's
-# own, and a word's chance to occur in a text is its frequency in English times BACKGROUND_WORDS. Measured
-# (11-27) against plain BM25 inside hybrid: news dev success@1 0.769 -> 0.846, MRR@10 0.835 -> 0.872; SQuAD
-# R@1 0.8507 -> 0.8513; SciFact nDCG@10 0.7368 -> 0.7373 (README "Retrieval quality"); 100 to 10,000 all
+# Hybrid search's background idf (see the module docstring), for passage and sentence BM25 (word pairs keep
+# their own idf: English has no frequency for a pair): it counts as this many texts beside the index's own,
+# and a word's chance to occur in a text is its frequency in English times BACKGROUND_WORDS. Measured (11-27)
+# against plain BM25 inside hybrid: news dev success@1 0.769 -> 0.846, MRR@10 0.835 -> 0.872; SQuAD R@1
+# 0.8507 -> 0.8515; SciFact nDCG@10 0.7368 -> 0.7372 (README "Retrieval quality"); 100 to 10,000 texts all
 # gave the same dev figures.
 BACKGROUND_DOCS = 1000.0
 BACKGROUND_WORDS = 100
