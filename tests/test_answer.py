@@ -90,3 +90,20 @@ def test_coverage_counts_a_spelling_variant_of_a_question_word(fake_searcher):
     assert coverage(fake_searcher, question, one) == coverage(fake_searcher, question, other) > nameless + 0.1
     hyphen = "What did Khalil al-Hayyah say in Doha?"
     assert fake_searcher.spelling_variants(hyphen)["hayyah"] == ("hayya",)
+
+
+def test_coverage_weighs_words_by_english_as_well_as_by_the_articles(fake_searcher, monkeypatch):
+    """Over five articles "stand" occurs nowhere and would count as the rarest word of the question; blended with
+    English frequencies it weighs little next to the name, which the passage holds."""
+    import dataclasses
+
+    from qa_service.answer import coverage
+    from qa_service.types import Citation, Hit
+
+    question = "What does JCPOA stand for?"
+    hit = Hit(1, 1.0, "Zarif gave the deal its formal name, the Joint Comprehensive Plan of Action (JCPOA).",
+              Citation("a", "a.txt", None, None, 0, 10))
+    blended = coverage(fake_searcher, question, hit)
+    monkeypatch.setattr(fake_searcher, "config", dataclasses.replace(fake_searcher.config, background_docs=0.0))
+    plain = coverage(fake_searcher, question, hit)
+    assert blended > 0.5 > plain + 0.2
