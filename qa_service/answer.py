@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .retrieval.lexical import _background_idf, _stopwords, analyze, blended_idf, fold, words
+from .retrieval.lexical import _stopwords, analyze, background_idf, blended_idf, fold, words
 from .types import Hit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,7 +258,7 @@ def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
     total = got = 0.0
     background_docs = searcher.config.background_docs
     for w in qwords:
-        idf = blended_idf(math.log(1 + n / (1 + counts.get(w, 0))), _background_idf(w), n, background_docs)
+        idf = blended_idf(math.log(1 + n / (1 + counts.get(w, 0))), background_idf(w), n, background_docs)
         total += idf
         stem = analyze(w)
         if w in have or (stem and stem[0] in have_stems) or any(v in have for v in spellings.get(w, ())):

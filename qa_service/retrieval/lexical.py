@@ -95,7 +95,9 @@ ANALYZERS = {"terms": analyze, "bigrams": bigrams}
 
 
 @lru_cache(maxsize=65536)
-def _background_idf(word: str) -> float:
+def background_idf(word: str) -> float:
+    """The idf of a (folded) word in English: minus the log of its chance to occur in a text of
+    ``BACKGROUND_WORDS`` words, from wordfreq's frequency."""
     from wordfreq import zipf_frequency
 
     # The small list holds English words of Zipf >= 3; rarer words and names count as Zipf 1 (1 in 10^8 words).
@@ -111,7 +113,7 @@ def background_idfs(text: str) -> dict[str, float]:
     for w in words(text):
         if w not in stop:
             term = stemmer.stemWord(w)
-            out[term] = max(out.get(term, 0.0), _background_idf(w))
+            out[term] = max(out.get(term, 0.0), background_idf(w))
     return out
 
 

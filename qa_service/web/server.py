@@ -35,8 +35,6 @@ from gunicorn.glogging import Logger as GunicornLogger
 from ..config import Settings
 from ..errors import QAError
 
-logger = logging.getLogger(__name__)
-
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
 
 
