@@ -317,7 +317,7 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
 LEXICAL_PARALLEL_MIN = 2_000  # passages: below, the lexical files are written here, one after another
 # Passages to embed from which one forked worker writes the lexical files while they are embedded: the encoder
 # keeps both cores busy, but the worker's CPU (~0.4 s for 900 passages) then costs the build about half of that
-# instead of all of it (README, "Benchmarks"). Below it a fork is not worth its while.
+# instead of all of it (benchmarks/HISTORY.md, third 11-27 session). Below it a fork is not worth its while.
 LEXICAL_EARLY_MIN = 256
 _LEXICAL_JOB: tuple | None = None  # (folder, passage texts, sentence texts) for forked workers: inherited, never pickled
 _LEXICAL_LOCK = threading.Lock()

@@ -1,6 +1,6 @@
 """Dense retrieval over a FAISS inner-product index of L2-normalised vectors: exact when small, IVF when large.
 
-Why IVF-Flat and not HNSW above the size threshold (measured on this 2-core machine, see README "Benchmarks"):
+Why IVF-Flat and not HNSW above the size threshold (measured on this 2-core machine, see benchmarks/HISTORY.md):
 an HNSW graph (M=32, efConstruction=40) took 181 s to build over 200k vectors, so about 15 minutes at 1M, and
 needed efSearch=128 for recall@10 0.91 on the same data; IVF-Flat with 2,048 lists built 1M vectors in 47 s and
 answered in 1.7-3 ms at recall@10 0.97-0.99 (nprobe 32-64), against 60-300 ms for exact search.
