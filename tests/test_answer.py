@@ -85,7 +85,8 @@ def test_coverage_counts_a_spelling_variant_of_a_question_word(fake_searcher):
     question = "What did Araqchi discuss with Hamas in Doha?"
     assert fake_searcher.spelling_variants(question) == {"araqchi": ("araghchi",)}
     cite = Citation("a", "a.txt", None, None, 0, 10)
-    one, other = (Hit(1, 1.0, f"{name} discussed a truce with Hamas in Doha.", cite) for name in ("Araqchi", "Araghchi"))
+    one, other = (Hit(1, 1.0, f"{name} discussed a truce with Hamas in Doha.", cite)
+                  for name in ("Araqchi", "Araghchi"))
     nameless = coverage(fake_searcher, question, Hit(1, 1.0, "Someone discussed a truce with Hamas in Doha.", cite))
     assert coverage(fake_searcher, question, one) == coverage(fake_searcher, question, other) > nameless + 0.1
     hyphen = "What did Khalil al-Hayyah say in Doha?"

@@ -7,9 +7,9 @@ the gap grows with the cold caches a request meets after the question encoder ha
 second, +0.08 with it started first, paired medians; -0.14 once the start order's own -0.22 is taken out).
 The output is Flask's compact JSON with the same keys in the same order and the same values (UTF-8, not
 escapes); only some floats are spelled otherwise (``0.00001`` for ``1e-05``; the same double when parsed), and
-the answers of the dev questions came out byte for byte the same. What orjson does not encode itself (dates, decimals, UUIDs,
-dataclasses, ``__html__`` objects) goes to Flask's own ``default``, as before; a float that is not finite is
-written as ``null`` (valid JSON) where the standard library wrote ``NaN``. Calls with options (``indent``,
+the answers of the dev questions came out byte for byte the same. What orjson does not encode itself (dates,
+decimals, UUIDs, dataclasses, ``__html__`` objects) goes to Flask's own ``default``, as before; a float that is
+not finite is written as ``null`` (valid JSON) where the standard library wrote ``NaN``. Calls with options (``indent``,
 ``sort_keys``, ...: the ``tojson`` filter, tests) keep Flask's encoder.
 """
 
