@@ -66,7 +66,8 @@ def rebuild_hint(index_dir: Path) -> str:
 def chunking_settings(settings: Settings) -> dict:
     return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
             "splitter": "sentencex+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT,
-            "sentence_context": SENTENCE_CONTEXT, "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams"}
+            "sentence_context": SENTENCE_CONTEXT,
+            "lexical": "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams-headline-or-lead"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -207,6 +208,25 @@ def _context(article: Article, start: int, end: int, lead: tuple[int, int] | Non
     if len(context) > CONTEXT_CHARS:
         context = context[:CONTEXT_CHARS].rsplit(" ", 1)[0]
     return context
+
+
+def lexical_text(article: Article, start: int, end: int, lead: tuple[int, int] | None) -> str:
+    """Return what BM25 reads for the passage ``article.text[start:end]``: its article's headline, else its lead.
+
+    The same context its vector is made with (``_context``), so a window that says "He stressed ..." is found by
+    the names its article's headline or lead gives him. An article with a headline keeps it before every passage,
+    even one that holds it (as BM25 always read it); one without gets its lead sentence before every passage
+    but the one that starts with it.
+    """
+    context = article.title or _context(article, start, end, lead)
+    return f"{context}\n{article.text[start:end]}"
+
+
+def lexical_texts(chunks: Chunks, articles: Iterable[Article]) -> list[str]:
+    """Return ``lexical_text`` of every passage of ``chunks``, in order."""
+    by_id = {a.id: a for a in articles}
+    lead = _leads(chunks)
+    return [lexical_text(by_id[p.article_id], p.start, p.end, lead.get(p.article_id)) for p in chunks.passages]
 
 
 def _with_context(chunks: Chunks, articles: Iterable[Article], spans: Iterable[tuple[str, int, int]]) -> list[str]:
@@ -356,8 +376,7 @@ class _LexicalWrite:
         from .chunking import can_fork, cores, fork_pool
 
         by_id = {a.id: a for a in articles}
-        # The headline is part of what a passage is about, so BM25 sees it with every passage.
-        texts = [f"{by_id[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
+        texts = lexical_texts(chunks, articles)  # the headline (else the lead) is part of what a passage is about
         sentence_texts = [by_id[a].text[s:e] for a, s, e in chunks.sentences]
         self._pool = self._result = None
         with _LEXICAL_LOCK:

@@ -181,6 +181,31 @@ def test_writes_are_seen_by_running_readers_at_once_and_only_whole(postgres, tmp
     assert all(h["citation"]["article_id"] != "zebra-report" for h in reader.ask("Zanzibar zebra count")["results"])
 
 
+def test_an_article_without_a_headline_gives_every_passage_its_lead_and_takes_it_back(postgres, tmp_path,
+                                                                                    seed_articles, fake_embedder):
+    """BM25 reads each later window with the lead (``store.lexical_text``); a delete takes those words back."""
+    from qa_service.store import chunk_articles, lexical_texts
+
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name, max_tokens=24, overlap_sentences=0,
+                        database_url=new_database(postgres, "leads"))
+    with PostgresWriter(settings) as writer:
+        writer.sync(seed_articles[:2], fake_embedder)
+    before = dict(Searcher(settings, embedder=fake_embedder).vocabulary.counts)
+    lead = "Rangers from Pemba counted the Zanzibar zebras."
+    body = " ".join(f"Sentence {i} says the census went on for hours." for i in range(6))
+    story = Article("census", "census.txt", None, "2025-02-01", f"{lead} {body}", "h-census")
+    passages = len(chunk_articles([story], fake_embedder, settings).passages)
+    with PostgresWriter(settings) as writer:
+        writer.sync([story], fake_embedder, remove_missing=False)
+    searcher = Searcher(settings, embedder=fake_embedder)
+    assert passages >= 3 and searcher.vocabulary.counts["zanzibar"] == passages  # the lead, then in every window
+    chunks = chunk_articles([story], fake_embedder, settings)
+    assert all(t.startswith(("\n" + lead, lead + "\n")) for t in lexical_texts(chunks, [story]))
+    with PostgresWriter(settings) as writer:
+        writer.delete("census")
+    assert dict(Searcher(settings, embedder=fake_embedder).vocabulary.counts) == before
+
+
 def test_sync_embeds_only_changed_articles_and_removes_missing(postgres, tmp_path, seed_articles):
     settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
                         database_url=new_database(postgres, "sync"))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qa_service.config import Settings
 from qa_service.errors import InvalidRequest
 from qa_service.retrieval import fusion
 from qa_service.retrieval.dates import date_preference, question_period
@@ -108,6 +109,27 @@ def test_hybrid_blends_idf_and_lexical_mode_stays_plain_bm25(fake_searcher):
     blended = backend.lexical.scores(question, 1000)
     assert np.array_equal(hybrid.lexical, blended[hybrid.pids]) and not np.allclose(blended, everything)
     assert not np.allclose(hybrid.lexical_mix, plain.lexical_mix[np.searchsorted(plain.pids, hybrid.pids)])
+
+
+def test_a_window_that_says_he_is_found_by_the_name_its_lead_gives_him(tmp_path, fake_embedder):
+    """An article without a headline names its subject in the lead; a later window says only "He stressed ...".
+    BM25 reads every window with its article's lead, so the name finds that window over an equal one elsewhere."""
+    from qa_service.retrieval import Searcher
+    from qa_service.store import build_index
+    from qa_service.types import Article
+
+    filler = " ".join(f"Paragraph {i} describes the long meeting and its many guests." for i in range(4))
+    named = Article("a", "a.txt", None, None, "Foreign Minister Abbas Araghchi met the delegation in Doha. "
+                    f"{filler} He stressed again and again that the leaders must be prosecuted.", "h1")
+    other = Article("b", "b.txt", None, None, "A court in The Hague heard the case on Monday. "
+                    f"{filler} Judges stressed that the leaders must be prosecuted.", "h2")
+    settings = Settings(index_dir=tmp_path / "index", model=fake_embedder.name, max_tokens=24, overlap_sentences=0)
+    build_index([named, other], fake_embedder, settings)
+    searcher = Searcher(settings, embedder=fake_embedder)
+    hits = searcher.search("Did Araghchi say the leaders must be prosecuted?", k=3, mode="lexical", group=False)
+    assert hits[0].citation.article_id == "a" and "He stressed" in hits[0].text
+    assert "Araghchi" not in hits[0].text  # found through its lead, not its own words
+    assert hits[0].text == named.text[hits[0].citation.start:hits[0].citation.end]
 
 
 def test_lexical_analysis_folds_quotes_and_numbers():

@@ -287,6 +287,30 @@ def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(
         assert 0 < len(context) <= CONTEXT_CHARS and context.startswith("Headline Headline")
 
 
+def test_bm25_reads_each_passage_with_its_headline_or_lead():
+    """lexical_texts: the headline before every passage (even one holding it), else the lead before every later one."""
+    from qa_service.store import chunk_articles, embedding_texts, lexical_texts
+    from qa_service.types import Article
+
+    lead = "The minister met the delegation in Doha on Thursday."
+    body = " ".join(f"Sentence number {i} says the talks went on for hours." for i in range(6))
+    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
+    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
+    headline_inside = Article("c", "c.txt", "Talks in Doha", None, f"Talks in Doha. {lead} {body}", "h3")
+    articles = [titled, untitled, headline_inside]
+    chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=0))
+    texts = lexical_texts(chunks, articles)
+    assert len(texts) == len(chunks.passages) and len({p.article_id for p in chunks.passages}) == 3
+    for passage, text, embedded in zip(chunks.passages, texts, embedding_texts(chunks, articles)):
+        if passage.article_id in ("a", "c"):
+            assert text == f"Talks in Doha\n{passage.text}"
+        elif passage.start == 0:
+            assert text == f"\n{passage.text}" and passage.text.startswith(lead)
+        else:
+            assert text == f"{lead}\n{passage.text}" == embedded  # what the passage's vector was made from
+    assert sum(p.article_id == "b" and p.start > 0 for p in chunks.passages) >= 2
+
+
 def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
     """sentence_embedding_texts: the same context as the passages, per sentence; the lead itself stays bare."""
     from qa_service.store import chunk_articles, sentence_embedding_texts

@@ -543,7 +543,9 @@ def _store_encoder(conn, entry: dict, folder: Path) -> None:
 
 def _lexical_rows(articles: dict[str, Article], chunks) -> tuple[dict, Counter]:
     """Postings (kind, term, doc-index, tf, dl) of passages, word pairs and sentences, and word counts."""
-    passage_texts = [f"{articles[p.article_id].title or ''}\n{p.text}" for p in chunks.passages]
+    from ..store import lexical_texts
+
+    passage_texts = lexical_texts(chunks, articles.values())
     out = {PASSAGE_TERMS: [], PASSAGE_PAIRS: [], SENTENCE_TERMS: []}
     for i, text in enumerate(passage_texts):
         for kind, tokens in ((PASSAGE_TERMS, analyze(text)), (PASSAGE_PAIRS, bigrams(text))):
@@ -758,11 +760,18 @@ class PostgresWriter:
                 UPDATE qa_term_stats ts SET df = ts.df - counted.n FROM counted
                 WHERE ts.kind = %s AND ts.term = counted.term""", (kind, article_ids, kind))
         c.execute("DELETE FROM qa_term_stats WHERE df <= 0")
-        rows = c.execute("SELECT a.title, p.text FROM qa_passages p JOIN qa_articles a ON a.id = p.article_id "
-                         "WHERE p.article_id = ANY(%s)", (article_ids,)).fetchall()
+        from ..store import lexical_text
+
+        # The words of the removed passages' BM25 texts (``store.lexical_text``: headline, else lead, and passage).
+        gone_articles = {row[0]: Article(*row) for row in c.execute(
+            "SELECT id, source, title, date, text, content_hash FROM qa_articles WHERE id = ANY(%s)", (article_ids,))}
+        leads = {aid: (start, end) for aid, start, end in c.execute(
+            'SELECT DISTINCT ON (article_id) article_id, start, "end" FROM qa_sentences WHERE article_id = ANY(%s) '
+            "ORDER BY article_id, start", (article_ids,))}
         gone = Counter()
-        for title, text in rows:
-            full = f"{title or ''}\n{text}"
+        for aid, start, end in c.execute('SELECT article_id, start, "end" FROM qa_passages WHERE article_id = ANY(%s)',
+                                         (article_ids,)).fetchall():
+            full = lexical_text(gone_articles[aid], start, end, leads.get(aid))
             gone.update(set(words(full)) | set(_hyphenated(full)))
         if gone:
             c.execute("""UPDATE qa_vocabulary v SET count = v.count - g.n
