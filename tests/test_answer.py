@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from qa_service.answer import answer_type_present, answerability
 
 
@@ -108,3 +110,33 @@ def test_coverage_weighs_words_by_english_as_well_as_by_the_articles(fake_search
     monkeypatch.setattr(fake_searcher, "config", dataclasses.replace(fake_searcher.config, background_docs=0.0))
     plain = coverage(fake_searcher, question, hit)
     assert blended > 0.5 > plain + 0.2
+
+
+def test_coverage_reads_a_headline_less_window_with_its_lead(tmp_path, fake_embedder, monkeypatch):
+    """A window that says "He stressed ..." is covered by the name its article's lead gives him, as BM25 reads it."""
+    from qa_service.answer import coverage
+    from qa_service.config import Settings
+    from qa_service.errors import ArticleNotFound
+    from qa_service.retrieval import Searcher
+    from qa_service.store import build_index
+    from qa_service.types import Article
+
+    lead = "Foreign Minister Abbas Araghchi met the delegation in Doha."
+    filler = " ".join(f"Paragraph {i} describes the long meeting and its many guests." for i in range(4))
+    story = Article("a", "a.txt", None, None, f"{lead} {filler} He stressed that the leaders must be prosecuted.",
+                    "h1")
+    titled = Article("b", "b.txt", "Court hears the case", None, "A court heard the case. Judges spoke. " * 4, "h2")
+    settings = Settings(index_dir=tmp_path / "index", model=fake_embedder.name, max_tokens=24, overlap_sentences=0)
+    build_index([story, titled], fake_embedder, settings)
+    searcher = Searcher(settings, embedder=fake_embedder)
+    assert searcher.backend.lead("a") == lead
+    assert searcher.backend.lead("b") == "A court heard the case."
+    with pytest.raises(ArticleNotFound):
+        searcher.backend.lead("missing")
+
+    question = "Did Araghchi say the leaders must be prosecuted?"
+    hit = next(h for h in searcher.search(question, k=5, group=False) if "He stressed" in h.text)
+    assert "Araghchi" not in hit.text
+    with_lead = coverage(searcher, question, hit)
+    monkeypatch.setattr(searcher.backend, "lead", lambda article_id: "")
+    assert with_lead > coverage(searcher, question, hit) + 0.2

@@ -199,6 +199,9 @@ def test_an_article_without_a_headline_gives_every_passage_its_lead_and_takes_it
         writer.sync([story], fake_embedder, remove_missing=False)
     searcher = Searcher(settings, embedder=fake_embedder)
     assert passages >= 3 and searcher.vocabulary.counts["zanzibar"] == passages  # the lead, then in every window
+    assert searcher.backend.lead("census") == lead
+    with pytest.raises(ArticleNotFound):
+        searcher.backend.lead("no-such-article")
     chunks = chunk_articles([story], fake_embedder, settings)
     assert all(t.startswith(("\n" + lead, lead + "\n")) for t in lexical_texts(chunks, [story]))
     with PostgresWriter(settings) as writer:

@@ -79,6 +79,8 @@ class IndexBackend(Protocol):
 
     def passage_count_for(self, article_id: str) -> int: ...
 
+    def lead(self, article_id: str) -> str: ...  # its first sentence: what a headline-less article's passages are read with
+
     def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)
 
     def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,

@@ -75,6 +75,12 @@ class FaissBackend:
         self._passage_article = np.array([self._article_pos[r[0]] for r in prow], dtype=np.int32)
         self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
         self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
+        # Each article's first sentence (its lead, ``lead``): the smallest first sentence of its passages.
+        self._first_sentence = np.full(len(ids), -1, dtype=np.int64)
+        if len(prow):
+            first = np.full(len(ids), np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, self._passage_article, self._passage_sentences[:, 0])
+            self._first_sentence = np.where(first == np.iinfo(np.int64).max, -1, first)
         self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
         self._article_dates = [self._meta[a][2] for a in ids]
         if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_matrix):
@@ -129,6 +135,17 @@ class FaissBackend:
 
     def passage_count_for(self, article_id: str) -> int:
         return int(self._passage_counts[self._article_pos[article_id]])
+
+    def lead(self, article_id: str) -> str:
+        """The article's first sentence ("" when it has none); raises ``ArticleNotFound``."""
+        pos = self._article_pos.get(article_id) if isinstance(article_id, str) else None
+        if pos is None:
+            raise ArticleNotFound(f"There is no article with id {article_id!r}.")
+        sid = int(self._first_sentence[pos])
+        if sid < 0:
+            return ""
+        start, end = self._sentence_spans[sid]
+        return self._article(article_id).text[int(start):int(end)]
 
     # ------------------------------------------------------------------ search
     def selection(self, filters: Filters | None) -> np.ndarray | None:

@@ -238,7 +238,7 @@ class PostgresBackend:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self._refresh(conn)
             self._local.depth = 1
-            self._local.cache = {"articles": {}, "passages": {}, "spans": {}, "vectors": {}}
+            self._local.cache = {"articles": {}, "passages": {}, "spans": {}, "vectors": {}, "leads": {}}
             try:
                 yield
             finally:
@@ -459,6 +459,16 @@ class PostgresBackend:
                                             "WHERE id = ANY(%s)", (wanted,)):
                 articles[row[0]] = Article(*row)
         return {r[0]: r[1:5] for r in rows}
+
+    def lead(self, article_id: str) -> str:
+        """The article's first sentence ("" when it has none); raises ``ArticleNotFound``."""
+        cache = self._cache("leads")
+        if article_id not in cache:
+            text = self.article(article_id).text
+            row = self._conn().execute('SELECT start, "end" FROM qa_sentences WHERE article_id = %s '
+                                       "ORDER BY start LIMIT 1", (article_id,)).fetchone()
+            cache[article_id] = text[row[0]:row[1]] if row else ""
+        return cache[article_id]
 
     def passage_sentence_ids(self, pid: int) -> range:
         cache = self._cache("passages")
