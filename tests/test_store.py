@@ -288,7 +288,7 @@ def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(
 
 
 def test_bm25_reads_each_passage_with_its_headline_or_lead():
-    """lexical_texts: the headline before every passage (even one holding it), else the lead before every later one."""
+    """lexical_texts: the headline, else the lead sentence, before every passage (even one holding it)."""
     from qa_service.store import chunk_articles, embedding_texts, lexical_texts
     from qa_service.types import Article
 
@@ -305,7 +305,8 @@ def test_bm25_reads_each_passage_with_its_headline_or_lead():
         if passage.article_id in ("a", "c"):
             assert text == f"Talks in Doha\n{passage.text}"
         elif passage.start == 0:
-            assert text == f"\n{passage.text}" and passage.text.startswith(lead)
+            assert text == f"{lead}\n{passage.text}" and passage.text.startswith(lead)
+            assert embedded == passage.text  # the vector does not repeat it
         else:
             assert text == f"{lead}\n{passage.text}" == embedded  # what the passage's vector was made from
     assert sum(p.article_id == "b" and p.start > 0 for p in chunks.passages) >= 2
