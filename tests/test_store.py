@@ -287,17 +287,22 @@ def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(
         assert 0 < len(context) <= CONTEXT_CHARS and context.startswith("Headline Headline")
 
 
-def test_bm25_reads_each_passage_with_its_headline_or_lead():
-    """lexical_texts: the headline, else the lead sentence, before every passage (even one holding it)."""
-    from qa_service.store import chunk_articles, embedding_texts, lexical_texts
+def _headline_lead_and_both():
+    """A lead sentence and three articles holding it: with a headline, without one, and with the headline inside."""
     from qa_service.types import Article
 
     lead = "The minister met the delegation in Doha on Thursday."
     body = " ".join(f"Sentence number {i} says the talks went on for hours." for i in range(6))
-    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
-    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
-    headline_inside = Article("c", "c.txt", "Talks in Doha", None, f"Talks in Doha. {lead} {body}", "h3")
-    articles = [titled, untitled, headline_inside]
+    return lead, [Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1"),
+                  Article("b", "b.txt", None, None, f"{lead} {body}", "h2"),
+                  Article("c", "c.txt", "Talks in Doha", None, f"Talks in Doha. {lead} {body}", "h3")]
+
+
+def test_bm25_reads_each_passage_with_its_headline_or_lead():
+    """lexical_texts: the headline, else the lead sentence, before every passage (even one holding it)."""
+    from qa_service.store import chunk_articles, embedding_texts, lexical_texts
+
+    lead, articles = _headline_lead_and_both()
     chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=0))
     texts = lexical_texts(chunks, articles)
     assert len(texts) == len(chunks.passages) and len({p.article_id for p in chunks.passages}) == 3
@@ -337,14 +342,8 @@ def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
 def test_sentence_groups_cover_each_sentence_and_its_headline_or_lead_in_the_passage_text():
     """sentence_groups: ranges into embedding_texts' text: the sentence, and the headline or lead as that text has it."""
     from qa_service.store import chunk_articles, embedding_texts, sentence_groups
-    from qa_service.types import Article
 
-    lead = "The minister met the delegation in Doha on Thursday."
-    body = " ".join(f"Sentence number {i} says the talks went on for hours." for i in range(6))
-    titled = Article("a", "a.txt", "Talks in Doha", None, f"{lead} {body}", "h1")
-    untitled = Article("b", "b.txt", None, None, f"{lead} {body}", "h2")
-    headline_inside = Article("c", "c.txt", "Talks in Doha", None, f"Talks in Doha. {lead} {body}", "h3")
-    articles = [titled, untitled, headline_inside]
+    lead, articles = _headline_lead_and_both()
     chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=1))
     texts, groups = embedding_texts(chunks, articles), sentence_groups(chunks, articles)
     by_id = {a.id: a for a in articles}
