@@ -79,7 +79,7 @@ class IndexBackend(Protocol):
 
     def passage_count_for(self, article_id: str) -> int: ...
 
-    def lead(self, article_id: str) -> str: ...  # its first sentence: what a headline-less article's passages are read with
+    def lead(self, article_id: str) -> str: ...  # its first sentence (BM25's context when it has no headline)
 
     def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)
 
