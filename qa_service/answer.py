@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ArticleNotFound
 from .retrieval.lexical import _stopwords, analyze, background_idf, blended_idf, fold, words
 from .types import Hit
 
@@ -239,15 +238,6 @@ def answerability(searcher: "Searcher", question: str, hits: list[Hit]) -> Verdi
     return Verdict(confidence >= THRESHOLD, round(confidence, 4), features)
 
 
-def _headline_or_lead(searcher: "Searcher", hit: Hit) -> str:
-    if hit.citation.title:
-        return hit.citation.title
-    try:
-        return searcher.backend.lead(hit.citation.article_id)
-    except ArticleNotFound:  # a hit made up by hand (tests), not from the index
-        return ""
-
-
 def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
     """Return the idf-weighted share of the question's content words found in ``hit`` and its article's headline.
 
@@ -265,7 +255,7 @@ def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:
     qwords = {w for w in words(corrected) if w not in stop and len(w) > 1}
     if not qwords:
         return 0.0
-    text = hit.text + " " + _headline_or_lead(searcher, hit)
+    text = hit.text + " " + (hit.citation.title or searcher.backend.lead(hit.citation.article_id))
     have, have_stems = _words(text), _terms(text)
     spellings = searcher.spelling_variants(question)  # "Araqchi" is found in a passage that writes "Araghchi"
     total = got = 0.0

@@ -86,7 +86,7 @@ def test_coverage_counts_a_spelling_variant_of_a_question_word(fake_searcher):
 
     question = "What did Araqchi discuss with Hamas in Doha?"
     assert fake_searcher.spelling_variants(question) == {"araqchi": ("araghchi",)}
-    cite = Citation("a", "a.txt", None, None, 0, 10)
+    cite = Citation("a", "a.txt", "Report", None, 0, 10)  # made up, with a headline: no lead is looked up
     one, other = (Hit(1, 1.0, f"{name} discussed a truce with Hamas in Doha.", cite)
                   for name in ("Araqchi", "Araghchi"))
     nameless = coverage(fake_searcher, question, Hit(1, 1.0, "Someone discussed a truce with Hamas in Doha.", cite))
@@ -105,7 +105,7 @@ def test_coverage_weighs_words_by_english_as_well_as_by_the_articles(fake_search
 
     question = "What does JCPOA stand for?"
     hit = Hit(1, 1.0, "Zarif gave the deal its formal name, the Joint Comprehensive Plan of Action (JCPOA).",
-              Citation("a", "a.txt", None, None, 0, 10))
+              Citation("a", "a.txt", "Report", None, 0, 10))  # made up, with a headline: no lead is looked up
     blended = coverage(fake_searcher, question, hit)
     monkeypatch.setattr(fake_searcher, "config", dataclasses.replace(fake_searcher.config, background_docs=0.0))
     plain = coverage(fake_searcher, question, hit)

@@ -76,11 +76,10 @@ class FaissBackend:
         self._passage_sentences = np.array([(r[1], r[2]) for r in prow], dtype=np.int64).reshape(-1, 2)
         self._sentence_spans = np.array(srow, dtype=np.int64).reshape(-1, 2)
         # Each article's first sentence (its lead, ``lead``): the smallest first sentence of its passages.
-        self._first_sentence = np.full(len(ids), -1, dtype=np.int64)
-        if len(prow):
-            first = np.full(len(ids), np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(first, self._passage_article, self._passage_sentences[:, 0])
-            self._first_sentence = np.where(first == np.iinfo(np.int64).max, -1, first)
+        none = np.iinfo(np.int64).max
+        first = np.full(len(ids), none, dtype=np.int64)
+        np.minimum.at(first, self._passage_article, self._passage_sentences[:, 0])
+        self._first_sentence = np.where(first == none, -1, first)
         self._passage_counts = np.bincount(self._passage_article, minlength=len(ids)) if len(ids) else np.zeros(0, int)
         self._article_dates = [self._meta[a][2] for a in ids]
         if not (len(prow) == self.dense.size == self.lexical.size) or len(srow) != len(self.sentence_matrix):
