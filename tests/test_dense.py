@@ -128,6 +128,30 @@ def test_below_threshold_is_exact_and_memory_mapped(tmp_path):
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
+
+def test_searches_from_any_thread_run_faiss_on_one_openmp_thread(tmp_path):
+    """OpenMP's thread count is per thread: a request thread (gunicorn's) starts with one per core unless told."""
+    import threading
+
+    data = clustered(500)
+    index, entry = build_dense_index(data, ann_threshold=5_000)
+    faiss.write_index(index, str(tmp_path / "v.faiss"))
+    dense = DenseIndex(tmp_path / "v.faiss", entry)
+    seen = {}
+
+    def request_thread(name, call):
+        faiss.omp_set_num_threads(4)  # what a new thread gets on a 4-core machine
+        call()
+        seen[name] = faiss.omp_get_max_threads()
+
+    for name, call in (("search", lambda: dense.search(data[:3], 5)),
+                       ("filtered", lambda: dense.search(data[:3], 5, np.arange(100))),
+                       ("vectors", lambda: dense.vectors(np.arange(4)))):
+        thread = threading.Thread(target=request_thread, args=(name, call))
+        thread.start()
+        thread.join()
+    assert seen == {"search": 1, "filtered": 1, "vectors": 1}
+
 def test_build_index_switches_and_records_it(tmp_path, seed_articles, fake_embedder, fake_index):
     """A build above the (lowered) threshold writes IVF, says so in the manifest, and the Searcher answers from it."""
     from qa_service.retrieval import Searcher
