@@ -232,10 +232,51 @@ def answerability(searcher: "Searcher", question: str, hits: list[Hit]) -> Verdi
     sentences = [h.extra.get("answer", {}).get("text", h.text) for h in hits[:3]
                  if h is top or (best > 0 and h.score >= TYPE_SCORE_SHARE * best)]
     type_ok = answer_type_present(question, sentences)
-    features = {"coverage": round(cov, 4), "answer_cosine": round(cosine, 4), "answer_type": type_ok}
-    # A missing answer type caps the confidence: the passages are on topic but do not say it.
-    confidence = probability if type_ok else min(probability, 0.5 * THRESHOLD)
+    unfamiliar = unfamiliar_names(searcher, question)
+    features = {"coverage": round(cov, 4), "answer_cosine": round(cosine, 4), "answer_type": type_ok,
+                "unfamiliar_names": unfamiliar}
+    # A missing answer type caps the confidence: the passages are on topic but do not say it. So does a name no
+    # article mentions: the passages are about someone else.
+    confidence = probability if type_ok and not unfamiliar else min(probability, 0.5 * THRESHOLD)
     return Verdict(confidence >= THRESHOLD, round(confidence, 4), features)
+
+
+# A run of capitalised words in a question: a name ("Saudi Arabia's", "Yoav Gallant", "Newcastle"), not its first word.
+_NAME_RUN = re.compile(r"(?<!^)(?<![.!?]\s)\b[A-Z][\w'’-]*(?:\s+(?:of\s+|al-|bin\s+)?[A-Z][\w'’-]*)*")
+_ACRONYM = re.compile(r"(?:[A-Z]\.?){2,}(?:s|['’]s?)?")  # "ICC", "U.S.", "TDs", "IDF's"; not "O'Hara", "MacArthur"
+_CALENDAR = frozenset("january february march april may june july august september october november december "
+                      "monday tuesday wednesday thursday friday saturday sunday".split())
+
+
+def _known_word(searcher: "Searcher", word: str, spellings: dict[str, tuple[str, ...]]) -> bool:
+    """Is ``word`` (folded) in some passage, in another indexed spelling, or as the start of an indexed word?
+
+    The prefix (all but the last three letters, at least four) lets a demonym find its country and back:
+    "turkish" finds "turkey", "israeli" "israel", "lebanese" "lebanon", "iran" "iranian".
+    """
+    if searcher.vocabulary.counts.get(word, 0) or spellings.get(word):
+        return True
+    n = max(4, len(word) - 3)
+    return len(word) >= n and searcher.vocabulary.has_prefix(word[:n])
+
+
+def unfamiliar_names(searcher: "Searcher", question: str) -> list[str]:
+    """Return the names in ``question`` that no indexed passage mentions: no word of the name, in any spelling.
+
+    Articles that never mention Turkey cannot say what the Turkish president said, however well a passage about
+    another president covers the rest of the question (the verdict's model sees how many words are found, not
+    which). A name counts as mentioned when any of its words is ("Binyamin Netanyahu" by "Netanyahu"); months and
+    weekdays (times, not names) and acronyms ("ICC", "TDs": a text may spell them out) are not checked.
+    """
+    spellings = searcher.spelling_variants(question)
+    stop = _stopwords()
+    names = []
+    for match in _NAME_RUN.finditer(searcher.prepare(question)[0]):
+        tokens = [t for t in re.findall(r"[\w'’.-]+", match.group(0)) if not _ACRONYM.fullmatch(t)]
+        checked = [w for t in tokens for w in words(t) if w not in stop and len(w) > 1 and w not in _CALENDAR]
+        if checked and not any(_known_word(searcher, w, spellings) for w in checked):
+            names.append(re.sub(r"['’]s?$", "", match.group(0)))  # "Saudi Arabia's" -> "Saudi Arabia"
+    return names
 
 
 def coverage(searcher: "Searcher", question: str, hit: Hit) -> float:

@@ -182,7 +182,9 @@ def _print_hits(result: dict) -> None:
     if not result["results"]:
         click.echo("No passages found.")
     elif result.get("answerable") is False:
-        click.echo(click.style("The articles do not seem to answer this; the closest passages:", fg="yellow"))
+        names = result.get("names_not_in_articles") or []
+        why = f" (no article mentions {', '.join(names)})" if names else ""
+        click.echo(click.style(f"The articles do not seem to answer this{why}; the closest passages:", fg="yellow"))
     for hit in result["results"]:
         c = hit["citation"]
         head = f"{hit['rank']}. [{hit['score']:.3f}] {c['title'] or c['source']}"

@@ -119,6 +119,15 @@ def test_user_input_is_escaped(client):
     assert "<script>" not in page
 
 
+
+def test_the_notice_names_what_no_article_mentions(client):
+    """A question about a name the articles never mention says so, escaped like all input."""
+    page = client.get("/", query_string={"q": "What did the Turkish president and O'Callaghan say?"},
+                      headers=HTML).get_data(as_text=True)
+    assert "The articles may not answer this question (none of them mentions Turkish, O&#39;Callaghan)" in page
+    page = client.get("/", query_string={"q": "What did Araghchi say in Doha?"}, headers=HTML).get_data(as_text=True)
+    assert "none of them mentions" not in page
+
 def test_article_page_highlights_the_cited_passage(client, app):
     hit = app.test_client().post("/api/ask", json={"question": QUESTION}).get_json()["results"][0]
     c = hit["citation"]

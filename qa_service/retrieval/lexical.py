@@ -15,6 +15,7 @@ as if the background were ``BACKGROUND_DOCS`` more texts (``blended_idf``); a la
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -165,6 +166,14 @@ class Vocabulary:
                 self._by_key.setdefault(key, word)
                 self._all_by_key.setdefault(key, []).append(word)
         self._keys = list(self._by_key)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Does some indexed word start with ``prefix`` (folded)? ("turk" for "Turkey"; ``answer.unfamiliar_names``)"""
+        ordered = self.__dict__.get("_ordered")
+        if ordered is None:  # sorted once, on the first call: most questions never need it
+            ordered = self.__dict__["_ordered"] = sorted(self.counts)
+        i = bisect.bisect_left(ordered, prefix)
+        return i < len(ordered) and ordered[i].startswith(prefix)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "Vocabulary":

@@ -268,6 +268,8 @@ class Searcher:
             verdict = answerability(self, question, hits)
         return {"question": question, "mode": mode, "answerable": verdict.answerable,
                 "answer_confidence": verdict.score,
+                # names of the question no article mentions (each caps the confidence; ``answer.unfamiliar_names``)
+                "names_not_in_articles": verdict.features.get("unfamiliar_names", []),
                 "results": [h.to_dict() for h in hits],
                 "took_ms": round((time.perf_counter() - started) * 1000, 3)}
 
