@@ -233,6 +233,9 @@ def warm_up(searcher) -> None:
 
         background_idfs("warm up")  # hybrid's English word list (lexical.blended_idf): 0.1 s to import and read
         searcher.ask("warm up", k=1)
+        vocabulary = getattr(searcher, "vocabulary", None)
+        if hasattr(vocabulary, "has_prefix"):
+            vocabulary.has_prefix("")  # sorts the indexed words for the name check (answer.unfamiliar_names)
     except Exception:  # a failed warm-up must not stop anything; a real request will show the error
         logger.warning("warm-up question failed", exc_info=True)
 
