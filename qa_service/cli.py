@@ -87,7 +87,7 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, shareable_encoder
+    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, resolve_quantize, shareable_encoder
     from .store import build_index, index_status, live_manifest
 
     articles = _load_seeds(seeds_dir)
@@ -98,8 +98,8 @@ def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bo
     live = live_manifest(settings.index_dir)
     # Same model files as the live index's ONNX export, or as one this machine made for another index: embed
     # with it, without loading torch or exporting (~15 s). Either is used only if its checksums still match.
-    shared = live if shareable_encoder(live, settings.model, settings.quantize) else \
-        cached_export(settings.model, settings.quantize)
+    quantize = resolve_quantize(settings.quantize, live)  # "auto": the live index's precision
+    shared = live if shareable_encoder(live, settings.model, quantize) else cached_export(settings.model, quantize)
     if shared is not None:
         summary = build_index(articles, None, settings, progress=progress, encoder_of=shared,
                               encoder_threads=INDEXING_THREADS)
@@ -150,9 +150,10 @@ def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, pro
 @cli.command()
 @click.argument("seeds_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default="seeds")
 @click.option("--force", is_flag=True, help="Rebuild even when the index is up to date.")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), envvar="QA_QUANTIZE", default="none",
-              show_default=True, help="Precision of the ONNX encoder for passages and questions "
-              "(int8: faster, slightly different vectors). Changing it rebuilds the index.")
+@click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), envvar="QA_QUANTIZE", default="auto",
+              show_default=True, help="Precision of the ONNX encoder for passages and questions: none (fp32), "
+              "int8 (faster, slightly different vectors), or auto: the existing index's, fp32 for a new one. "
+              "Changing it rebuilds the index.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Embed on a Ray actor pool: alone (or --ray=local) starts a local Ray, else the address of a "
               "Ray cluster [env QA_RAY_ADDRESS]. Needs the ray extra. Put it after SEEDS_DIR.")

@@ -24,8 +24,9 @@ class Settings:
     # embedded 600 SciFact windows (~128 tokens) at 54.6 / 54.7 / 53.1 / 49.9 passages/s with batches of
     # 12 / 16 / 24 / 32 (medians of 3 interleaved runs): smaller batches keep each layer's activations in cache.
     batch_size: int = 16
-    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder).
-    quantize: str = "none"
+    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
+    # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
+    quantize: str = "auto"
     max_question_chars: int = 1000
     max_k: int = 50
     max_body_bytes: int = 64 * 1024

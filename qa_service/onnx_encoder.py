@@ -69,6 +69,19 @@ PROBE_TEXTS = (
 )
 
 
+def resolve_quantize(quantize: str, manifest: dict | None) -> str:
+    """Return the ``--quantize`` choice a build means: "auto" (the default) keeps the precision of the index
+    ``manifest`` describes, or fp32 ("none") when there is none; "none" and "int8" are kept as chosen.
+
+    So an index built with ``--quantize int8`` stays int8 when a later ``qa-service serve --build`` or ``eval``
+    refreshes it without repeating the choice (until 11-27 it was found stale and re-embedded in fp32).
+    """
+    if quantize != "auto":
+        return quantize
+    chosen = ((manifest or {}).get("encoder") or {}).get("quantize")
+    return chosen if chosen in QUANTIZE_CHOICES else "none"
+
+
 def encoder_precision(quantize: str) -> str:
     """Return the precision a ``--quantize`` choice asks for."""
     if quantize not in QUANTIZE_CHOICES:
@@ -268,6 +281,7 @@ def onnx_backend_is_used(manifest: dict) -> bool:
 
 def encoder_status(manifest: dict, quantize: str) -> str | None:
     """Return why the index's encoder does not match the wanted ``quantize`` setting, or None when it does."""
+    quantize = resolve_quantize(quantize, manifest)
     entry = manifest.get("encoder")
     if entry is None:
         return "the index has no query encoder entry (built by an older qa-service)"
@@ -334,6 +348,7 @@ def shareable_encoder(manifest: dict | None, model: str, quantize: str, check_fi
     entry = (manifest or {}).get("encoder") or {}
     if entry.get("backend") != "onnx" or entry.get("export_version") != EXPORT_VERSION:
         return False
+    quantize = resolve_quantize(quantize, manifest)
     if manifest.get("model") != canonical_model_name(model) or entry.get("quantize", "none") != quantize:
         return False
     digest = entry.get("model_files")

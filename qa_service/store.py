@@ -42,7 +42,7 @@ from .chunking import cut_many
 from .config import Settings
 from .embedding import Embedder, canonical_model_name, normalize_rows
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from .onnx_encoder import SERVING_THREADS, encoder_status, prepare_encoder
+from .onnx_encoder import SERVING_THREADS, encoder_status, prepare_encoder, resolve_quantize
 from .types import Article, Passage
 
 logger = logging.getLogger(__name__)
@@ -701,7 +701,8 @@ def build_index(
         lap("chunk")
         if encoder_of is None:
             # Passages are embedded by the encoder that will answer questions (normally the ONNX export).
-            embedder, encoder = prepare_encoder(embedder, settings.quantize, tmp, builds, embedded)
+            embedder, encoder = prepare_encoder(embedder, resolve_quantize(settings.quantize, old), tmp, builds,
+                                                embedded)
         lap("encoder")
         from .distributed import maybe_distributed
 

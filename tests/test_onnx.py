@@ -269,6 +269,27 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
     cosines = np.sum(searcher.embedder.encode(questions) * real_embedder.encode(questions), axis=1)
     assert cosines.min() >= onnx_encoder.MIN_COSINE["int8"] and cosines.mean() >= 0.98
     assert searcher.ask(QUESTION, k=1)["results"][0]["citation"]["article_id"] == "004_9aeb4bd2e5102b83"
+    # "auto" (the default when neither --quantize nor QA_QUANTIZE chooses) keeps the index's precision: a later
+    # refresh without the choice, as `qa-service serve --build` runs it, stays int8 instead of re-embedding in fp32.
+    auto = settings.with_(quantize="auto")
+    assert Settings().quantize == "auto"
+    assert index_status(auto, seed_articles) == (True, "up to date")
+    fewer = [a for a in seed_articles if a.id != "000_13c1da738e689733"]
+    build_index(fewer, real_embedder, auto)
+    entry = read_manifest(settings.index_dir)["encoder"]
+    assert entry["precision"] == "int8" and entry["quantize"] == "int8"
+    assert index_status(auto, fewer) == (True, "up to date")
+    assert index_status(auto.with_(quantize="none"), fewer) == (False, "the encoder precision changed")
+
+
+def test_auto_quantize_means_the_index_precision_or_fp32():
+    from qa_service.onnx_encoder import resolve_quantize
+
+    int8 = {"encoder": {"backend": "onnx", "quantize": "int8"}}
+    assert resolve_quantize("auto", int8) == "int8"
+    assert resolve_quantize("auto", None) == "none"  # a new index
+    assert resolve_quantize("auto", {"encoder": {"backend": "sentence-transformers"}}) == "none"
+    assert resolve_quantize("none", int8) == "none" and resolve_quantize("int8", None) == "int8"  # a choice wins
 
 
 @pytest.mark.slow

@@ -705,7 +705,7 @@ class PostgresWriter:
 
     def _encoder(self, embedder, manifest: dict | None, sample: list[str], threads: int | None = None):
         """Return ``(embedder for passages and questions, its manifest entry, folder to upload or None)``."""
-        from ..onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder
+        from ..onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder, resolve_quantize
 
         cache = Path(self.settings.index_dir) / ENCODER_CACHE
         entry = (manifest or {}).get("encoder") or {}
@@ -723,7 +723,8 @@ class PostgresWriter:
         tmp = cache / f".tmp-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            encoder, new_entry = prepare_encoder(embedder, self.settings.quantize, tmp, cache, sample)
+            encoder, new_entry = prepare_encoder(embedder, resolve_quantize(self.settings.quantize, manifest), tmp,
+                                                 cache, sample)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
