@@ -36,6 +36,7 @@ def test_quick_bench_writes_markdown_and_workers_have_no_torch(tmp_path, bench_w
     for section in ("query", "throughput", "cold", "scale"):
         assert f"| {section} |" in text
     assert "POST /api/ask p50" in text and "recall@10" in text and "first 200 answer" in text
+    assert "bound of the torch ratio" in text
     facts = __import__("json").loads(path.with_suffix(".json").read_text())["facts"]
     assert facts["worker_pids"] and facts["torch_in_workers"] is False  # /proc/<worker>/maps has no libtorch
     assert "index re-embedded: no" in text
