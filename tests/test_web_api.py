@@ -424,6 +424,10 @@ def test_responses_match_the_documented_models(client, fake_searcher):
     from qa_service.web.schemas import ArticleDetail, ArticleList, AskResponse, ErrorResponse, Health
 
     AskResponse.model_validate(client.post("/api/ask", json={"question": QUESTION}).get_json())
+    named = client.post("/api/ask", json={"question": "What did the Turkish president say?"}).get_json()
+    assert AskResponse.model_validate(named).names_not_in_articles == ["Turkish"] and named["answerable"] is False
+    documented = client.get("/openapi.json").get_json()["components"]["schemas"]["AskResponse"]["properties"]
+    assert {"answerable", "answer_confidence", "names_not_in_articles"} <= set(documented)
     ArticleList.model_validate(client.get("/api/articles").get_json())
     ArticleDetail.model_validate(client.get(f"/api/articles/{fake_searcher.articles()[0].id}").get_json())
     Health.model_validate(client.get("/healthz").get_json())

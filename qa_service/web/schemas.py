@@ -138,6 +138,14 @@ class AskResponse(BaseModel):
 
     ok: Literal[True]
     question: str
+    answerable: bool | None = Field(None, description="Whether the articles seem to answer the question; the "
+                                                      "closest passages are listed either way.")
+    answer_confidence: float | None = Field(None, description="0-1; capped when the answer's type (a time, a "
+                                                              "number, a name) is missing or the question names "
+                                                              "something no article mentions.")
+    names_not_in_articles: list[str] = Field(default_factory=list,
+                                             description="Names in the question that no article mentions "
+                                                         "(each makes `answerable` false).")
     results: list[Result]
     took_ms: float
 
