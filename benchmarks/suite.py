@@ -305,7 +305,7 @@ def section_query(b: Bench) -> None:
               note="share of a question spent encoding it; the vector is computed once and shared by every stage"))
     # The torch ratio's bound: an answer over HTTP is encode E + search and answer steps P + web layer W, the torch
     # floor torch's encode T + the same P; (E + W) / T is the ratio with P = 0, and a faster P lowers both sides,
-    # so the torch target can be met only when this row is below its 0.5 (README "Why the torch target ...").
+    # so the torch target can be met only when this row is below its 0.5 (README "What the torch target needs").
     e, p_steps = load.percentiles(encode)["p50"], pin["p50"] - load.percentiles(encode)["p50"]
     torch_p50 = load.percentiles(torch_ms)["p50"]
     b.add(Row("query", "bound of the torch ratio: ONNX encode + web layer (POST p50 - in-process p50) vs torch's "
