@@ -20,7 +20,7 @@ import json
 import math
 import re
 import unicodedata
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Container, Iterable, Sequence
 
@@ -167,13 +167,15 @@ class Vocabulary:
                 self._all_by_key.setdefault(key, []).append(word)
         self._keys = list(self._by_key)
 
+    @cached_property
+    def _ordered(self) -> list[str]:
+        """The indexed words, sorted on first use (the web worker's warm-up): most questions never need them."""
+        return sorted(self.counts)
+
     def has_prefix(self, prefix: str) -> bool:
         """Does some indexed word start with ``prefix`` (folded)? ("turk" for "Turkey"; ``answer.unfamiliar_names``)"""
-        ordered = self.__dict__.get("_ordered")
-        if ordered is None:  # sorted once, on the first call: most questions never need it
-            ordered = self.__dict__["_ordered"] = sorted(self.counts)
-        i = bisect.bisect_left(ordered, prefix)
-        return i < len(ordered) and ordered[i].startswith(prefix)
+        i = bisect.bisect_left(self._ordered, prefix)
+        return i < len(self._ordered) and self._ordered[i].startswith(prefix)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "Vocabulary":
