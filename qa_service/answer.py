@@ -110,20 +110,21 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
 
     def prepare(cand: "Candidate"):
         article_id, start, end, text = rows[cand.pid]
-        sids = searcher.passage_sentence_ids(cand.pid)
+        sentences = searcher.passage_sentences(cand.pid)
         # A passage is whole sentences, so each sentence is a slice of the passage's own text (the article's
         # text from ``start``): no article text is read here.
         cosines = sims.get(cand.pid)
+        cosines = cosines.tolist() if cosines is not None else []
         best, best_score = 0, -math.inf
-        for i, (sid, sim) in enumerate(zip(sids, cosines if cosines is not None else np.zeros(len(sids)))):
-            s, e = searcher.sentence_span(sid)
+        for i, ((_, s, e), sim) in enumerate(zip(sentences, cosines or [0.0] * len(sentences))):
             score = answer_sentence_score(asked, qterms, text[s - start:e - start], sim)
             if score > best_score:  # the first of equal scores, as argmax
                 best, best_score = i, score
-        answer_cosine = float(cosines[best]) if cosines is not None and len(cosines) else cand.dense
-        s, e = searcher.sentence_span(sids[best]) if len(sids) else (start, end)
-        return (cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine,
-                sids[best] if len(sids) else None)
+        if not sentences:
+            return cand, article_id, start, end, text, start, end, text, cand.dense, None
+        sid, s, e = sentences[best]
+        answer_cosine = cosines[best] if cosines else cand.dense
+        return cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine, sid
 
     def prepared_blocks():
         # Only candidates with a row, in order: a missing row (deleted meanwhile) ends the list, as it always has.

@@ -55,6 +55,17 @@ def test_top_positive_is_exact_against_a_full_sort(kind):
     assert len(top_positive(np.ones(10, dtype=np.float32), 0)) == 0
 
 
+def test_best_of_runs_is_each_maximum():
+    from qa_service.retrieval.searcher import best_of_runs
+
+    rng = np.random.default_rng(3)
+    runs = [rng.normal(size=n).astype(np.float32) for n in (3, 0, 1, 5, 0, 0, 2)] + [np.zeros(0, np.float32)]
+    best = best_of_runs(runs)
+    assert best.dtype == np.float32 and best.tolist() == [r.max() if len(r) else 0.0 for r in runs]
+    assert best_of_runs([]).shape == (0,) and best_of_runs([np.zeros(0, np.float32)]).tolist() == [0.0]
+    assert best_of_runs([np.array([-0.5, -0.2], np.float32)]).tolist() == [np.float32(-0.2)]
+
+
 def test_lexical_search_ranks_by_bm25_with_a_filter():
     texts = [f"filler words {i} about nothing" for i in range(2000)] + ["ceasefire talks in Doha"] * 3
     index = LexicalIndex.build(texts)

@@ -114,6 +114,37 @@ def test_a_replaced_backend_goes_with_its_last_reference(fake_index):
         gc.enable()
 
 
+def test_passage_rows_and_sentences_are_the_stored_ones(fake_index, monkeypatch):
+    """Rows come from memory once read, the same as from SQLite, whatever was read or dropped before; each
+    passage's sentences tile it and slice the article's text."""
+    import random
+    import sqlite3
+
+    from qa_service.backends import faiss as faiss_backend
+
+    monkeypatch.setattr(faiss_backend, "PASSAGE_CACHE", 7)  # small, so rows are dropped and read again
+    backend = faiss_backend.FaissBackend(fake_index)
+    db = sqlite3.connect(Path(fake_index.index_dir) / "builds" / backend.manifest["build_id"] / "passages.sqlite")
+    stored = {r[0]: r[1:] for r in db.execute('SELECT id, article_id, start, "end", text FROM passages')}
+    spans = {r[0]: r[1:] for r in db.execute('SELECT id, start, "end" FROM sentences')}
+    db.close()
+    rng = random.Random(7)
+    ids = sorted(stored)
+    for _ in range(40):
+        wanted = rng.sample(ids, rng.randint(1, 12)) + [max(ids) + 5]  # and one that does not exist
+        assert backend.passages(wanted) == {pid: stored[pid] for pid in wanted if pid in stored}
+        assert len(backend._passage_rows) <= 7
+    for pid, (article_id, start, end, text) in stored.items():
+        sentences = backend.passage_sentences(pid)
+        assert sentences and [sid for sid, _, _ in sentences] == list(range(sentences[0][0], sentences[-1][0] + 1))
+        assert all(spans[sid] == (s, e) for sid, s, e in sentences)
+        assert sentences[0][1] == start and sentences[-1][2] == end
+        article = backend.article(article_id).text
+        assert article[start:end] == text  # a sentence is a slice of its passage's own text, as the answer step cuts it
+        assert all(article[s:e] == text[s - start:e - start] and s < e for _, s, e in sentences)
+    backend.close()
+
+
 def test_missing_index_is_clear(tmp_path):
     with pytest.raises(IndexNotBuilt, match="qa-service index"):
         Searcher(Settings(index_dir=tmp_path / "none"), embedder=FakeEmbedder())

@@ -30,6 +30,7 @@ from ..types import Article, ArticleInfo, Filters
 from . import ARTICLE_COLUMNS, Evidence
 
 ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
+PASSAGE_CACHE = 4096  # passage rows a backend keeps in memory (~1.5 KB each; the longest kept go first)
 
 
 def _article_reader(db: sqlite3.Connection, lock: threading.Lock):
@@ -69,6 +70,7 @@ class FaissBackend:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
         self._article = lru_cache(maxsize=ARTICLE_CACHE)(_article_reader(self._db, self._lock))
+        self._passage_rows: dict[int, tuple[str, int, int, str]] = {}  # ``passages``: rows read before
         ids = sorted(self._meta)
         self._article_pos = {a: i for i, a in enumerate(ids)}
         self._article_ids = ids
@@ -241,21 +243,34 @@ class FaissBackend:
 
     # ------------------------------------------------------------------ rows
     def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
-        if not len(ids):
-            return {}
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._db.execute(f'SELECT id, article_id, start, "end", text FROM passages WHERE id IN ({marks})',
-                                    [int(i) for i in ids]).fetchall()
-        return {r[0]: r[1:] for r in rows}
+        """Rows of passages ``ids`` that exist: (article id, start, end, text).
 
-    def passage_sentence_ids(self, pid: int) -> range:
-        first, last = self._passage_sentences[pid]
-        return range(int(first), int(last) + 1)
+        The rows a question reads are kept (``PASSAGE_CACHE`` of them; a build never changes): an answer reads
+        ~20 and most come back question after question, and reading them from SQLite took 0.07 ms (0.13 ms
+        on caches the encoder has just flushed) against ~0.01 from memory.
+        """
+        cache, out, missing = self._passage_rows, {}, []
+        for pid in ids:
+            pid = int(pid)
+            row = cache.get(pid)
+            if row is None:
+                missing.append(pid)
+            else:
+                out[pid] = row
+        if missing:
+            marks = ",".join("?" * len(missing))
+            with self._lock:
+                rows = self._db.execute(f'SELECT id, article_id, start, "end", text FROM passages '
+                                        f'WHERE id IN ({marks})', missing).fetchall()
+                for r in rows:
+                    out[r[0]] = cache[r[0]] = r[1:]
+                while len(cache) > PASSAGE_CACHE:  # the oldest first (dicts keep insertion order)
+                    del cache[next(iter(cache))]
+        return out
 
-    def sentence_span(self, sid: int) -> tuple[int, int]:
-        s, e = self._sentence_spans[sid]
-        return int(s), int(e)
+    def passage_sentences(self, pid: int) -> list[tuple[int, int, int]]:
+        first, last = self._passage_sentences[pid].tolist()
+        return [(sid, s, e) for sid, (s, e) in zip(range(first, last + 1), self._sentence_spans[first:last + 1].tolist())]
 
     def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.sentence_matrix[np.asarray(sids, dtype=np.int64)])

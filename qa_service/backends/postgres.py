@@ -470,6 +470,9 @@ class PostgresBackend:
             cache[article_id] = text[row[0]:row[1]] if row else ""
         return cache[article_id]
 
+    def passage_sentences(self, pid: int) -> list[tuple[int, int, int]]:
+        return [(sid, *self.sentence_span(sid)) for sid in self.passage_sentence_ids(pid)]
+
     def passage_sentence_ids(self, pid: int) -> range:
         cache = self._cache("passages")
         if pid not in cache:

@@ -73,6 +73,18 @@ class RetrievalConfig:
     rerank_top: int = 20
 
 
+def best_of_runs(runs: Sequence[np.ndarray]) -> np.ndarray:
+    """Return the maximum of each array in ``runs`` (0 for an empty one) as float32: one pass, not one call each."""
+    lengths = np.fromiter((len(r) for r in runs), dtype=np.int64, count=len(runs))
+    best = np.zeros(len(runs), dtype=np.float32)
+    has = lengths > 0
+    if has.any():
+        starts = np.zeros(len(runs), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        best[has] = np.maximum.reduceat(np.concatenate(runs).astype(np.float32, copy=False), starts[has])
+    return best
+
+
 @dataclass
 class Candidate:
     pid: int
@@ -197,7 +209,7 @@ class Searcher:
         if not len(ev.pids):
             return [], {}
         pids, lex = ev.pids, ev.lexical
-        sent_best = np.array([c.max() if len(c) else 0.0 for c in ev.sentence_cosines], dtype=np.float32)
+        sent_best = best_of_runs(ev.sentence_cosines)
         w = cfg.sentence_weight
         dense = (1 - w) * ev.passage_cosine + w * sent_best
         if mode == "dense":
@@ -214,11 +226,13 @@ class Searcher:
             # A bonus the size of a few ranks: enough to order close calls, not to override relevance.
             spread = float(fused.max() - fused.min()) if len(fused) > 1 else 0.0
             fused = fused + cfg.date_boost * spread * preference
-        order = np.argsort(-fused, kind="stable")
-        cands = [Candidate(int(pids[i]), float(fused[i]), float(dense[i]), float(lex[i])) for i in order]
+        # Only the best ``n`` are ever read (``build_hits`` considers as many; the reranker's head is within them).
+        order = np.argsort(-fused, kind="stable")[:n].tolist()
+        ids, fused, dense, lex = pids[order].tolist(), fused[order].tolist(), dense[order].tolist(), lex[order].tolist()
+        cands = [Candidate(*row) for row in zip(ids, fused, dense, lex)]
         if self.reranker is not None and cands:
             cands = self._rerank(question, cands)
-        sims = {int(pids[i]): ev.sentence_cosines[i] for i in order}
+        sims = {pid: ev.sentence_cosines[i] for pid, i in zip(ids, order)}
         return cands, sims
 
     def _rerank(self, question: str, cands: list[Candidate]) -> list[Candidate]:
@@ -274,11 +288,8 @@ class Searcher:
                 "took_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     # helpers used by ``answer``
-    def sentence_span(self, sid: int) -> tuple[int, int]:
-        return self.backend.sentence_span(sid)
-
-    def passage_sentence_ids(self, pid: int) -> Sequence[int]:
-        return self.backend.passage_sentence_ids(pid)
+    def passage_sentences(self, pid: int) -> list[tuple[int, int, int]]:
+        return self.backend.passage_sentences(pid)
 
     def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
         return self.backend.sentence_vectors(sids)
