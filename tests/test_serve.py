@@ -88,6 +88,60 @@ class _Worker:  # what gunicorn hands its hooks: an object the master can tag be
     pass
 
 
+@pytest.mark.parametrize("environ_extra, status, sent", [
+    ({}, "200 OK", 5821),
+    ({"HTTP_USER_AGENT": 'curl/8 "quoted"', "HTTP_REFERER": "http://127.0.0.1:8000/?q=a%22b"}, "404 NOT FOUND", 0),
+    ({"HTTP_AUTHORIZATION": "Basic " + __import__("base64").b64encode(b'ann"e:secret').decode()}, 413, None),
+    ({"RAW_URI": '/api/ask?q="x"', "REMOTE_ADDR": "::1"}, "400 BAD REQUEST", 87),
+])
+def test_the_access_line_is_gunicorns_own(environ_extra, status, sent, monkeypatch):
+    """The cheaper access log writes exactly the line gunicorn's would, quotes escaped as gunicorn does."""
+    import datetime
+    import io
+    import logging
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger as GunicornLogger
+
+    from qa_service.web.server import StderrLogger
+
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    log = StderrLogger(cfg)
+    monkeypatch.setattr(log, "now", lambda: "[27/Nov/2026:18:00:00 +0000]")
+    stream = io.StringIO()
+    for handler in log.access_log.handlers:
+        if getattr(handler, "_gunicorn", False):  # gunicorn's own handler (not a test runner's)
+            handler.setStream(stream)
+
+    class Response:
+        headers = [("Content-Type", "application/json"), ("X-Frame-Options", "DENY")]
+
+    class Request:
+        headers = [("HOST", "127.0.0.1:8000"), ("CONTENT-TYPE", "application/json")]
+
+    response = Response()
+    response.status = status
+    if sent is not None:
+        response.sent = sent
+    environ = {"REQUEST_METHOD": "POST", "RAW_URI": "/api/ask", "SERVER_PROTOCOL": "HTTP/1.1",
+               "REMOTE_ADDR": "127.0.0.1", "PATH_INFO": "/api/ask", "QUERY_STRING": "", **environ_extra}
+    took = datetime.timedelta(microseconds=6543)
+    log.access(response, Request(), environ, took)
+    ours = stream.getvalue()
+    stream.seek(0)
+    stream.truncate()
+    GunicornLogger.access(log, response, Request(), environ, took)
+    assert ours == stream.getvalue() and ours.count("\n") == 1 and '"POST ' in ours
+    # A custom format is gunicorn's business: its own atoms, such as the request time in microseconds.
+    cfg.set("access_log_format", "%(r)s %(D)s")
+    stream.seek(0)
+    stream.truncate()
+    log.access(response, Request(), environ, took)
+    assert stream.getvalue().endswith(" 6543\n")
+    assert logging.getLevelName(log.access_log.level) == "INFO"
+
+
 def test_workers_see_each_other_answering_through_shared_memory():
     """``WorkerActivity``: counters in memory shared across the fork; each worker sees the others', not its own."""
     import multiprocessing

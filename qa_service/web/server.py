@@ -26,10 +26,12 @@ import os
 import socket
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import AccessLogFormat
 from gunicorn.glogging import Logger as GunicornLogger
 
 from ..config import Settings
@@ -38,8 +40,20 @@ from ..errors import QAError
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
 
 
+# gunicorn's default access-log line (Apache's combined format); ``StderrLogger.access`` writes it more cheaply.
+DEFAULT_ACCESS_FORMAT = AccessLogFormat.default
+
+
 class StderrLogger(GunicornLogger):
-    """gunicorn's logger, with the access log on stderr (gunicorn sends ``-`` to stdout)."""
+    """gunicorn's logger, with the access log on stderr (gunicorn sends ``-`` to stdout).
+
+    The access line of the default format is built from the nine values that format shows, not from gunicorn's
+    ~50 (every request and response header and environ entry, each escaped): the same line, byte for byte (a
+    test compares them), for ~8 instead of ~28 us warm. It matters more than its size: a client on the same
+    machine (a reverse proxy, the benchmark) is woken on the core that sends the answer and runs only once the
+    worker's thread has finished the request, access log included (the log cost 0.18 ms of p50 over loopback).
+    A custom ``access_log_format`` keeps gunicorn's own code.
+    """
 
     def setup(self, cfg):
         super().setup(cfg)
@@ -47,6 +61,29 @@ class StderrLogger(GunicornLogger):
             if getattr(handler, "_gunicorn", False) and isinstance(handler, logging.StreamHandler) \
                     and getattr(handler, "stream", None) is sys.stdout:
                 handler.setStream(sys.stderr)
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        if self.cfg.access_log_format != DEFAULT_ACCESS_FORMAT:
+            super().access(resp, req, environ, request_time)
+            return
+        try:
+            status = resp.status
+            if isinstance(status, str):
+                status = status.split(None, 1)[0]
+            sent = getattr(resp, "sent", None)
+            atoms = {"h": environ.get("REMOTE_ADDR", "-"), "l": "-", "u": self._get_user(environ) or "-",
+                     "t": self.now(),
+                     "r": f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}",
+                     "s": status, "b": sent is not None and str(sent) or "-",
+                     "f": environ.get("HTTP_REFERER", "-"), "a": environ.get("HTTP_USER_AGENT", "-")}
+            for key, value in atoms.items():  # as gunicorn's ``SafeAtoms``
+                if isinstance(value, str) and '"' in value:
+                    atoms[key] = value.replace('"', '\\"')
+            self.access_log.info(DEFAULT_ACCESS_FORMAT, atoms)
+        except Exception:
+            self.error(traceback.format_exc())
 
 
 class WorkerActivity:
