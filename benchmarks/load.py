@@ -61,6 +61,7 @@ class Server:
     log: Path
     workers: int = 2
     env: dict = field(default_factory=dict)
+    command: list[str] | None = None  # what runs ``serve ...`` (default: ``qa-service``; ``web`` runs a traced one)
     port: int = 0
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -74,7 +75,7 @@ class Server:
         self._log = open(self.log, "ab")
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(
-            qa_service_command() + ["serve", "--index-dir", str(self.index_dir), "--host", HOST,
+            (self.command or qa_service_command()) + ["serve", "--index-dir", str(self.index_dir), "--host", HOST,
                                     "--port", str(self.port), "--workers", str(self.workers)],
             stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(**self.env), start_new_session=True)
         return self

@@ -51,7 +51,7 @@ from .postgres import section_postgres  # noqa: F401  (run() finds each section 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer", "ray", "postgres")
+SECTIONS = ("query", "throughput", "build", "cold", "scale", "peer", "web", "ray", "postgres")
 # Questions about the shipped seeds (the dev file adds more when it is there).
 SEED_QUESTIONS = [
     "What did Pezeshkian say about rebuilding Gaza?",
@@ -92,6 +92,8 @@ class Sizes:
     pg_synthetic: int = 100_000
     served_scale: int = 100_000  # passages of the full index a real worker serves in ``scale`` (0: skip)
     basis_titles: int = 2_000  # SciFact titles embedded as the basis of synthetic vectors (``_basis``)
+    web_n: int = 300  # questions through the traced server of ``web``
+    web_gap: float = 0.005  # seconds between them (the client sleeps)
 
     @classmethod
     def quick(cls) -> "Sizes":
@@ -99,7 +101,7 @@ class Sizes:
                    clients=(1, 8), build_docs=8, cold_runs=1, scale=(3_000,), scale_threshold=1_000, scale_queries=20,
                    flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0, ray_passages=24,
                    pg_latency_n=5, pg_clients=(8,), pg_synthetic=300,
-                   served_scale=300, basis_titles=200)
+                   served_scale=300, basis_titles=200, web_n=10)
 
 
 @dataclass
@@ -912,6 +914,52 @@ def _ray_processes() -> list[int]:
             except OSError:
                 continue
     return out
+
+
+def section_web(b: Bench) -> None:
+    """Where POST /api/ask spends its time outside the searcher, stage by stage (``webtrace``).
+
+    One traced worker, one client on one keep-alive connection, questions ``web_gap`` apart: each stage's p50 and,
+    for the whole, the client's p50 against the worker's own ``Searcher.ask`` p50. No targets: this row set says
+    where the HTTP / in-process ratio's web layer goes (measured 11-27, eighth session: mostly cache misses).
+    """
+    import http.client
+    import sys
+
+    from . import webtrace
+
+    trace = b.work / "webtrace.json"
+    server = load.Server(b.seed_index, b.work / "webtrace.log", workers=1,
+                         command=[sys.executable, str(Path(webtrace.__file__).resolve()), str(trace)]).start()
+    client: list[tuple[float, float]] = []
+    try:
+        server.wait_first_answer(b.questions[0], timeout=300)
+        conn = http.client.HTTPConnection(load.HOST, server.port, timeout=30)
+        for q in b.questions[:8]:
+            load.post_ask(conn, q)
+        for i in range(b.sizes.web_n):
+            time.sleep(b.sizes.web_gap)
+            t0 = time.perf_counter()
+            if load.post_ask(conn, b.questions[i % len(b.questions)]) != 200:
+                raise RuntimeError("POST /api/ask failed under the traced server")
+            client.append((t0, time.perf_counter()))
+        conn.close()
+        time.sleep(1.2)  # the worker saves its records every half second
+        records = webtrace.read_records(trace)
+    finally:
+        server.stop()
+    answered = sum("parsed" in r for r in records)
+    if answered < len(client):
+        raise RuntimeError(f"the traced worker recorded {answered} requests, the client sent {len(client)}")
+    times = webtrace.stage_times(client, records)
+    for label, values in times.items():
+        b.add(Row("web", f"{label}, p50", float(np.median(values)) if values else None, "ms",
+                  note=f"{len(values)} requests, p90 {np.percentile(values, 90):.3f} ms" if values else "not recorded"))
+    total = load.percentiles([(read - sent) * 1000 for sent, read in client])["p50"]
+    ask = [v for _, _, label in webtrace.STAGES if label.startswith("Searcher.ask") for v in times[label]]
+    b.add(Row("web", "POST /api/ask p50 vs the same worker's Searcher.ask p50 (a traced server: timers cost a little)",
+              total, "ms", float(np.median(ask)) if ask else None, "Searcher.ask in the worker",
+              note=f"{len(client)} questions {b.sizes.web_gap * 1000:.0f} ms apart, one client, one worker"))
 
 
 def section_ray(b: Bench) -> None:

@@ -368,7 +368,7 @@ def _load_benchmarks():
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Tiny inputs (seconds, not minutes): checks that the suite runs.")
-@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer", "ray",
+@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer", "web", "ray",
                                               "postgres")),
               show_default=True, help="Comma-separated sections to run.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

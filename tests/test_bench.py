@@ -42,6 +42,40 @@ def test_quick_bench_writes_markdown_and_workers_have_no_torch(tmp_path, bench_w
     assert "index re-embedded: no" in text
 
 
+def test_web_section_times_each_stage_of_a_served_answer(tmp_path, bench_work):
+    """A traced server's records line up with the client's requests (the section refuses them otherwise)."""
+    suite = _load_benchmarks()
+    path = suite.run(tmp_path / "out", ["web"], quick=True, work=bench_work, echo=lambda line: None)
+    rows = [r for r in __import__("json").loads(path.with_suffix(".json").read_text())["rows"] if r["section"] == "web"]
+    by_measure = {r["measure"]: r for r in rows}
+    assert len(rows) == len(_webtrace().STAGES) + 1 and all(r["value"] is not None for r in rows)
+    assert all(f"{label}, p50" in by_measure for _, _, label in _webtrace().STAGES)
+    ask = by_measure["Searcher.ask (the in-process answer), p50"]["value"]
+    total = next(r for r in rows if r["measure"].startswith("POST /api/ask p50 vs the same worker"))
+    assert 0 < ask < total["value"] and total["floor"] == ask
+
+
+def _webtrace():
+    import importlib
+
+    _load_benchmarks()
+    return importlib.import_module("qa_service_benchmarks.webtrace")
+
+
+def test_webtrace_lines_up_requests_and_refuses_a_shifted_record():
+    webtrace = _webtrace()
+    client = [(1.0, 1.010), (2.0, 2.012)]
+    record = {"poll": 0.0001, "handle": 0.0002, "parsed": 0.0004, "app": 0.0005, "ask": 0.001, "asked": 0.008,
+              "app_done": 0.0085, "written": 0.0088, "logged": 0.0089}
+    records = [{"poll": 0.5, "handle": 0.5}] + [{k: sent + v for k, v in record.items()} for sent, _ in client] \
+        + [{"poll": 3.0, "handle": 3.0}]  # a close before and after: no request
+    times = webtrace.stage_times(client, records)
+    assert [round(v, 6) for v in times["Searcher.ask (the in-process answer)"]] == [7.0, 7.0]
+    assert [round(v, 6) for v in times["until the client has read the answer"]] == [1.1, 3.1]
+    with pytest.raises(ValueError, match="line up"):
+        webtrace.stage_times(client, [{k: 5.0 + v for k, v in record.items()}] * 2)
+
+
 def test_build_and_peer_sections_run(tmp_path, bench_work):
     """The build section runs `qa-service index` on a tiny corpus; the peer section runs txtai or says why not."""
     suite = _load_benchmarks()

@@ -1,0 +1,153 @@
+"""Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench section ``web``).
+
+``python -m benchmarks.webtrace TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers patched
+into gunicorn's threaded worker, Flask, the app and the searcher. Each worker records, per request, when each stage
+began or ended (``time.perf_counter``: on Linux the monotonic clock every process shares), and writes its records
+to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any request. The bench's client records when it sent a
+question and when it had read the answer, on the same clock, so the two line up request by request (one client,
+one keep-alive connection, one worker: the n-th request the worker saw is the client's n-th).
+
+The patches only time (each wraps the original and calls it); nothing here is used by the service itself. They
+follow gunicorn's ``gthread`` worker of the pinned version: a gunicorn that renames these methods fails loudly
+here, not silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+# The stages of one request, in order: (mark, the mark after it, what happens between them).
+STAGES = (
+    ("send", "poll", "client's send until the worker's poller runs (kernel, waking the worker's main thread)"),
+    ("poll", "handle", "poller hands the connection to a worker thread"),
+    ("handle", "parsed", "reading and parsing the request (gunicorn)"),
+    ("parsed", "app", "gunicorn's WSGI environ"),
+    ("app", "ask", "Flask and the app before the searcher (context, routing, validation)"),
+    ("ask", "asked", "Searcher.ask (the in-process answer)"),
+    ("asked", "app_done", "Flask and the app after the searcher (URLs, JSON, headers)"),
+    ("app_done", "written", "writing the response (gunicorn)"),
+    ("written", "logged", "the access log"),
+    ("logged", "recv", "until the client has read the answer"),
+)
+
+
+def _install(trace_file: str) -> None:
+    import gunicorn.workers.gthread as gthread
+
+    from qa_service.web import server as qa_server
+
+    clock = time.perf_counter
+    current: dict[str, float] = {}
+    records: list[dict[str, float]] = []
+
+    def mark_before(owner, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            current[key] = clock()
+            return original(*args, **kwargs)
+
+        setattr(owner, name, timed)
+
+    def mark_after(owner, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            finally:
+                current[key] = clock()
+
+        setattr(owner, name, timed)
+
+    mark_before(gthread.ThreadWorker, "on_client_socket_readable", "poll")
+    mark_before(gthread.ThreadWorker, "handle_request", "parsed")
+    mark_before(qa_server.StderrLogger, "access", "written")  # gunicorn logs right after the response is written
+    mark_after(qa_server.StderrLogger, "access", "logged")
+    handle = gthread.ThreadWorker.handle
+
+    def timed_handle(self, conn):
+        current["handle"] = clock()
+        try:
+            return handle(self, conn)
+        finally:
+            records.append(dict(current))
+            current.clear()
+
+    gthread.ThreadWorker.handle = timed_handle
+    init_process = gthread.ThreadWorker.init_process
+
+    def traced_init_process(self):
+        # In the worker, after the fork: the app's classes, and a thread that saves the records.
+        import flask
+
+        from qa_service.retrieval.searcher import Searcher
+
+        mark_before(flask.Flask, "wsgi_app", "app")
+        mark_before(Searcher, "ask", "ask")
+        mark_after(Searcher, "ask", "asked")
+        wsgi_app = flask.Flask.wsgi_app
+
+        def timed_wsgi_app(app, environ, start_response):
+            try:
+                return wsgi_app(app, environ, start_response)
+            finally:
+                current["app_done"] = clock()
+
+        flask.Flask.wsgi_app = timed_wsgi_app
+        path = Path(f"{trace_file}.{os.getpid()}")
+
+        def save() -> None:
+            while True:
+                time.sleep(0.5)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(records[:]), encoding="utf-8")
+                os.replace(tmp, path)
+
+        threading.Thread(target=save, name="webtrace", daemon=True).start()
+        return init_process(self)
+
+    gthread.ThreadWorker.init_process = traced_init_process
+
+
+def read_records(trace_file: Path) -> list[dict[str, float]]:
+    """The records of the one worker that answered (the file with the most records), requests or not."""
+    files = sorted(trace_file.parent.glob(trace_file.name + ".*"))
+    found = [json.loads(f.read_text(encoding="utf-8")) for f in files if not f.name.endswith(".tmp")]
+    return max(found, key=len) if found else []
+
+
+def stage_times(client: list[tuple[float, float]], records: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per stage (``STAGES``), its duration in ms for every request where both its marks were recorded.
+
+    ``client`` holds (sent, read) per request; the worker's last ``len(client)`` records of a request are those
+    requests (a connection's close also passes through the worker's ``handle``, with no request: not counted).
+    """
+    out: dict[str, list[float]] = {label: [] for _, _, label in STAGES}
+    requests = [r for r in records if "parsed" in r]
+    for (sent, read), record in zip(client, requests[-len(client):] if client else []):
+        marks = {**record, "send": sent, "recv": read}
+        if not sent <= marks.get("poll", sent) <= marks.get("asked", read) <= read:
+            raise ValueError("the worker's records do not line up with the client's requests")
+        for start, end, label in STAGES:
+            if start in marks and end in marks:
+                out[label].append((marks[end] - marks[start]) * 1000)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    trace_file, args = argv[0], argv[1:]
+    _install(trace_file)
+    from qa_service.cli import cli
+
+    sys.argv = ["qa-service", *args]
+    cli()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
