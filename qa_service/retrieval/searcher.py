@@ -226,8 +226,10 @@ class Searcher:
             # A bonus the size of a few ranks: enough to order close calls, not to override relevance.
             spread = float(fused.max() - fused.min()) if len(fused) > 1 else 0.0
             fused = fused + cfg.date_boost * spread * preference
-        # Only the best ``n`` are ever read (``build_hits`` considers as many; the reranker's head is within them).
-        order = np.argsort(-fused, kind="stable")[:n].tolist()
+        # Only the best ``n`` are ever read (``build_hits`` considers as many), or the reranker's head if it is longer:
+        # the cross-encoder may lift a candidate from beyond ``n`` into it.
+        keep = max(n, self.reranker.top_n) if self.reranker is not None else n
+        order = np.argsort(-fused, kind="stable")[:keep].tolist()
         ids, fused, dense, lex = pids[order].tolist(), fused[order].tolist(), dense[order].tolist(), lex[order].tolist()
         cands = [Candidate(*row) for row in zip(ids, fused, dense, lex)]
         if self.reranker is not None and cands:
