@@ -223,11 +223,13 @@ def load_embedder(model: str) -> Embedder:
     return SentenceTransformerEmbedder(model)
 
 
-def load_index_encoder(manifest: dict) -> Embedder | None:
-    """Return the index's own torch-free question encoder (its ONNX export), or None when it has none."""
+def load_index_encoder(manifest: dict, pin_threads: bool = False) -> Embedder | None:
+    """Return the index's own torch-free question encoder (its ONNX export), or None when it has none.
+
+    ``pin_threads``: keep its threads on separate CPUs (``onnx_encoder.helper_placement``)."""
     encoder = manifest.get("encoder") or {}
     if encoder.get("backend") == "onnx" and "file" in encoder:
         from .onnx_encoder import OnnxEmbedder
 
-        return OnnxEmbedder.from_manifest(manifest)
+        return OnnxEmbedder.from_manifest(manifest, pin_threads=pin_threads)
     return None

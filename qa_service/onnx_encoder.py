@@ -59,6 +59,53 @@ MIN_COSINE = {"fp32": 0.9999, "int8": 0.97}
 SERVING_THREADS = max(1, min(2, os.cpu_count() or 1))
 INDEXING_THREADS = 2
 
+
+def helper_placement(threads: int) -> tuple[tuple[int, ...], frozenset[int]] | None:
+    """Where a question encoder's threads run: (CPUs of onnxruntime's helper threads, CPUs of the calling thread).
+
+    onnxruntime runs each operator on the thread that calls ``run`` plus ``threads - 1`` pool threads ("helpers"),
+    which sleep between operators (see ``_open_session``). Left to the kernel, a helper woken after the machine sat
+    idle was placed on the caller's own CPU, so the two took turns instead of working side by side. Measured 11-27
+    on this 2-vCPU VM (a lone dev question, medians): back to back 3.3-4.0 ms either way, but after 10-30 ms of
+    idleness 5.7-6.9 ms (slower than one thread) against 3.8-4.2 ms with the helper pinned to one CPU and the caller
+    to the others; with both on one CPU, 5.1-5.9 ms everywhere. So the helpers get the last ``threads - 1`` CPUs
+    this process may use, and ``OnnxEmbedder`` keeps the caller off them while it runs. None (the kernel places
+    every thread) with one thread, fewer CPUs than threads, or no ``sched_setaffinity`` on this platform.
+    """
+    if threads < 2 or not hasattr(os, "sched_getaffinity"):
+        return None
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except OSError:
+        return None
+    if len(allowed) < threads:
+        return None
+    helpers = tuple(allowed[len(allowed) - (threads - 1):])
+    return helpers, frozenset(allowed) - frozenset(helpers)
+
+
+def run_on_cpus(cpus: frozenset[int], fn: Callable, *args):
+    """Call ``fn(*args)`` with the calling thread kept on ``cpus`` (those of them it may use), then restore its own
+    CPU set. Falls back to a plain call when the thread may use none of them or its CPU set cannot be changed."""
+    try:
+        before = os.sched_getaffinity(0)
+    except OSError:
+        return fn(*args)
+    target = before & cpus
+    if not target or target == before:
+        return fn(*args)
+    try:
+        os.sched_setaffinity(0, target)  # pid 0: this thread only
+    except OSError:
+        return fn(*args)
+    try:
+        return fn(*args)
+    finally:
+        try:
+            os.sched_setaffinity(0, before)
+        except OSError:  # pragma: no cover - the CPU set changed under us; the thread keeps the narrower one
+            pass
+
 PROBE_TEXTS = (
     "What did the minister say about the ceasefire talks?",
     "Hamas",
@@ -103,7 +150,8 @@ class OnnxEmbedder:
 
     def __init__(self, model_file: str | Path, tokenizer_file: str | Path, *, name: str, dimension: int,
                  max_seq_length: int, input_names: Sequence[str] = INPUTS, pad_id: int = 0,
-                 precision: str = "fp32", threads: int = SERVING_THREADS, token_pooling: str | None = None):
+                 precision: str = "fp32", threads: int = SERVING_THREADS, token_pooling: str | None = None,
+                 pin_threads: bool = False):
         try:
             import onnxruntime  # noqa: F401  (checked here, used in _open_session)
             from tokenizers import Tokenizer
@@ -123,7 +171,18 @@ class OnnxEmbedder:
         self._tokenizer.enable_truncation(self.max_seq_length)
         self._counter = None
         self.threads = max(1, int(threads))
-        self._session = self._open_session(self.threads)
+        # ``pin_threads`` (question encoders): helpers and caller on different CPUs (``helper_placement``).
+        self._caller_cpus: frozenset[int] | None = None
+        placement = helper_placement(self.threads) if pin_threads else None
+        if placement is not None:
+            try:
+                self._session = self._open_session(self.threads, helpers=placement[0])
+                self._caller_cpus = placement[1]
+            except Exception as exc:  # onnxruntime could not place its threads: leave them to the kernel
+                logger.info("encoder threads not pinned (%s: %s)", type(exc).__name__, exc)
+                placement = None
+        if placement is None:
+            self._session = self._open_session(self.threads)
         # Serving workers add a one-thread session (``share_cores``) for when other workers are busy.
         self._narrow = None
         self._contended: Callable[[], bool] | None = None
@@ -134,7 +193,7 @@ class OnnxEmbedder:
         has_tokens = TOKENS in {o.name for o in self._session.get_outputs()}
         self.token_pooling = token_pooling if has_tokens else None
 
-    def _open_session(self, threads: int):
+    def _open_session(self, threads: int, helpers: Sequence[int] = ()):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -146,6 +205,9 @@ class OnnxEmbedder:
         # a question arriving after the machine sat idle for 20 ms or more far later (10-12 against 7.5-9 ms; one
         # thread 7.4-8.4), which is how a lightly used service is asked; so the threads sleep.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if helpers:  # one CPU per helper thread; onnxruntime numbers CPUs from 1
+            options.add_session_config_entry("session.intra_op_thread_affinities",
+                                             ";".join(str(cpu + 1) for cpu in helpers))
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -175,7 +237,7 @@ class OnnxEmbedder:
         return self._session
 
     @classmethod
-    def from_manifest(cls, manifest: dict, threads: int = SERVING_THREADS) -> "OnnxEmbedder":
+    def from_manifest(cls, manifest: dict, threads: int = SERVING_THREADS, pin_threads: bool = False) -> "OnnxEmbedder":
         """Load the encoder recorded in an index manifest (as returned by ``store.read_manifest``)."""
         entry = manifest["encoder"]
         build = Path(manifest["_build_dir"])
@@ -184,7 +246,7 @@ class OnnxEmbedder:
                        dimension=manifest["dimension"], max_seq_length=entry["max_seq_length"],
                        input_names=entry.get("inputs", INPUTS), pad_id=entry.get("pad_id", 0),
                        precision=entry.get("precision", "fp32"), threads=threads,
-                       token_pooling=entry.get("token_pooling"))
+                       token_pooling=entry.get("token_pooling"), pin_threads=pin_threads)
         except Exception as exc:  # a missing file, a damaged graph (onnxruntime's own error types), a bad entry
             raise IndexCorrupt(f"The index in {build.parent.parent} has an unreadable ONNX encoder "
                                f"({type(exc).__name__}). Rebuild it with: qa-service index SEEDS_DIR "
@@ -202,7 +264,11 @@ class OnnxEmbedder:
             types[row, :n] = enc.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         session = session or self._session_now()
-        result = session.run(list(outputs), {name: feeds[name] for name in self.input_names})
+        feeds = {name: feeds[name] for name in self.input_names}
+        if self._caller_cpus is not None and session is self._session:
+            result = run_on_cpus(self._caller_cpus, session.run, list(outputs), feeds)
+        else:
+            result = session.run(list(outputs), feeds)
         return result[0] if len(outputs) == 1 else result
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:

@@ -53,6 +53,7 @@ class FaissBackend:
         manifest = read_manifest(index_dir)
         self.manifest = manifest
         self.index_dir = index_dir
+        self._pin_encoder_threads = settings.pin_encoder_threads
         build = Path(manifest["_build_dir"])
         try:
             self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
@@ -106,7 +107,7 @@ class FaissBackend:
         return self._vocabulary
 
     def load_encoder(self):
-        return load_index_encoder(self.manifest)
+        return load_index_encoder(self.manifest, pin_threads=self._pin_encoder_threads)
 
     def snapshot(self):
         return nullcontext()  # a build never changes once published

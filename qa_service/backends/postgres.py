@@ -274,7 +274,8 @@ class PostgresBackend:
         from ..onnx_encoder import OnnxEmbedder
 
         folder = fetch_encoder(self._conn(), entry, Path(self.settings.index_dir) / ENCODER_CACHE)
-        return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)})
+        return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)},
+                                          pin_threads=self.settings.pin_encoder_threads)
 
     @property
     def article_count(self) -> int:
