@@ -69,8 +69,9 @@ def helper_placement(threads: int) -> tuple[tuple[int, ...], frozenset[int]] | N
     on this 2-vCPU VM (a lone dev question, medians): back to back 3.3-4.0 ms either way, but after 10-30 ms of
     idleness 5.7-6.9 ms (slower than one thread) against 3.8-4.2 ms with the helper pinned to one CPU and the caller
     to the others; with both on one CPU, 5.1-5.9 ms everywhere. So the helpers get the last ``threads - 1`` CPUs
-    this process may use, and ``OnnxEmbedder`` keeps the caller off them while it runs. None (the kernel places
-    every thread) with one thread, fewer CPUs than threads, or no ``sched_setaffinity`` on this platform.
+    this process may use, and ``OnnxEmbedder`` keeps the caller off them while it runs; pinned helpers also spin
+    between the operators of a run (``OnnxEmbedder._open_session``). None (the kernel places every thread, which
+    sleep between operators) with one thread, fewer CPUs than threads, or no ``sched_setaffinity`` here.
     """
     if threads < 2 or not hasattr(os, "sched_getaffinity"):
         return None
@@ -199,15 +200,19 @@ class OnnxEmbedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning for the next operator. Spinning kept two serving workers of 2
-        # threads each at 66 questions/s per process (15 ms each) against 111/s without it. Spinning only within a
-        # run (``force_spinning_stop``) answered back-to-back questions ~0.9 ms sooner (4.2 against 5.1 ms p50) but
-        # a question arriving after the machine sat idle for 20 ms or more far later (10-12 against 7.5-9 ms; one
-        # thread 7.4-8.4), which is how a lightly used service is asked; so the threads sleep.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Pool threads never spin between runs: spinning there kept two serving workers of 2 threads each at 66
+        # questions/s per process (15 ms each) against 111/s. Between the operators of one run (``force_spinning_stop``
+        # ends it with the run) they spin only when pinned apart from the caller (``helper_placement``): unpinned, a
+        # helper woken after idleness shared the caller's CPU, and spinning there made such a question far slower
+        # (9-11 against 6-7 ms sleeping, 11-27); pinned, spinning saved 0.3-0.7 ms a question in-process, idle or
+        # not, at the same CPU, and over HTTP 0.4-0.9 ms (paired A/B, start order swapped; 8 clients unchanged).
         if helpers:  # one CPU per helper thread; onnxruntime numbers CPUs from 1
             options.add_session_config_entry("session.intra_op_thread_affinities",
                                              ";".join(str(cpu + 1) for cpu in helpers))
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        else:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

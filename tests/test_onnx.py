@@ -154,16 +154,23 @@ def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embe
 
 
 @pytest.mark.slow
-def test_serving_encoder_runs_on_sleeping_threads(real_index):
-    """Two serving workers of two threads each share two cores: a pool that spins between operators burns the
-    other worker's core (measured: 66 against 111 questions/s per process), so the pool must sleep instead, and
-    a question leaves no thread busy after it."""
+@pytest.mark.parametrize("pin", [False, True])
+def test_serving_encoder_leaves_no_thread_busy_after_a_question(real_index, pin):
+    """Two serving workers of two threads each share two cores: a pool that spins between runs burns the other
+    worker's core (measured: 66 against 111 questions/s per process), so after a question no thread may stay busy.
+    Unpinned, the pool sleeps between operators too; pinned apart from the caller (``helper_placement``), it spins
+    between the operators of a run and stops with the run (``force_spinning_stop``)."""
     import time
 
     manifest = read_manifest(real_index.index_dir)
-    encoder = OnnxEmbedder.from_manifest(manifest)
+    encoder = OnnxEmbedder.from_manifest(manifest, pin_threads=pin)
     options = encoder._session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    if encoder._caller_cpus is None:
+        assert spinning == "0"
+    else:
+        assert spinning == "1" and options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert pin or encoder._caller_cpus is None
     assert options.intra_op_num_threads == SERVING_THREADS >= 1
     questions = _dev_questions()
     for q in questions:
@@ -174,7 +181,7 @@ def test_serving_encoder_runs_on_sleeping_threads(real_index):
         before = time.process_time()
         time.sleep(0.05)
         idle_cpu += time.process_time() - before
-    assert idle_cpu < 0.05  # 5 x 50 ms after a question; spinning threads burn most of it
+    assert idle_cpu < 0.05  # 5 x 50 ms after a question; threads left spinning burn most of it
 
 
 @pytest.mark.slow
