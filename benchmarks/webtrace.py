@@ -24,7 +24,8 @@ from pathlib import Path
 
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
 STAGES = (
-    ("send", "poll", "client's send until the worker's poller runs (kernel, waking the worker's main thread)"),
+    ("send", "poll", "client's request (http.client builds and sends it) until the worker's poller runs (kernel, "
+                     "waking the worker's main thread)"),
     ("poll", "handle", "poller hands the connection to a worker thread"),
     ("handle", "parsed", "reading and parsing the request (gunicorn)"),
     ("parsed", "app", "gunicorn's WSGI environ"),
