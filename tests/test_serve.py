@@ -88,6 +88,98 @@ class _Worker:  # what gunicorn hands its hooks: an object the master can tag be
     pass
 
 
+class _Wire:
+    """A socket that records what gunicorn writes: one entry per ``sendall``, and a file sent by ``sendfile``."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def sendall(self, data):
+        self.writes.append(bytes(data))
+
+    def sendfile(self, file, offset=0, count=None):
+        file.seek(offset)
+        self.writes.append(file.read(count))
+
+
+def _serve_once(response_class, app, raw: bytes, tmp_path) -> list[bytes]:
+    """One request through gunicorn's own parser, ``wsgi.create`` and write loop, with ``response_class``."""
+    import gunicorn.http.wsgi as gw
+    from gunicorn.config import Config
+    from gunicorn.http.parser import RequestParser
+
+    cfg = Config()
+    req = next(RequestParser(cfg, iter([raw]), ("127.0.0.1", 5000)))
+    wire = _Wire()
+    resp, environ = gw.create(req, wire, ("127.0.0.1", 5000), ("127.0.0.1", 8000), cfg, response_class=response_class)
+    respiter = app(environ, resp.start_response)
+    try:
+        if isinstance(respiter, environ["wsgi.file_wrapper"]):
+            resp.write_file(respiter)
+        else:
+            for item in respiter:
+                resp.write(item)
+        resp.close()
+    finally:
+        if hasattr(respiter, "close"):
+            respiter.close()
+    return wire.writes
+
+
+def test_one_write_responses_send_what_gunicorn_sends(tmp_path, monkeypatch):
+    """``OneWriteResponse`` puts the header block in the same write as the first body bytes, and otherwise sends
+    exactly gunicorn's bytes: a plain body, several chunks, chunked framing, no body (HEAD, 204) and a file."""
+    import gunicorn.http.wsgi as gw
+    import gunicorn.util
+
+    from qa_service.web.server import OneWriteResponse, QAServer, gunicorn_options
+
+    monkeypatch.setattr(gunicorn.util, "http_date", lambda *a: "Fri, 27 Nov 2026 21:00:00 GMT")
+    stock = OneWriteResponse.__bases__[0]
+    page = tmp_path / "page.css"
+    page.write_bytes(b"body { margin: 0 }\n" * 300)
+
+    def app(body, status="200 OK", length=True):
+        def run(environ, start_response):
+            chunks = list(body)
+            headers = [("Content-Type", "application/json")]
+            if length:
+                headers.append(("Content-Length", str(sum(map(len, chunks)))))
+            if environ["REQUEST_METHOD"] == "HEAD":
+                chunks = []
+            start_response(status, headers)
+            return chunks
+        return run
+
+    def file_app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/css"), ("Content-Length", str(page.stat().st_size))])
+        return environ["wsgi.file_wrapper"](page.open("rb"))
+
+    get = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    cases = [
+        (app([b'{"ok": true}']), get, 1),  # the JSON API's case: headers and body in one write
+        (app([b"a" * 70000, b"b" * 10]), get, 2),  # more chunks: the headers ride with the first
+        (app([b"abc", b"def"], length=False), get, None),  # chunked framing: gunicorn's own writes
+        (app([b'{"ok": true}']), b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", 1),  # no body: headers at close
+        (app([], status="204 No Content", length=False), get, 1),
+        (file_app, get, 2),  # sendfile: the headers must leave before the file
+    ]
+    for wsgi_app, raw, expected_writes in cases:
+        ours = _serve_once(OneWriteResponse, wsgi_app, raw, tmp_path)
+        theirs = _serve_once(stock, wsgi_app, raw, tmp_path)
+        assert b"".join(ours) == b"".join(theirs) and b"".join(ours).startswith(b"HTTP/1.1 ")
+        if expected_writes is not None:
+            assert len(ours) == expected_writes
+        assert ours[0].startswith(b"HTTP/1.1 ")  # nothing before the header block
+    assert len(_serve_once(stock, cases[0][0], get, tmp_path)) == 2  # what it replaces: two writes
+
+    from qa_service.config import Settings
+
+    monkeypatch.setattr(gw, "Response", stock)  # put back after the test
+    QAServer(Settings(), gunicorn_options("127.0.0.1", 8000, 1))
+    assert gw.Response is OneWriteResponse  # what gunicorn's workers build
+
+
 @pytest.mark.parametrize("environ_extra, status, sent", [
     ({}, "200 OK", 5821),
     ({"HTTP_USER_AGENT": 'curl/8 "quoted"', "HTTP_REFERER": "http://127.0.0.1:8000/?q=a%22b"}, "404 NOT FOUND", 0),
