@@ -102,7 +102,7 @@ class _Wire:
         self.writes.append(file.read(count))
 
 
-def _serve_once(response_class, app, raw: bytes, tmp_path) -> list[bytes]:
+def _serve_once(response_class, app, raw: bytes) -> list[bytes]:
     """One request through gunicorn's own parser, ``wsgi.create`` and write loop, with ``response_class``."""
     import gunicorn.http.wsgi as gw
     from gunicorn.config import Config
@@ -165,13 +165,13 @@ def test_one_write_responses_send_what_gunicorn_sends(tmp_path, monkeypatch):
         (file_app, get, 2),  # sendfile: the headers must leave before the file
     ]
     for wsgi_app, raw, expected_writes in cases:
-        ours = _serve_once(OneWriteResponse, wsgi_app, raw, tmp_path)
-        theirs = _serve_once(stock, wsgi_app, raw, tmp_path)
+        ours = _serve_once(OneWriteResponse, wsgi_app, raw)
+        theirs = _serve_once(stock, wsgi_app, raw)
         assert b"".join(ours) == b"".join(theirs) and b"".join(ours).startswith(b"HTTP/1.1 ")
         if expected_writes is not None:
             assert len(ours) == expected_writes
         assert ours[0].startswith(b"HTTP/1.1 ")  # nothing before the header block
-    assert len(_serve_once(stock, cases[0][0], get, tmp_path)) == 2  # what it replaces: two writes
+    assert len(_serve_once(stock, cases[0][0], get)) == 2  # what it replaces: two writes
 
     from qa_service.config import Settings
 

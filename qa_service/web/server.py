@@ -246,8 +246,8 @@ class OneWriteResponse(gunicorn_wsgi.Response):
 
     gunicorn writes the headers, then the body: two loopback segments. A client woken by the first (on this
     2-vCPU VM, on the core that wrote it) parsed the headers while the worker's thread was held off its core, and
-    the body came 0.29 ms (p50) after the headers. One write: 0.10-0.27 ms less p50 over HTTP (11-27, 90-120
-    paired questions per run, a toggle per request in one server, four runs; a placebo toggle -0.03 / +0.02).
+    the body came 0.29 ms (p50) after the headers. One write: 0.06-0.27 ms less p50 over HTTP (11-27, 90-120
+    paired questions per run, a toggle per request in one server, six runs; a placebo toggle -0.03 / +0.02).
     Body framing stays gunicorn's (``_emit_body``, its hook for subclasses); headers held back go out before
     anything written otherwise: a chunked body, a file sent with ``sendfile``, or no body at all (``close``).
     """
@@ -291,9 +291,9 @@ class OneWriteResponse(gunicorn_wsgi.Response):
 def use_one_write_responses() -> bool:
     """Make gunicorn's HTTP/1 workers build ``OneWriteResponse`` (``wsgi.create`` takes the module's ``Response``).
 
-    Skipped (False) for a gunicorn whose ``Response`` lacks the methods it builds on."""
-    base = OneWriteResponse.__bases__[0]
-    if not all(hasattr(base, name) for name in ("send_headers", "_emit_body", "sendfile", "close")):
+    Skipped (False) for a gunicorn without the ``_emit_body`` hook: its ``write`` would send the body itself, and
+    the held headers only after it."""
+    if not hasattr(OneWriteResponse.__bases__[0], "_emit_body"):
         return False
     gunicorn_wsgi.Response = OneWriteResponse
     return True
