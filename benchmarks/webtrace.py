@@ -1,9 +1,10 @@
 """Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench section ``web``).
 
 ``python benchmarks/webtrace.py TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers patched
-into gunicorn's threaded worker, Flask, the access log and the searcher. Each worker records, per request, when each stage
-began or ended (``time.perf_counter``: on Linux the monotonic clock every process shares), and writes its records
-to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any request. The bench's client records when it sent a
+into gunicorn's threaded worker, the app's WSGI entry (``web/fastpath.py``), the access log and the searcher.
+Each worker records, per request, when each stage began or ended (``time.perf_counter``: on Linux the monotonic
+clock every process shares), and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any
+request. The bench's client records when it sent a
 question and when it had read the answer, on the same clock, so the two line up request by request (one client,
 one keep-alive connection, one worker: the n-th request the worker saw is the client's n-th). The marks of the
 request in progress live in one dict per worker, so requests must come one at a time.
@@ -29,9 +30,9 @@ STAGES = (
     ("poll", "handle", "poller hands the connection to a worker thread"),
     ("handle", "parsed", "reading and parsing the request (gunicorn)"),
     ("parsed", "app", "gunicorn's WSGI environ"),
-    ("app", "ask", "Flask and the app before the searcher (context, routing, validation)"),
+    ("app", "ask", "the app before the searcher (POST /api/ask's fast path: reading and validating the body)"),
     ("ask", "asked", "Searcher.ask (the in-process answer)"),
-    ("asked", "app_done", "Flask and the app after the searcher (URLs, JSON, headers)"),
+    ("asked", "app_done", "the app after the searcher (URLs, JSON, headers)"),
     ("app_done", "written", "writing the response (gunicorn)"),
     ("written", "logged", "the access log"),
     ("logged", "recv", "until the client has read the answer"),
@@ -86,22 +87,22 @@ def _install(trace_file: str) -> None:
 
     def traced_init_process(self):
         # In the worker, after the fork: the app's classes, and a thread that saves the records.
-        import flask
-
         from qa_service.retrieval.searcher import Searcher
+        from qa_service.web.fastpath import AskFastPath
 
-        mark_before(flask.Flask, "wsgi_app", "app")
+        # The app's WSGI entry: the fast path, which answers POST /api/ask itself and hands the rest to Flask.
+        mark_before(AskFastPath, "__call__", "app")
         mark_before(Searcher, "ask", "ask")
         mark_after(Searcher, "ask", "asked")
-        wsgi_app = flask.Flask.wsgi_app
+        call = AskFastPath.__call__
 
-        def timed_wsgi_app(app, environ, start_response):
+        def timed_call(middleware, environ, start_response):
             try:
-                return wsgi_app(app, environ, start_response)
+                return call(middleware, environ, start_response)
             finally:
                 current["app_done"] = clock()
 
-        flask.Flask.wsgi_app = timed_wsgi_app
+        AskFastPath.__call__ = timed_call
         path = Path(f"{trace_file}.{os.getpid()}")
 
         def save() -> None:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from qa_service.errors import IndexCorrupt
+from qa_service.errors import IndexCorrupt, Overloaded
 from qa_service.web import create_app
 from qa_service.web.errors import ERROR_CODES
 
@@ -125,6 +125,115 @@ def test_mode_is_not_passed_to_a_searcher_without_modes(app, client):
     r = client.post("/api/ask", json={"question": QUESTION, "mode": "dense"})
     assert r.status_code == 200
     assert "mode" not in app.extensions["qa_service"].searcher.calls[-1]
+
+
+# --------------------------------------------------------------------------- the fast path (web/fastpath.py)
+
+def _wsgi(app_callable, body: bytes | None = None, path: str = "/api/ask", method: str = "POST",
+          content_type: str = "application/json", **builder):
+    """Call a WSGI callable directly; return (status, headers, body with ``took_ms`` blanked)."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder(path=path, method=method, data=body, content_type=content_type, **builder).get_environ()
+    iterable, status, headers = run_wsgi_app(app_callable, environ, buffered=True)
+    data = b"".join(iterable)
+    assert headers.get("Content-Length") == str(len(data))
+    data = re.sub(rb'"took_ms":[0-9.e-]+', b'"took_ms":0', data)  # the one value that differs between two asks
+    return status, [(k, str(len(data)) if k == "Content-Length" else v) for k, v in headers.to_wsgi_list()], data
+
+
+def _counting_view(app, monkeypatch) -> list:
+    """Count the requests Flask's own ``api.ask_post`` view answers."""
+    calls = []
+    view = app.view_functions["api.ask_post"]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return view(*args, **kwargs)
+
+    monkeypatch.setitem(app.view_functions, "api.ask_post", counted)
+    return calls
+
+
+@pytest.mark.parametrize("which", ["app", "mode_app"])
+def test_the_fast_path_answers_exactly_as_flask_does(which, request, fake_searcher, monkeypatch):
+    """Every body, answered or refused, gives the same status, headers (in order) and bytes through the fast path
+    as through Flask alone; the answerable ones never reach Flask's view, the others all do."""
+    from qa_service.web.fastpath import AskFastPath
+
+    app = request.getfixturevalue(which)
+    fast = app.wsgi_app
+    assert isinstance(fast, AskFastPath)
+    calls = _counting_view(app, monkeypatch)
+    article = fake_searcher.articles()[2]
+    answered = [{"question": QUESTION}, {"question": QUESTION, "k": 1}, {"question": "  Gaza ceasefire \n", "k": 10},
+                {"question": "Qu'a dit Pezeshkian à Téhéran ?", "k": 3}, {"question": QUESTION, "mode": "dense"},
+                {"question": QUESTION, "filters": {"sources": [article.id]}, "k": 50},
+                {"question": QUESTION, "filters": {"sources": [article.source], "date_from": "2020-01-01"}},
+                {"question": QUESTION, "filters": {"date_from": "1990-01-01", "date_to": "1990-12-31"}},
+                {"question": "\u00e9\u00e8 \u4e2d\u6587 \U0001f600?", "filters": None}]
+    for body in answered:
+        raw = json.dumps(body, ensure_ascii=False).encode()
+        before = len(calls)
+        got = _wsgi(fast, raw)
+        assert len(calls) == before, body  # the fast path answered it
+        want = _wsgi(fast.wsgi_app, raw)
+        assert len(calls) == before + 1
+        assert got == want, body
+        assert got[0] == "200 OK" and json.loads(got[2])["ok"] is True
+    refused = [b'{"question": ""}', b'{"question": "x", "k": 0}', b'{"question": "x", "top_k": 3}', b"{not json",
+               b'{"question": "a", "question": "b"}', b"", b"[1, 2]", b'{"question": "\xff"}',
+               b'{"question": "x", "filters": {"sources": ["no-such-article"]}}',  # refused inside the searcher
+               json.dumps({"question": "x" * 70_000}).encode()]
+    for raw in refused:
+        got, want = _wsgi(fast, raw), _wsgi(fast.wsgi_app, raw)
+        assert got == want and got[0].startswith(("400", "413")), raw
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk /srv/secret.db on fire"),
+                                 IndexCorrupt("The index in /srv/index cannot be read."),
+                                 Overloaded("Too many questions are waiting; try again in a moment.")],
+                         ids=["unexpected", "index_corrupt", "overloaded"])
+def test_the_fast_path_renders_errors_from_the_searcher_as_flask_does(exc, fake_index, fake_searcher, caplog):
+    """An error raised while answering goes through the app's own handlers: the same status, headers and body."""
+    fast = create_app(fake_index, searcher=FailingSearcher(fake_searcher, exc)).wsgi_app
+    raw = json.dumps({"question": QUESTION}).encode()
+    with caplog.at_level(logging.ERROR):
+        got, want = _wsgi(fast, raw), _wsgi(fast.wsgi_app, raw)
+    assert got == want
+    assert got[0].startswith(("500", "503")) and b"secret" not in got[2] and b"/srv" not in got[2]
+    assert isinstance(exc, Overloaded) == (("Retry-After", "1") in got[1])
+
+
+def test_the_fast_path_leaves_other_requests_to_flask(app, client, monkeypatch):
+    """Requests it does not take are Flask's: they answer as before, through the view (counted)."""
+    import io
+
+    calls = _counting_view(app, monkeypatch)
+    raw = json.dumps({"question": QUESTION, "k": 2}).encode()
+    for kwargs in ({"data": raw, "content_type": "application/json; charset=utf-8"},  # a parameter: Flask parses it
+                   {"data": raw, "content_type": "application/json", "base_url": "http://localhost/qa"},  # mounted
+                   # a chunked body, as gunicorn hands it on: de-chunked, no Content-Length, input terminated
+                   {"input_stream": io.BytesIO(raw), "content_type": "application/json",
+                    "headers": {"Transfer-Encoding": "chunked"}, "environ_overrides": {"wsgi.input_terminated": True}}):
+        r = client.post("/api/ask", **kwargs)
+        assert r.status_code == 200 and len(r.get_json()["results"]) == 2, kwargs
+    assert len(calls) == 3
+
+
+def test_the_fast_path_steps_aside_when_the_app_changes(fake_index, fake_searcher, monkeypatch):
+    """A hook added after ``create_app`` runs on every request: the fast path hands all of them to Flask."""
+    fresh = create_app(fake_index, searcher=NoModeSearcher(fake_searcher))
+    calls = _counting_view(fresh, monkeypatch)
+    client = fresh.test_client()
+    assert client.post("/api/ask", json={"question": QUESTION}).status_code == 200 and not calls
+    checks = []  # it runs the app's before_request work itself: the reload check
+    monkeypatch.setattr(fresh.extensions["qa_service"], "maybe_reload", lambda: checks.append(1))
+    assert client.post("/api/ask", json={"question": QUESTION}).status_code == 200 and not calls and checks == [1]
+    seen = []
+    fresh.before_request(lambda: seen.append(1))
+    assert client.post("/api/ask", json={"question": QUESTION}).status_code == 200
+    assert calls == [1] and seen == [1] and checks == [1, 1]
 
 
 # --------------------------------------------------------------------------- articles and health

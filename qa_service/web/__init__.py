@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` loads the index and the query encoder once (into ``app.extensions``); every
 request, JSON or HTML, goes through ``QAState.ask`` and so through ``Searcher.ask``. This package never
-imports faiss or torch itself: the ``Searcher`` does, and only when the app is created.
+imports faiss or torch itself: the ``Searcher`` does, and only when the app is created. ``POST /api/ask``'s
+common case is answered by a WSGI middleware in front of Flask (``fastpath.py``) with the same response bytes.
 
 Reloads: before a request, at most once per ``reload_interval`` (1 s), a worker stats ``index/CURRENT``.
 When it names another build, a background thread loads a fresh ``Searcher`` and swaps it in with one
@@ -29,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Flask, request, url_for
+from flask import Flask, current_app, request
+from werkzeug.routing import Map
 
 from ..config import Settings
 from ..errors import Overloaded, QAError
 from .auth import OPEN_ENDPOINTS, check_security_settings, require_key
 from .errors import register_error_handlers
+from .fastpath import AskFastPath
 from .jsonio import OrjsonProvider
 from .schemas import AskRequestBase, ask_request_model
 
@@ -63,18 +66,26 @@ def passage_anchor(start: int, end: int) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _article_path(script_root: str, article_id: str) -> str:
-    """The article page's path under ``script_root`` (the key: the same article under another mount differs)."""
-    return url_for("pages.article", article_id=article_id)
+def _article_path(url_map: Map, script_root: str, article_id: str) -> str:
+    """The article page's path under ``script_root`` (the key: the same article under another mount differs).
+
+    Built by the app's route map, as ``url_for`` builds it, but bound to the mount point here so that no request
+    context is needed (``fastpath`` answers without one).
+    """
+    return url_map.bind("localhost", script_name=script_root or "/").build("pages.article", {"article_id": article_id})
 
 
-def article_url(article_id: str, start: int | None = None, end: int | None = None) -> str:
+def article_url(article_id: str, start: int | None = None, end: int | None = None, *,
+                script_root: str | None = None, url_map: Map | None = None) -> str:
     """Return the article page's address; with a span, highlighted and scrolled to (``#p-START-END``).
 
     Flask's ``url_for`` costs ~0.04 ms a call (the route map's builder, URL quoting, context lookups) and an
     answer carries five URLs, so each article's path is built once per script root and remembered.
+    ``script_root`` and ``url_map`` default to the current request's and app's.
     """
-    base = _article_path(request.script_root, article_id)
+    if script_root is None:
+        script_root = request.script_root
+    base = _article_path(current_app.url_map if url_map is None else url_map, script_root, article_id)
     if start is None or end is None:
         return base
     # Flask's own query and anchor building costs ~0.15 ms a URL; five per answer made it a visible share of
@@ -97,6 +108,7 @@ class QAState:
     write_embedder: Any = None  # embeds uploaded articles; None: the live index's own encoder
     # Under gunicorn: how many questions each worker holds (``server.WorkerActivity``); None outside a server.
     activity: Any = None
+    url_map: Map | None = None  # the app's routes, for the article URLs; None: the current app's
 
     def __post_init__(self):
         self._waiting = threading.BoundedSemaphore(max(1, self.settings.max_queue))
@@ -112,8 +124,11 @@ class QAState:
         if self.activity is not None and share is not None:
             share(self.activity.others_answering)
 
-    def ask(self, req: AskRequestBase) -> dict:
-        """Run ``Searcher.ask`` for a validated request; return its structure plus ``ok``, ``took_ms``, urls."""
+    def ask(self, req: AskRequestBase, script_root: str | None = None) -> dict:
+        """Run ``Searcher.ask`` for a validated request; return its structure plus ``ok``, ``took_ms``, urls.
+
+        ``script_root``: where the app is mounted, for the article URLs; by default the current request's.
+        """
         kwargs = {}
         if req.mode is not None and self.supports_mode:
             kwargs["mode"] = req.mode
@@ -135,10 +150,13 @@ class QAState:
         took_ms = round((time.perf_counter() - started) * 1000, 3)
         out = {"ok": True, **result}
         results = []
+        if script_root is None:
+            script_root = request.script_root
         for hit in result.get("results", []):
             hit = dict(hit)
             c = hit["citation"] = dict(hit["citation"])
-            c["url"] = article_url(c["article_id"], c["start"], c["end"])
+            c["url"] = article_url(c["article_id"], c["start"], c["end"], script_root=script_root,
+                                   url_map=self.url_map)
             results.append(hit)
         out["results"] = results
         out["took_ms"] = took_ms
@@ -282,7 +300,7 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
         settings=settings, searcher=searcher,
         ask_model=ask_request_model(settings.max_question_chars, settings.max_k),
         supports_mode=_accepts_mode(searcher), load_searcher=load_searcher, write_embedder=write_embedder,
-        activity=activity,
+        activity=activity, url_map=app.url_map,
     )
 
     @app.before_request
@@ -302,6 +320,9 @@ def create_app(settings: Settings | None = None, searcher: "Searcher | None" = N
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
+
+    # POST /api/ask's common case without Flask's per-request machinery; the same response (web/fastpath.py).
+    app.wsgi_app = AskFastPath(app, state, SECURITY_HEADERS)
 
     logger.info("web app ready: %d articles, %d passages, model %s",
                 searcher.article_count, searcher.passage_count, searcher.model_name)

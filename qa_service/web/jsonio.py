@@ -38,8 +38,12 @@ class OrjsonProvider(DefaultJSONProvider):
             return super().dumps(obj, **kwargs)
         return self._encode(obj).decode("utf-8")
 
+    def encode(self, obj: Any) -> bytes:
+        """``obj`` as a compact response body: what ``response`` sends (and ``fastpath`` too)."""
+        return self._encode(obj, orjson.OPT_APPEND_NEWLINE)
+
     def response(self, *args: Any, **kwargs: Any):
         if self.compact is False or (self.compact is None and self._app.debug):
             return super().response(*args, **kwargs)  # indented, as Flask does in debug mode
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(self._encode(obj, orjson.OPT_APPEND_NEWLINE), mimetype=self.mimetype)
+        return self._app.response_class(self.encode(obj), mimetype=self.mimetype)
