@@ -7,7 +7,7 @@ a flush, against ~0.2 ms for the same request validated, answered and encoded he
 Flask path inside one server, this answers 0.43-0.53 ms sooner (11-27, benchmarks/HISTORY.md).
 
 What it takes. Only a request Flask would answer with 200 from ``api.ask_post`` with nothing else on the way:
-``POST`` to ``/api/ask`` at the application's root, ``Content-Type: application/json`` exactly, a
+``POST`` to ``/api/ask`` at the application's root, ``Content-Type: application/json`` (parameters allowed), a
 ``Content-Length`` within the body limit, a body that validates, no key needed for reading, and the app's hooks
 still the ones ``create_app`` installed. Everything else (other routes and methods, chunked bodies, invalid
 bodies, keys) goes to Flask unchanged, with the body handed on if it was read, so errors are rendered in one
@@ -59,7 +59,11 @@ class AskFastPath:
         """Whether this request is one the fast path answers exactly as Flask would (before reading its body)."""
         if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != ASK_PATH:
             return False
-        if environ.get("SCRIPT_NAME") or environ.get("CONTENT_TYPE") != JSON_TYPE or "HTTP_TRANSFER_ENCODING" in environ:
+        if environ.get("SCRIPT_NAME") or "HTTP_TRANSFER_ENCODING" in environ:
+            return False
+        content_type = environ.get("CONTENT_TYPE", "")
+        # Parameters (``; charset=utf-8``) change nothing: the body is read as bytes and JSON is UTF-8.
+        if content_type != JSON_TYPE and content_type.partition(";")[0].strip().lower() != JSON_TYPE:
             return False
         length = environ.get("CONTENT_LENGTH", "")
         limit = self.app.config["MAX_CONTENT_LENGTH"]
@@ -72,9 +76,12 @@ class AskFastPath:
         if not self.takes(environ):
             return self.wsgi_app(environ, start_response)
         length = int(environ["CONTENT_LENGTH"])
-        body = environ["wsgi.input"].read(length) if length else b""
+        try:
+            body = environ["wsgi.input"].read(length) if length else b""
+        except Exception as exc:  # noqa: BLE001 - the client went away mid-body: rendered as Flask would
+            return self._error(environ, start_response, exc)
         environ["wsgi.input"] = io.BytesIO(body)  # Flask reads it again if it takes over below
-        if len(body) != length:  # the client went away mid-body: Flask's own error
+        if len(body) != length:  # a short body: Flask's own error
             return self.wsgi_app(environ, start_response)
         try:
             req = parse_json_body(self.state.ask_model, body)
