@@ -19,7 +19,9 @@ What it does is what Flask does for that request: the app's ``before_request`` w
 the same requests both ways and compares status, headers and body.
 
 This is standard Flask WSGI middleware (``app.wsgi_app = Middleware(app.wsgi_app)``, as ProxyFix is installed),
-so ``app.test_client()`` and gunicorn both go through it.
+so ``app.test_client()`` and gunicorn both go through it, and middleware a deployment adds later (ProxyFix with a
+path prefix, say) wraps this one. Flask's request signals (``request_started``, ``request_finished``) are not sent
+for the requests answered here; the app connects none.
 """
 
 from __future__ import annotations
