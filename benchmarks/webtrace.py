@@ -4,8 +4,8 @@
 into gunicorn's threaded worker, the app's WSGI entry (``web/fastpath.py``), the access log and the searcher.
 Each worker records, per request, when each stage began or ended (``time.perf_counter``: on Linux the monotonic
 clock every process shares), and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any
-request. The bench's client records when it sent a
-question and when it had read the answer, on the same clock, so the two line up request by request (one client,
+request. The bench's client records when it began a
+question, when it first wrote to the socket and when it had read the answer, on the same clock, so the two line up request by request (one client,
 one keep-alive connection, one worker: the n-th request the worker saw is the client's n-th). The marks of the
 request in progress live in one dict per worker, so requests must come one at a time.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
 STAGES = (
-    ("send", "poll", "client's request (http.client builds and sends it) until the worker's poller runs (kernel, "
-                     "waking the worker's main thread)"),
+    ("start", "send", "the client builds the request (JSON, http.client) until its first send"),
+    ("send", "poll", "the client's send until the worker's poller runs (kernel, waking the worker's main thread, "
+                     "Python's dispatch)"),
     ("poll", "handle", "poller hands the connection to a worker thread"),
     ("handle", "parsed", "reading and parsing the request (gunicorn)"),
     ("parsed", "app", "gunicorn's WSGI environ"),
@@ -125,17 +126,18 @@ def read_records(trace_file: Path) -> list[dict[str, float]]:
     return max(found, key=len) if found else []
 
 
-def stage_times(client: list[tuple[float, float]], records: list[dict[str, float]]) -> dict[str, list[float]]:
+def stage_times(client: list[tuple[float, float, float]], records: list[dict[str, float]]) -> dict[str, list[float]]:
     """Per stage (``STAGES``), its duration in ms for every request where both its marks were recorded.
 
-    ``client`` holds (sent, read) per request; the worker's last ``len(client)`` records of a request are those
-    requests (a connection's close also passes through the worker's ``handle``, with no request: not counted).
+    ``client`` holds (started, sent, read) per request: before building it, at its first socket send, after
+    reading the answer. The worker's last ``len(client)`` records of a request are those requests (a
+    connection's close also passes through the worker's ``handle``, with no request: not counted).
     """
     out: dict[str, list[float]] = {label: [] for _, _, label in STAGES}
     requests = [r for r in records if "parsed" in r]
-    for (sent, read), record in zip(client, requests[-len(client):] if client else []):
-        marks = {**record, "send": sent, "recv": read}
-        if not sent <= marks.get("poll", sent) <= marks.get("asked", read) <= read:
+    for (started, sent, read), record in zip(client, requests[-len(client):] if client else []):
+        marks = {**record, "start": started, "send": sent, "recv": read}
+        if not started <= sent <= marks.get("poll", sent) <= marks.get("asked", read) <= read:
             raise ValueError("the worker's records do not line up with the client's requests")
         for start, end, label in STAGES:
             if start in marks and end in marks:

@@ -64,14 +64,15 @@ def _webtrace():
 
 def test_webtrace_lines_up_requests_and_refuses_a_shifted_record():
     webtrace = _webtrace()
-    client = [(1.0, 1.010), (2.0, 2.012)]
+    client = [(0.9999, 1.0, 1.010), (1.9999, 2.0, 2.012)]
     record = {"poll": 0.0001, "handle": 0.0002, "parsed": 0.0004, "app": 0.0005, "ask": 0.001, "asked": 0.008,
               "app_done": 0.0085, "written": 0.0088, "logged": 0.0089}
-    records = [{"poll": 0.5, "handle": 0.5}] + [{k: sent + v for k, v in record.items()} for sent, _ in client] \
+    records = [{"poll": 0.5, "handle": 0.5}] + [{k: sent + v for k, v in record.items()} for _, sent, _ in client] \
         + [{"poll": 3.0, "handle": 3.0}]  # a close before and after: no request
     times = webtrace.stage_times(client, records)
     assert [round(v, 6) for v in times["Searcher.ask (the in-process answer)"]] == [7.0, 7.0]
     assert [round(v, 6) for v in times["until the client has read the answer"]] == [1.1, 3.1]
+    assert [round(v, 6) for v in times[webtrace.STAGES[0][2]]] == [0.1, 0.1]  # building, before the first send
     with pytest.raises(ValueError, match="line up"):
         webtrace.stage_times(client, [{k: 5.0 + v for k, v in record.items()}] * 2)
 
