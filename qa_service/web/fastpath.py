@@ -2,8 +2,8 @@
 
 Why. After the question encoder has streamed its ~43 MB of weights through a 32 MB L3 cache, everything else a
 request touches is a cache miss. Flask's request handling (request and app contexts, routing, the view's
-proxies, the response object and its header bookkeeping, the hooks) costs ~0.1 ms warm but ~0.5 ms after such
-a flush, against ~0.2 ms for the same request validated, answered and encoded here. Over HTTP, paired with the
+proxies, the response object and its header bookkeeping, the hooks) costs 0.12 ms warm but 0.51 ms after such
+a flush, against 0.02 and 0.19 ms for the same request validated, answered and encoded here (searcher stubbed). Over HTTP, paired with the
 Flask path inside one server, this answers 0.43-0.53 ms sooner (11-27, benchmarks/HISTORY.md).
 
 What it takes. Only a request Flask would answer with 200 from ``api.ask_post`` with nothing else on the way:
