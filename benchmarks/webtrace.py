@@ -1,13 +1,13 @@
 """Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench section ``web``).
 
 ``python benchmarks/webtrace.py TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers patched
-into gunicorn's threaded worker, the app's WSGI entry (``web/fastpath.py``), the access log and the searcher.
-Each worker records, per request, when each stage began or ended (``time.perf_counter``: on Linux the monotonic
-clock every process shares), and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any
-request. The bench's client records when it began a
-question, when it first wrote to the socket and when it had read the answer, on the same clock, so the two line up request by request (one client,
-one keep-alive connection, one worker: the n-th request the worker saw is the client's n-th). The marks of the
-request in progress live in one dict per worker, so requests must come one at a time.
+into gunicorn's threaded worker, the app's WSGI entry (``web/fastpath.py``), the access log and the searcher. Each
+worker records, per request, when each stage began or ended (``time.perf_counter``: on Linux the monotonic clock
+every process shares), and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any request.
+The bench's client records when it began a question, when it first wrote to the socket and when it had read the
+answer, on the same clock, so the two line up request by request (one client, one keep-alive connection, one worker:
+the n-th request the worker saw is the client's n-th). The marks of the request in progress live in one dict per
+worker, so requests must come one at a time.
 
 The patches only time (each wraps the original and calls it); nothing here is used by the service itself. They
 follow gunicorn's ``gthread`` worker of the pinned version: a gunicorn that renames these methods fails loudly

@@ -46,10 +46,10 @@ def _hooks(app) -> tuple:
 class AskFastPath:
     """WSGI middleware: answers ``POST /api/ask``'s common case itself, hands everything else to ``wsgi_app``."""
 
-    def __init__(self, app, state, security_headers: dict[str, str], wsgi_app: Callable | None = None):
+    def __init__(self, app, state, security_headers: dict[str, str]):
         self.app = app
         self.state = state
-        self.wsgi_app = wsgi_app or app.wsgi_app
+        self.wsgi_app = app.wsgi_app  # Flask's own, which this wraps
         self.headers = [(name, value) for name, value in security_headers.items()]
         encode = getattr(app.json, "encode", None)
         # A debug or indented JSON provider writes other bytes than ``encode``: then Flask answers everything.
