@@ -152,7 +152,10 @@ class OnnxEmbedder:
     def __init__(self, model_file: str | Path, tokenizer_file: str | Path, *, name: str, dimension: int,
                  max_seq_length: int, input_names: Sequence[str] = INPUTS, pad_id: int = 0,
                  precision: str = "fp32", threads: int = SERVING_THREADS, token_pooling: str | None = None,
-                 pin_threads: bool = False):
+                 pin_threads: bool = False, open_session: bool = True):
+        """``open_session=False`` leaves creating the onnxruntime session to ``open()`` (or the first encode):
+        a build cuts its articles with the tokenizer alone, then opens the session while a forked worker
+        writes the lexical files (``store.build_index``). ``token_pooling`` is provisional until then."""
         try:
             import onnxruntime  # noqa: F401  (checked here, used in _open_session)
             from tokenizers import Tokenizer
@@ -172,27 +175,47 @@ class OnnxEmbedder:
         self._tokenizer.enable_truncation(self.max_seq_length)
         self._counter = None
         self.threads = max(1, int(threads))
-        # ``pin_threads`` (question encoders): helpers and caller on different CPUs (``helper_placement``).
+        self._pin_threads = pin_threads
         self._caller_cpus: frozenset[int] | None = None
-        placement = helper_placement(self.threads) if pin_threads else None
-        if placement is not None:
-            try:
-                self._session = self._open_session(self.threads, helpers=placement[0])
-                self._caller_cpus = placement[1]
-            except Exception as exc:  # onnxruntime could not place its threads: leave them to the kernel
-                logger.info("encoder threads not pinned (%s: %s)", type(exc).__name__, exc)
-                placement = None
-        if placement is None:
-            self._session = self._open_session(self.threads)
+        self._session = None
         # Serving workers add a one-thread session (``share_cores``) for when other workers are busy.
         self._narrow = None
         self._contended: Callable[[], bool] | None = None
-        missing = set(self.input_names) - {i.name for i in self._session.get_inputs()}
-        if missing:
-            raise ValueError(f"the ONNX model has no input(s) {sorted(missing)}")
+        self._requested_pooling = token_pooling
+        self.token_pooling = token_pooling
+        self._index_dir: Path | None = None  # set by ``from_manifest``: open() then reports a damaged encoder as such
+        if open_session:
+            self.open()
+
+    def open(self) -> None:
+        """Create the onnxruntime session, if not yet done, and check the graph's inputs and outputs."""
+        if self._session is not None:
+            return
+        try:
+            self._session = self._new_session()
+            missing = set(self.input_names) - {i.name for i in self._session.get_inputs()}
+            if missing:
+                raise ValueError(f"the ONNX model has no input(s) {sorted(missing)}")
+        except Exception as exc:
+            self._session = None
+            if self._index_dir is None:
+                raise
+            raise _unreadable(self._index_dir, exc) from exc
         # "mean" when the graph also gives token vectors and the model mean-pools them (``encode_pooled``).
         has_tokens = TOKENS in {o.name for o in self._session.get_outputs()}
-        self.token_pooling = token_pooling if has_tokens else None
+        self.token_pooling = self._requested_pooling if has_tokens else None
+
+    def _new_session(self):
+        # ``pin_threads`` (question encoders): helpers and caller on different CPUs (``helper_placement``).
+        placement = helper_placement(self.threads) if self._pin_threads else None
+        if placement is not None:
+            try:
+                session = self._open_session(self.threads, helpers=placement[0])
+                self._caller_cpus = placement[1]
+                return session
+            except Exception as exc:  # onnxruntime could not place its threads: leave them to the kernel
+                logger.info("encoder threads not pinned (%s: %s)", type(exc).__name__, exc)
+        return self._open_session(self.threads)
 
     def _open_session(self, threads: int, helpers: Sequence[int] = ()):
         import onnxruntime as ort
@@ -239,23 +262,28 @@ class OnnxEmbedder:
         contended, narrow = self._contended, self._narrow
         if narrow is not None and contended is not None and contended():
             return narrow
+        if self._session is None:
+            self.open()
         return self._session
 
     @classmethod
-    def from_manifest(cls, manifest: dict, threads: int = SERVING_THREADS, pin_threads: bool = False) -> "OnnxEmbedder":
+    def from_manifest(cls, manifest: dict, threads: int = SERVING_THREADS, pin_threads: bool = False,
+                      open_session: bool = True) -> "OnnxEmbedder":
         """Load the encoder recorded in an index manifest (as returned by ``store.read_manifest``)."""
         entry = manifest["encoder"]
         build = Path(manifest["_build_dir"])
         try:
-            return cls(build / entry["file"], build / entry["tokenizer"], name=manifest["model"],
-                       dimension=manifest["dimension"], max_seq_length=entry["max_seq_length"],
-                       input_names=entry.get("inputs", INPUTS), pad_id=entry.get("pad_id", 0),
-                       precision=entry.get("precision", "fp32"), threads=threads,
-                       token_pooling=entry.get("token_pooling"), pin_threads=pin_threads)
-        except Exception as exc:  # a missing file, a damaged graph (onnxruntime's own error types), a bad entry
-            raise IndexCorrupt(f"The index in {build.parent.parent} has an unreadable ONNX encoder "
-                               f"({type(exc).__name__}). Rebuild it with: qa-service index SEEDS_DIR "
-                               f"--index-dir {build.parent.parent} --force") from exc
+            embedder = cls(build / entry["file"], build / entry["tokenizer"], name=manifest["model"],
+                           dimension=manifest["dimension"], max_seq_length=entry["max_seq_length"],
+                           input_names=entry.get("inputs", INPUTS), pad_id=entry.get("pad_id", 0),
+                           precision=entry.get("precision", "fp32"), threads=threads,
+                           token_pooling=entry.get("token_pooling"), pin_threads=pin_threads, open_session=False)
+        except Exception as exc:  # a missing tokenizer file, a bad entry
+            raise _unreadable(build.parent.parent, exc) from exc
+        embedder._index_dir = build.parent.parent
+        if open_session:
+            embedder.open()  # a missing model file, a damaged graph (onnxruntime's own error types): IndexCorrupt
+        return embedder
 
     def _run(self, encodings: Sequence, outputs: Sequence[str] = (OUTPUT,), session=None):
         width = max(len(e.ids) for e in encodings)
@@ -342,6 +370,11 @@ class OnnxEmbedder:
             counter.no_truncation()
             self._counter = counter
         return len(self._counter.encode(text, add_special_tokens=False).ids)
+
+
+def _unreadable(index_dir: Path, exc: Exception) -> IndexCorrupt:
+    return IndexCorrupt(f"The index in {index_dir} has an unreadable ONNX encoder ({type(exc).__name__}). Rebuild it "
+                        f"with: qa-service index SEEDS_DIR --index-dir {index_dir} --force")
 
 
 def onnx_backend_is_used(manifest: dict) -> bool:

@@ -42,7 +42,7 @@ from .chunking import cut_many
 from .config import Settings
 from .embedding import Embedder, canonical_model_name, normalize_rows
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from .onnx_encoder import SERVING_THREADS, encoder_status, prepare_encoder, resolve_quantize
+from .onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_status, prepare_encoder, resolve_quantize
 from .types import Article, Passage
 
 logger = logging.getLogger(__name__)
@@ -639,8 +639,6 @@ def _previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, setti
 
 def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embedder, dict]:
     """Hard-link the ONNX query encoder of the build ``manifest`` describes into ``build_dir``; return it and its entry."""
-    from .onnx_encoder import OnnxEmbedder
-
     entry = dict(manifest["encoder"])
     source = Path(manifest["_build_dir"])
     for key in ("file", "tokenizer"):
@@ -648,7 +646,9 @@ def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embed
         target.parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(source / entry[key], target)
     entry["reused_from"] = source.name
-    return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}, threads=threads), entry
+    # Its session is opened later (``build_index``): cutting the articles needs only the tokenizer.
+    return OnnxEmbedder.from_manifest({**manifest, "_build_dir": str(build_dir)}, threads=threads,
+                                      open_session=False), entry
 
 
 def build_index(
@@ -716,6 +716,11 @@ def build_index(
         # (for a large archive, several while the dense index and the SQLite file are written).
         lexical = _LexicalWrite(tmp, chunks, articles, embedding=int(np.isnan(vectors[:, 0]).sum()))
         try:
+            # A shared encoder's session is opened only now, while the lexical worker has the other core to itself
+            # (creating it is ~0.2 s on one core); till here the build needed its tokenizer alone.
+            if isinstance(embedder, OnnxEmbedder):
+                embedder.open()
+                lap("encoder")
             sentence_method = embed_chunks(vectors, sentence_vectors, chunks, articles, fill_with,
                                            settings.batch_size, progress, lap, passage_texts=embedded)
             # Exact search up to settings.ann_threshold passages, IVF above it (retrieval/dense.py says why).

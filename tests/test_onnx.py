@@ -458,6 +458,26 @@ def test_damaged_onnx_model_is_a_clear_error(tmp_path, real_index):
 
     with pytest.raises(IndexCorrupt, match="ONNX encoder.*qa-service index"):
         Searcher(settings)
+    # an encoder whose session is opened later (a build sharing the live export) says the same when it opens
+    deferred = OnnxEmbedder.from_manifest(read_manifest(settings.index_dir), threads=1, open_session=False)
+    assert deferred.count_tokens("a few words") == 3  # its tokenizer works without a session
+    with pytest.raises(IndexCorrupt, match="ONNX encoder.*qa-service index"):
+        deferred.open()
+
+
+@pytest.mark.slow
+def test_an_encoder_opened_late_gives_the_same_vectors(real_index):
+    """``open_session=False`` (what a build sharing the live export uses until its articles are cut) opens the
+    session at ``open()`` or at the first encode, with the graph's inputs and pooling checked as when opened at once."""
+    manifest = read_manifest(real_index.index_dir)
+    texts = ["Who won the election?", "A longer passage about the election and who won it, and by how much."]
+    at_once = OnnxEmbedder.from_manifest(manifest, threads=1)
+    late = OnnxEmbedder.from_manifest(manifest, threads=1, open_session=False)
+    assert late._session is None
+    np.testing.assert_array_equal(late.encode(texts), at_once.encode(texts))  # the first encode opens it
+    assert late._session is not None and late.token_pooling == at_once.token_pooling == "mean"
+    late.open()  # once only
+    np.testing.assert_array_equal(late.encode(texts), at_once.encode(texts))
 
 
 @pytest.mark.slow
