@@ -20,10 +20,13 @@ class Settings:
     # trained on 128-token inputs, so shorter windows embed better), overlapping by whole sentences.
     max_tokens: int = 128
     overlap_sentences: int = 1
-    # Texts per encoder call when indexing (and evaluating). 16 by measurement: ONNX fp32 on this 2-core machine
-    # embedded 600 SciFact windows (~128 tokens) at 54.6 / 54.7 / 53.1 / 49.9 passages/s with batches of
-    # 12 / 16 / 24 / 32 (medians of 3 interleaved runs): smaller batches keep each layer's activations in cache.
-    batch_size: int = 16
+    # Texts per encoder call when indexing (and evaluating). 8 by measurement on this 2-core machine, ONNX fp32,
+    # 884 SciFact passages with their headlines (11-28, medians of 3 interleaved runs in one process): 13.68 /
+    # 14.02 / 14.23 s with batches of 8 / 12 / 16 (4 and 6: 13.69 / 13.82 against 13.93 for 8 in another round);
+    # 32 was slower still (11-26: 49.9 against 54.7 passages/s for 16). Smaller batches keep each layer's
+    # activations in cache, and a build's first pass touches less fresh memory (~21.5k page faults against ~36.4k
+    # for 16; its first pass 13.9-14.1 s against 14.4-14.6 in a new process).
+    batch_size: int = 8
     # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
     # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
     quantize: str = "auto"
