@@ -154,8 +154,8 @@ class OnnxEmbedder:
                  precision: str = "fp32", threads: int = SERVING_THREADS, token_pooling: str | None = None,
                  pin_threads: bool = False, open_session: bool = True):
         """``open_session=False`` leaves creating the onnxruntime session to ``open()`` (or the first encode):
-        a build cuts its articles with the tokenizer alone, then opens the session while a forked worker
-        writes the lexical files (``store.build_index``). ``token_pooling`` is provisional until then."""
+        a build cuts its articles with the tokenizer alone and opens the session once its lexical files are
+        under way (``store.build_index``). ``token_pooling`` is provisional until then."""
         try:
             import onnxruntime  # noqa: F401  (checked here, used in _open_session)
             from tokenizers import Tokenizer

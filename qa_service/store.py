@@ -716,8 +716,8 @@ def build_index(
         # (for a large archive, several while the dense index and the SQLite file are written).
         lexical = _LexicalWrite(tmp, chunks, articles, embedding=int(np.isnan(vectors[:, 0]).sum()))
         try:
-            # A shared encoder's session is opened only now, while the lexical worker has the other core to itself
-            # (creating it is ~0.2 s on one core); till here the build needed its tokenizer alone.
+            # A shared encoder's session is opened only now (~0.2 s on one core): till here the build needed its
+            # tokenizer alone, and a forked lexical worker, when there is one, now has the other core meanwhile.
             if isinstance(embedder, OnnxEmbedder):
                 embedder.open()
                 lap("encoder")
