@@ -16,6 +16,7 @@ every core (``cut_many``: forked worker processes, the same result).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import re
@@ -71,25 +72,31 @@ def split_sentences(text: str, offset: int = 0) -> list[tuple[int, int]]:
     return spans
 
 
+# What may stand between two sentences for a whitespace-splitting tokenizer to count them apart and joined alike:
+# ASCII whitespace, which Python, tokenizers' BertNormalizer (whitespace -> " ") and BertPreTokenizer all treat as
+# a word break (Python's str.isspace also takes control characters that BertNormalizer deletes instead).
+_PLAIN_GAP = re.compile(r"[ \t\n\r]+")
+
 PARALLEL_MIN_TEXTS = 32  # fewer texts than this are cut in this process: a pool would cost more than it saves
 _JOB: tuple | None = None  # (count_tokens, max_tokens, overlap) for forked workers: inherited, never pickled
 _JOB_LOCK = threading.Lock()
 
 
-def cut(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int
+def cut(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int, additive: bool = False
         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Return a text's sentence units (``sentence_units``) and its passage windows over them (``pack_sentences``)."""
     units, counts = counted_units(text, count_tokens, max_tokens)
-    return units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts)
+    return units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)
 
 
 def _cut_in_worker(text: str):
-    count_tokens, max_tokens, overlap_sentences = _JOB
-    return cut(text, count_tokens, max_tokens, overlap_sentences)
+    count_tokens, max_tokens, overlap_sentences, additive = _JOB
+    return cut(text, count_tokens, max_tokens, overlap_sentences, additive)
 
 
 def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int,
-             processes: int | None = None) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+             processes: int | None = None, additive: bool = False
+             ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
     """``cut`` each of ``texts``: on ``processes`` forked workers (default: one per core) when there are at
     least ``PARALLEL_MIN_TEXTS`` of them, else here.
 
@@ -99,13 +106,14 @@ def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, 
     inherit the token counter (it is not pickled) and run only the splitter and the tokenizer: no model, and no
     thread pool of this process is used in them. Where fork is unavailable, or this process is itself a pool's
     (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
+    ``additive``: see ``pack_sentences``.
     """
     global _JOB
     n = min(processes or cores(), len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
     if n < 2 or len(texts) < PARALLEL_MIN_TEXTS or not can_fork():
-        return [cut(t, count_tokens, max_tokens, overlap_sentences) for t in texts]
+        return [cut(t, count_tokens, max_tokens, overlap_sentences, additive) for t in texts]
     with _JOB_LOCK:
-        _JOB = (count_tokens, max_tokens, overlap_sentences)
+        _JOB = (count_tokens, max_tokens, overlap_sentences, additive)
         pool = fork_pool(n)
         try:
             cuts = pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
@@ -183,17 +191,19 @@ def split_article(
     count_tokens: TokenCounter,
     max_tokens: int = 128,
     overlap_sentences: int = 1,
+    additive: bool = False,
 ) -> list[Passage]:
     """Split ``article`` into passages of whole sentences, each at most ``max_tokens`` tokens.
 
     Args:
         count_tokens: the embedding model's tokenizer, as text -> number of tokens (no specials).
         overlap_sentences: how many trailing sentences of a passage start the next one.
+        additive: see ``pack_sentences``.
     """
     text = article.text
     units, counts = counted_units(text, count_tokens, max_tokens)
     return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]])
-            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts)]
+            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)]
 
 
 def pack_sentences(
@@ -203,6 +213,7 @@ def pack_sentences(
     max_tokens: int,
     overlap_sentences: int,
     sentence_tokens: Sequence[int] | None = None,
+    additive: bool = False,
 ) -> list[tuple[int, int]]:
     """Group consecutive sentence spans into windows that fit ``max_tokens``.
 
@@ -212,13 +223,26 @@ def pack_sentences(
     that, whatever the tokenizer, the window fits and one more sentence would not. That is two counts of a
     whole window instead of one per sentence it holds. ``sentence_tokens``: each sentence's own count, when
     known (``counted_units``).
+
+    ``additive``: ``count_tokens`` is known to count two texts joined by whitespace as the sum of their counts
+    (``onnx_encoder.token_counts_add_up``: a WordPiece tokenizer that splits words at whitespace). Then a window
+    whose sentences are separated by plain whitespace (``_PLAIN_GAP``) is measured by that sum, the same number
+    its text would give, without counting its text: that was ~60% of cutting 200 SciFact abstracts (11-28).
+    Windows with anything else between their sentences are still counted on their text.
     """
     n = len(sentences)
     if not n:
         return []
     own = list(sentence_tokens) if sentence_tokens is not None else [count_tokens(text[s:e]) for s, e in sentences]
+    if additive:
+        summed = list(itertools.accumulate(own, initial=0))  # summed[j + 1] - summed[i]: sentences i..j
+        odd = [0]  # odd[j] - odd[i]: gaps among sentences i..j that are not plain whitespace
+        for (_, end), (start, _) in zip(sentences, sentences[1:]):
+            odd.append(odd[-1] + (_PLAIN_GAP.fullmatch(text, end, start) is None))
 
     def fits(i: int, j: int) -> bool:
+        if additive and odd[j] == odd[i]:
+            return summed[j + 1] - summed[i] <= max_tokens
         return count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens
 
     windows: list[tuple[int, int]] = []

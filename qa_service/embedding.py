@@ -43,6 +43,30 @@ class Embedder(Protocol):
         """Return the number of model tokens in ``text``, without special tokens."""
 
 
+def token_counts_add_up(tokenizer_config: str) -> bool:
+    """Whether a tokenizer (its ``tokenizer.json`` text) counts two texts joined by whitespace as the sum of their
+    counts, so that ``chunking.pack_sentences`` may add sentence counts instead of counting a window's text.
+
+    True only for the BERT family's make-up, where it holds by construction: a WordPiece model after
+    ``BertPreTokenizer`` (words split at whitespace and punctuation, whitespace dropped) and at most a
+    ``BertNormalizer`` (character by character: case, accents, Chinese characters spaced, whitespace to " "), and
+    no added token holding whitespace (such a token is matched before words are split, and could span a join).
+    Anything else (SentencePiece's Metaspace, byte-level BPE, other normalizers) answers False: windows are then
+    counted on their text, as before.
+    """
+    import json
+
+    try:
+        config = json.loads(tokenizer_config)
+    except ValueError:
+        return False
+    normalizer = config.get("normalizer") or {"type": "BertNormalizer"}
+    return ((config.get("model") or {}).get("type") == "WordPiece"
+            and (config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+            and normalizer.get("type") == "BertNormalizer"
+            and not any(any(ch.isspace() for ch in t.get("content", "")) for t in config.get("added_tokens") or []))
+
+
 # A group of character ranges of one text; pooling a group means the mean of the token vectors inside any of
 # its ranges, plus the special tokens ([CLS], [SEP]) a mean-pooling model always averages in.
 Group = Sequence[tuple[int, int]]
@@ -194,6 +218,12 @@ class SentenceTransformerEmbedder:
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    @functools.cached_property
+    def counts_add_up(self) -> bool:
+        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts (``token_counts_add_up``)."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)  # a fast (Rust) tokenizer only
+        return backend is not None and token_counts_add_up(backend.to_str())
 
     @functools.cached_property
     def known_words(self) -> frozenset[str]:

@@ -287,6 +287,7 @@ def whole_document_embedder(embedder):
     count = embedder.count_tokens
     whole = copy.copy(embedder)
     whole.count_tokens = lambda text: min(count(text), window)
+    whole.counts_add_up = False  # clipped counts do not add up
     return whole
 
 

@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .files import link_or_copy, sha256_file
-from .embedding import Embedder, Group, normalize_rows, pool_groups, token_pooling_of, whole_words
+from .embedding import (Embedder, Group, normalize_rows, pool_groups, token_counts_add_up, token_pooling_of,
+                        whole_words)
 from .errors import IndexCorrupt, ModelNotFound
 
 logger = logging.getLogger(__name__)
@@ -360,6 +361,11 @@ class OnnxEmbedder:
     def known_words(self) -> frozenset[str]:
         """The words the model's tokenizer holds whole (``embedding.whole_words``)."""
         return whole_words(self._tokenizer.get_vocab())
+
+    @functools.cached_property
+    def counts_add_up(self) -> bool:
+        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts (``token_counts_add_up``)."""
+        return token_counts_add_up(self._tokenizer.to_str())
 
     def count_tokens(self, text: str) -> int:
         if self._counter is None:

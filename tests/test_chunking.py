@@ -176,3 +176,97 @@ def test_cutting_on_workers_returns_in_a_process_that_only_notes_sigterm(seed_ar
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _plain_words(text):
+    """A counter that splits only at ASCII whitespace: sentences joined by anything else count as one word there."""
+    import re
+
+    return len(re.findall(r"[^ \t\n\r]+", text))
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=25), max_tokens=st.integers(2, 40),
+       overlap=st.integers(0, 2), gaps=st.lists(st.sampled_from([" ", "\n", " \n\n", "\t", "\x1c", "\u00a0", "\u2003"]),
+                                                min_size=25, max_size=25))
+def test_adding_counts_packs_as_counting_windows_does(lengths, max_tokens, overlap, gaps):
+    """``additive``: windows over plain whitespace are measured by the sum of their sentences' counts; a window
+    with any other character between its sentences (which a tokenizer may join words across) is counted on its
+    text. Either way the windows are the plain rule's."""
+    from qa_service.chunking import pack_sentences
+
+    text, spans = "", []
+    for n, gap in zip(lengths, gaps):
+        if spans:
+            text += gap
+        sentence = " ".join(["w"] * n) + "."
+        spans.append((len(text), len(text) + len(sentence)))
+        text += sentence
+    spans = [s for s in spans if _plain_words(text[s[0]:s[1]]) <= max_tokens] or spans[:1]
+    own = [_plain_words(text[s:e]) for s, e in spans]
+    expected = _greedy_windows(text, spans, _plain_words, max_tokens, overlap)
+    assert pack_sentences(text, spans, _plain_words, max_tokens, overlap, own, additive=True) == expected
+
+
+def _shipped_tokenizer_json() -> str:
+    from pathlib import Path
+
+    from qa_service.embedding import resolve_model_path
+
+    return (Path(resolve_model_path("all-MiniLM-L6-v2")) / "tokenizer.json").read_text(encoding="utf-8")
+
+
+def test_only_a_whitespace_splitting_wordpiece_tokenizer_is_taken_to_add_up():
+    import json
+
+    from qa_service.embedding import token_counts_add_up
+
+    shipped = _shipped_tokenizer_json()
+    assert token_counts_add_up(shipped)
+    config = json.loads(shipped)
+
+    def changed(path, value):
+        c = json.loads(shipped)
+        node = c
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return json.dumps(c)
+
+    assert not token_counts_add_up(changed(["pre_tokenizer"], {"type": "Metaspace", "replacement": "▁"}))
+    assert not token_counts_add_up(changed(["pre_tokenizer"], {"type": "ByteLevel"}))
+    assert not token_counts_add_up(changed(["model", "type"], "BPE"))
+    assert not token_counts_add_up(changed(["normalizer"], {"type": "Sequence", "normalizers": []}))
+    assert not token_counts_add_up(changed(["added_tokens"], config["added_tokens"] + [{"content": "New York"}]))
+    assert not token_counts_add_up("not json")
+    assert token_counts_add_up(changed(["normalizer"], None))
+
+
+def test_with_the_shipped_tokenizer_adding_counts_cuts_exactly_as_counting(seed_articles):
+    """The shipped tokenizer adds up; cutting the seeds, and texts with odd characters between sentences, gives
+    the same units and windows with sentence counts added as with every window counted."""
+    from tokenizers import Tokenizer
+
+    from qa_service.chunking import cut
+
+    tok = Tokenizer.from_str(_shipped_tokenizer_json())
+    tok.no_truncation()
+    tok.no_padding()
+
+    def real_count(text):
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    odd = ("Prices rose in Doha.\x1cTalks went on.\u00a0Hamas said no. \u2003Qatar said yes!"
+           "Then they met;\x0bagain.\r\nIt’s “done”. Über-café sales fell 3.5%. 東京 talks. [MASK] it.")
+    texts = [a.text for a in seed_articles] + [odd * 3]
+    for max_tokens in (126, 40, 12):
+        for text in texts:
+            assert cut(text, real_count, max_tokens, 1, additive=True) == cut(text, real_count, max_tokens, 1)
+
+
+def test_embedders_say_whether_their_counts_add_up(real_embedder):
+    from qa_service.evaluation import whole_document_embedder
+
+    assert real_embedder.counts_add_up is True
+    assert whole_document_embedder(real_embedder).counts_add_up is False  # clipped counts do not add up
+    assert real_embedder.counts_add_up is True
