@@ -735,10 +735,16 @@ def build_index(
             lexical.stop()  # after an error: no worker may still be writing into the folder removed below
         lap("write")
         files = {}
+        # The encoder's files already have their checksums in its entry: computed when it was exported here, or
+        # checked when an earlier build's export was shared (``shareable_encoder``, the machine's cache) or
+        # fetched (PostgreSQL). Hashing the 90 MB model again took ~0.07 s of a ~15 s re-index (11-28).
+        known = {encoder[key]: encoder[sha] for key, sha in (("file", "sha256"), ("tokenizer", "tokenizer_sha256"))
+                 if key in encoder and sha in encoder}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            name = path.relative_to(tmp).as_posix()
+            files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or sha256_file(path)}
         lap("checksum")
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from qa_service.files import sha256_file
-from qa_service import onnx_encoder
+from qa_service import onnx_encoder, store
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt
 from qa_service.onnx_encoder import SERVING_THREADS, OnnxEmbedder
@@ -341,6 +341,8 @@ def test_rebuild_reuses_the_export(tmp_path, real_index, real_embedder, seed_art
         raise AssertionError("the unchanged model must not be exported again")
 
     monkeypatch.setattr(onnx_encoder, "_export_fp32", no_export)
+    hashed = []  # files the build's checksum step hashes
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
     summary = build_index(seed_articles[:3], real_embedder, settings)
     new = read_manifest(settings.index_dir)
     assert new["_build_dir"] == summary.build_dir
@@ -349,6 +351,10 @@ def test_rebuild_reuses_the_export(tmp_path, real_index, real_embedder, seed_art
     assert new["encoder"]["sha256"] == old["encoder"]["sha256"]
     old_file, new_file = (Path(m["_build_dir"]) / "model/model.onnx" for m in (old, new))
     assert os.stat(old_file).st_ino == os.stat(new_file).st_ino  # hard link, not a copy
+    # the shared export's checksums, checked when it was taken, are not computed again; they are the files' own
+    assert "model.onnx" not in hashed and "tokenizer.json" not in hashed and "passages.sqlite" in hashed
+    for name in ("model/model.onnx", "model/tokenizer.json"):
+        assert new["files"][name]["sha256"] == sha256_file(Path(new["_build_dir"]) / name)
 
 
 @pytest.mark.slow
