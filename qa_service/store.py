@@ -736,8 +736,9 @@ def build_index(
         lap("write")
         files = {}
         # The encoder's files already have their checksums in its entry: computed when it was exported here, or
-        # checked when an earlier build's export was shared (``shareable_encoder``, the machine's cache) or
-        # fetched (PostgreSQL). Hashing the 90 MB model again took ~0.07 s of a ~15 s re-index (11-28).
+        # those of the build or cache it is shared from (checked by ``shareable_encoder`` for ``qa-service index``).
+        # Recording them instead of hashing the 90 MB model again (~0.07 s of a ~15 s re-index, 11-28) also means
+        # a shared file damaged since is caught by the next check, not recorded as good.
         known = {encoder[key]: encoder[sha] for key, sha in (("file", "sha256"), ("tokenizer", "tokenizer_sha256"))
                  if key in encoder and sha in encoder}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
