@@ -86,7 +86,7 @@ _JOB_LOCK = threading.Lock()
 def cut(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int, additive: bool = False
         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Return a text's sentence units (``sentence_units``) and its passage windows over them (``pack_sentences``)."""
-    units, counts = counted_units(text, count_tokens, max_tokens)
+    units, counts = counted_units(text, count_tokens, max_tokens, additive)
     return units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)
 
 
@@ -152,18 +152,47 @@ def _worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCounter) -> list[tuple[int, int]]:
-    """Cut one over-long sentence into word-boundary pieces that fit ``max_tokens``."""
+def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCounter, additive: bool = False
+                ) -> tuple[list[tuple[int, int]], list[int]]:
+    """Cut one over-long sentence into word-boundary pieces that fit ``max_tokens``; return them and their counts.
+
+    ``additive`` (see ``pack_sentences``): each word is counted once and a piece is measured by their sum, instead
+    of counting the growing piece's text after every word it takes (a sentence of n words cost ~n counts of up to
+    ``max_tokens`` tokens each, 11-28)."""
     words = [(m.start() + start, m.end() + start) for m in re.finditer(r"\S+", text[start:end])]
+    joined = _joined_counter(text, words, count, [count(text[s:e]) for s, e in words] if additive else None)
     pieces: list[tuple[int, int]] = []
+    counts: list[int] = []
     i = 0
     while i < len(words):
         j = i + 1
-        while j < len(words) and count(text[words[i][0]:words[j][1]]) <= max_tokens:
+        while j < len(words) and joined(i, j) <= max_tokens:
             j += 1
         pieces.append((words[i][0], words[j - 1][1]))
+        counts.append(joined(i, j - 1))
         i = j
-    return pieces
+    return pieces, counts
+
+
+def _joined_counter(text: str, spans: Sequence[tuple[int, int]], count_tokens: TokenCounter,
+                    own: Sequence[int] | None) -> Callable[[int, int], int]:
+    """Return ``joined(i, j)``: the token count of ``text`` from span ``i``'s start to span ``j``'s end.
+
+    ``own``: each span's own count when ``count_tokens`` adds up (``pack_sentences``'s ``additive``); then spans
+    separated only by ``_PLAIN_GAP`` are measured by the sum of their counts, and anything else on the text."""
+    if own is None:
+        return lambda i, j: count_tokens(text[spans[i][0]:spans[j][1]])
+    summed = list(itertools.accumulate(own, initial=0))  # summed[j + 1] - summed[i]: spans i..j
+    odd = [0]  # odd[j] - odd[i]: gaps among spans i..j that are not plain whitespace
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        odd.append(odd[-1] + (_PLAIN_GAP.fullmatch(text, end, start) is None))
+
+    def joined(i: int, j: int) -> int:
+        if odd[j] == odd[i]:
+            return summed[j + 1] - summed[i]
+        return count_tokens(text[spans[i][0]:spans[j][1]])
+
+    return joined
 
 
 def sentence_units(article: Article, count_tokens: TokenCounter, max_tokens: int = 128) -> list[tuple[int, int]]:
@@ -171,17 +200,18 @@ def sentence_units(article: Article, count_tokens: TokenCounter, max_tokens: int
     return counted_units(article.text, count_tokens, max_tokens)[0]
 
 
-def counted_units(text: str, count_tokens: TokenCounter, max_tokens: int = 128
+def counted_units(text: str, count_tokens: TokenCounter, max_tokens: int = 128, additive: bool = False
                   ) -> tuple[list[tuple[int, int]], list[int]]:
-    """``sentence_units`` of a text, and each unit's token count (``pack_sentences`` starts from them)."""
+    """``sentence_units`` of a text, and each unit's token count (``pack_sentences`` starts from them).
+    ``additive``: see ``pack_sentences``."""
     units: list[tuple[int, int]] = []
     counts: list[int] = []
     for start, end in split_sentences(text):
         n = count_tokens(text[start:end])
         if n > max_tokens:
-            pieces = _split_long(text, start, end, max_tokens, count_tokens)
+            pieces, piece_counts = _split_long(text, start, end, max_tokens, count_tokens, additive)
             units.extend(pieces)
-            counts.extend(count_tokens(text[s:e]) for s, e in pieces)
+            counts.extend(piece_counts)
         else:
             units.append((start, end))
             counts.append(n)
@@ -203,7 +233,7 @@ def split_article(
         additive: see ``pack_sentences``.
     """
     text = article.text
-    units, counts = counted_units(text, count_tokens, max_tokens)
+    units, counts = counted_units(text, count_tokens, max_tokens, additive)
     return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]])
             for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)]
 
@@ -236,16 +266,10 @@ def pack_sentences(
     if not n:
         return []
     own = list(sentence_tokens) if sentence_tokens is not None else [count_tokens(text[s:e]) for s, e in sentences]
-    if additive:
-        summed = list(itertools.accumulate(own, initial=0))  # summed[j + 1] - summed[i]: sentences i..j
-        odd = [0]  # odd[j] - odd[i]: gaps among sentences i..j that are not plain whitespace
-        for (_, end), (start, _) in zip(sentences, sentences[1:]):
-            odd.append(odd[-1] + (_PLAIN_GAP.fullmatch(text, end, start) is None))
+    joined = _joined_counter(text, sentences, count_tokens, own if additive else None)
 
     def fits(i: int, j: int) -> bool:
-        if additive and odd[j] == odd[i]:
-            return summed[j + 1] - summed[i] <= max_tokens
-        return count_tokens(text[sentences[i][0]:sentences[j][1]]) <= max_tokens
+        return joined(i, j) <= max_tokens
 
     windows: list[tuple[int, int]] = []
     i = 0

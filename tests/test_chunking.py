@@ -270,3 +270,15 @@ def test_embedders_say_whether_their_counts_add_up(real_embedder):
     assert real_embedder.counts_add_up is True
     assert whole_document_embedder(real_embedder).counts_add_up is False  # clipped counts do not add up
     assert real_embedder.counts_add_up is True
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(gaps=st.lists(st.sampled_from([" ", "  ", "\n", "\t", "\x1c", "\u00a0", "\u2003"]), min_size=1, max_size=60),
+       max_tokens=st.integers(1, 12))
+def test_adding_counts_cuts_over_long_sentences_as_counting_pieces_does(gaps, max_tokens):
+    """An over-long sentence is cut word by word; with ``additive`` each word is counted once and a piece is the sum
+    of its words where only plain whitespace separates them: the same pieces and counts as counting each piece."""
+    from qa_service.chunking import counted_units
+
+    text = "".join(f"w{i}{gap}" for i, gap in enumerate(gaps)) + "end"
+    assert counted_units(text, _plain_words, max_tokens, additive=True) == counted_units(text, _plain_words, max_tokens)
