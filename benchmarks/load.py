@@ -53,6 +53,84 @@ def post_ask(conn: http.client.HTTPConnection, question: str, k: int = 5) -> int
     return response.status
 
 
+def recorded_answer(port: int, question: str, k: int = 5) -> bytes:
+    """One ``POST /api/ask`` answer of the server on ``port`` as it came: status line, headers (in order), body."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request("POST", "/api/ask", body=json.dumps({"question": question, "k": k}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    head = [f"HTTP/1.1 {response.status} {response.reason}", *(f"{name}: {value}" for name, value in
+                                                                response.getheaders())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class CannedServer:
+    """A loopback server that answers every request at once with the same recorded bytes (``recorded_answer``).
+
+    What a client's round trip costs when the server takes no time: the client's own work (building the request,
+    reading the answer) and the kernel's (loopback, waking each side). A separate process (a plain socket loop,
+    one connection at a time) so it shares no interpreter lock with the client. It exits by itself after
+    ``idle_seconds`` without a connection or a request.
+    """
+
+    def __init__(self, answer: bytes, idle_seconds: float = 60.0):
+        self.answer, self.idle_seconds = answer, idle_seconds
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def __enter__(self) -> "CannedServer":
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "canned", str(self.idle_seconds)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc.stdin.write(self.answer)
+        self.proc.stdin.close()
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError("the canned-answer server did not start")
+        self.port = int(line)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+
+def _serve_canned(answer: bytes, idle_seconds: float) -> None:
+    """``CannedServer``'s process: answer each request (headers, then ``Content-Length`` bytes) with ``answer``."""
+    with socket.create_server((HOST, 0)) as listener:
+        listener.settimeout(idle_seconds)
+        print(listener.getsockname()[1], flush=True)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                return
+            with conn:
+                conn.settimeout(idle_seconds)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                buffer = b""
+                try:
+                    while data := conn.recv(65536):
+                        buffer += data
+                        while (end := buffer.find(b"\r\n\r\n")) >= 0:
+                            length = 0
+                            for line in buffer[:end].split(b"\r\n")[1:]:
+                                name, _, value = line.partition(b":")
+                                if name.strip().lower() == b"content-length":
+                                    length = int(value)
+                            if len(buffer) < end + 4 + length:
+                                break
+                            buffer = buffer[end + 4 + length:]
+                            conn.sendall(answer)
+                except (TimeoutError, OSError):
+                    pass
+
+
 @dataclass
 class Server:
     """One ``qa-service serve`` process group on loopback."""
@@ -225,3 +303,7 @@ def closed_loop(port: int, questions: list[str], clients: int, seconds: float, m
     done = [x for slot in latencies for x in slot]
     return {"clients": clients, "requests": len(done), "failures": sum(failures), "seconds": elapsed,
             "rps": len(done) / elapsed if elapsed > 0 else 0.0, **percentiles(done)}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["canned"]:
+    _serve_canned(sys.stdin.buffer.read(), float(sys.argv[2]))

@@ -5,7 +5,9 @@ Sections (``--sections``, in this order):
 * ``query``      POST /api/ask over loopback against a real ``qa-service serve`` (p50/p95/p99), against the
                  in-process ``Searcher.ask`` of the same index and backend (ONNX), and against the same Searcher
                  with the sentence-transformers/torch encoder; then questions 100 ms apart, each finding the
-                 machine idle, over HTTP against in-process;
+                 machine idle, over HTTP against in-process; then the lowest ratio reachable: the same client
+                 against a server that answers at once, and against gunicorn as served around an app that only
+                 encodes the question (``benchmarks/stubserve.py``);
 * ``throughput`` 1, 8 and 32 closed-loop clients against that server; floor = cores / CPU seconds of one
                  in-process question;
 * ``build``      ``qa-service index`` (fresh folder, so it includes the ONNX export) in passages/s, against raw
@@ -31,6 +33,7 @@ absolute times move by 2-3x with the neighbours' load.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -217,8 +220,13 @@ def section_query(b: Bench) -> None:
     The three are interleaved question by question (HTTP, in-process, torch), so a neighbour's load on the
     shared machine falls on all of them alike; after each torch ask an untimed in-process ask lets torch's
     spinning OpenMP threads go idle before the next answer over HTTP is timed.
+
+    Two rows then say how low the HTTP / in-process ratio can go at all, each round trip timed right after an
+    in-process ask as the interleaved POSTs are: the same client against a server that answers at once with the
+    recorded bytes of a real answer (``load.CannedServer``: the client's and the kernel's part), and against gunicorn
+    set up as served around an app that only encodes the question (``stubserve``), less that encode (gunicorn's part
+    too, in the caches an encode leaves). What the real server adds beyond the second is qa-service's own.
     """
-    import http.client
 
     from qa_service.config import Settings
     from qa_service.embedding import SentenceTransformerEmbedder
@@ -291,6 +299,9 @@ def section_query(b: Bench) -> None:
             searcher.ask(q, k=5)
             block_inproc.append((time.perf_counter() - t0) * 1000)
     conn.close()
+    answer = load.recorded_answer(server.port, qs[0])
+    canned_ms = _canned_round_trips(b, searcher, answer)
+    stub_ms, stub_encode = _stub_round_trips(b, searcher, answer.partition(b"\r\n\r\n")[2])
     served_cpu = cpu / b.sizes.latency_n
     cheapest = cpu_per_question(b)
     encode, _ = time_calls(lambda q: searcher.encode_questions([q]), qs, b.sizes.latency_n)
@@ -310,6 +321,25 @@ def section_query(b: Bench) -> None:
                        "(the interleaved rows above alternate question by question)",
               load.percentiles(block_http)["p50"], "ms", load.percentiles(block_inproc)["p50"], "in-process, blocks",
               note=f"{len(block_http)} questions each; no cache refill after the other process's model"))
+    # What of the web layer no server can remove: this client's round trip to a server that takes no time.
+    canned_p50, web_ms = load.percentiles(canned_ms)["p50"], phttp["p50"] - pin["p50"]
+    b.add(Row("query", "in-process p50 plus the same client's round trip to a server that answers at once (the "
+                       "recorded bytes of a real answer), each round trip right after an in-process ask: the lowest "
+                       "POST / in-process ratio any server reaches with this client", pin["p50"] + canned_p50, "ms",
+              pin["p50"], "in-process",
+              note=f"round trip p50 {canned_p50:.2f} ms (the client building its request and reading the answer, "
+                   f"and loopback) of the web layer's {web_ms:.2f} (POST p50 - in-process p50): the server's own "
+                   f"share {web_ms - canned_p50:.2f} ms, against {0.25 * pin['p50'] - canned_p50:.2f} ms that the "
+                   f"1.25 target leaves it; {len(canned_ms)} round trips"))
+    stub_p50 = load.percentiles(stub_ms)["p50"]
+    b.add(Row("query", "in-process p50 plus gunicorn's part: the round trip to gunicorn set up as served, around an "
+                       "app that only encodes the question and answers the recorded bytes, less that encode (each "
+                       "right after an in-process ask): the lowest POST / in-process ratio with gunicorn and this client",
+              pin["p50"] + stub_p50, "ms", pin["p50"], "in-process",
+              note=f"round trip less the worker's encode p50 {stub_p50:.2f} ms (its encode p50 "
+                   f"{load.percentiles(stub_encode)['p50']:.2f}), of the web layer's {web_ms:.2f}: gunicorn's own part "
+                   f"{stub_p50 - canned_p50:.2f} ms over the bare round trip, qa-service's app and the steps after "
+                   f"the encode {web_ms - stub_p50:.2f} ms; {len(stub_ms)} round trips"))
     b.add(Row("query", "question encode p50 (ONNX, in-process) vs in-process Searcher.ask",
               encode_p50, "ms", pin["p50"], "in-process ask",
               note="share of a question spent encoding it; the vector is computed once and shared by every stage"))
@@ -338,6 +368,69 @@ def section_query(b: Bench) -> None:
         b.add(Row("query", "RSS of one serving worker, seeds index", mem[0]["rss"], "MiB",
                   note=f"PSS {mem[0]['pss']:.0f} MiB, private {mem[0]['private']:.0f} MiB; "
                        f"libtorch mapped in a worker: {'yes' if b.facts['torch_in_workers'] else 'no'}"))
+
+
+def _canned_round_trips(b: Bench, searcher, answer: bytes) -> list[float]:
+    """``latency_n`` round trips (ms) of ``load.post_ask`` to a ``load.CannedServer`` answering ``answer``, each after
+    an untimed in-process ask, as every POST of the interleaved rows follows one (the caches it leaves)."""
+    qs = b.questions
+    out = []
+    with load.CannedServer(answer) as canned:
+        conn = http.client.HTTPConnection(load.HOST, canned.port, timeout=30)
+        try:
+            for q in qs[:4]:
+                load.post_ask(conn, q)
+            for i in range(b.sizes.latency_n):
+                q = qs[i % len(qs)]
+                searcher.ask(q, k=5)
+                t0 = time.perf_counter()
+                if load.post_ask(conn, q) != 200:
+                    raise RuntimeError("the canned-answer server did not answer 200")
+                out.append((time.perf_counter() - t0) * 1000)
+        finally:
+            conn.close()
+    return out
+
+
+def _stub_round_trips(b: Bench, searcher, body: bytes) -> tuple[list[float], list[float]]:
+    """``latency_n`` round trips to ``stubserve`` (gunicorn as served, an app that only encodes the question and
+    answers ``body``), each after an untimed in-process ask; return each round trip less the worker's encode, and
+    those encodes (ms)."""
+    import sys
+
+    from . import stubserve
+
+    qs = b.questions
+    answer_file = b.work / "stub-answer.json"
+    answer_file.write_bytes(body)
+    server = load.Server(b.seed_index, b.work / "stubserve.log",
+                         command=[sys.executable, str(Path(stubserve.__file__).resolve()), str(answer_file)]).start()
+    less_encode, encodes = [], []
+    try:
+        server.wait_first_answer(qs[0], timeout=300)
+        conn = http.client.HTTPConnection(load.HOST, server.port, timeout=30)
+        try:
+            for q in qs[:4]:
+                load.post_ask(conn, q)
+            for i in range(b.sizes.latency_n):
+                q = qs[i % len(qs)]
+                searcher.ask(q, k=5)
+                t0 = time.perf_counter()
+                conn.request("POST", "/api/ask", body=json.dumps({"question": q, "k": 5}),
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                took = (time.perf_counter() - t0) * 1000
+                if response.status != 200:
+                    raise RuntimeError(f"the stub server answered {response.status}")
+                encode = float(response.getheader("X-Encode-Ms"))
+                less_encode.append(took - encode)
+                encodes.append(encode)
+        finally:
+            conn.close()
+    finally:
+        server.stop()
+    return less_encode, encodes
 
 
 def _time_encodes(searcher) -> list[float]:
@@ -976,7 +1069,6 @@ def section_web(b: Bench) -> None:
     for the whole, the client's p50 against the worker's own ``Searcher.ask`` p50. No targets: this row set says
     where the HTTP / in-process ratio's web layer goes (measured 11-27, eighth session: mostly cache misses).
     """
-    import http.client
     import sys
 
     from . import webtrace

@@ -37,6 +37,12 @@ def test_quick_bench_writes_markdown_and_workers_have_no_torch(tmp_path, bench_w
         assert f"| {section} |" in text
     assert "POST /api/ask p50" in text and "recall@10" in text and "first 200 answer" in text
     assert "bound of the torch ratio" in text
+    rows = {r["measure"]: r for r in __import__("json").loads(path.with_suffix(".json").read_text())["rows"]}
+    canned = next(r for m, r in rows.items() if "a server that answers at once" in m)
+    stub = next(r for m, r in rows.items() if "gunicorn set up as served" in m)
+    for row in (canned, stub):  # the in-process p50 plus a round trip: above the floor it shares with the POST rows
+        assert row["floor"] == rows["POST /api/ask p50 vs in-process Searcher.ask (ONNX)"]["floor"] < row["value"]
+    assert "its encode p50" in stub["note"] and "gunicorn's own part" in stub["note"]
     facts = __import__("json").loads(path.with_suffix(".json").read_text())["facts"]
     assert facts["worker_pids"] and facts["torch_in_workers"] is False  # /proc/<worker>/maps has no libtorch
     assert "index re-embedded: no" in text
@@ -75,6 +81,43 @@ def test_webtrace_lines_up_requests_and_refuses_a_shifted_record():
     assert [round(v, 6) for v in times[webtrace.STAGES[0][2]]] == [0.1, 0.1]  # building, before the first send
     with pytest.raises(ValueError, match="line up"):
         webtrace.stage_times(client, [{k: 5.0 + v for k, v in record.items()}] * 2)
+
+
+def test_canned_server_replays_the_recorded_answer_to_every_request():
+    """The bare round trip's server: each request (headers, then its body, sent apart) gets the recorded bytes."""
+    import http.client
+    import importlib
+    import socket
+    import time
+
+    _load_benchmarks()
+    load = importlib.import_module("qa_service_benchmarks.load")
+    body = b'{"ok":true}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\nX-Mark: 1\r\n\r\n" + body
+    with load.CannedServer(answer, idle_seconds=20) as canned:
+        conn = http.client.HTTPConnection(load.HOST, canned.port, timeout=10)
+        for question in ("one", "two", "a question of some length " * 20):
+            assert load.post_ask(conn, question) == 200
+        conn.request("POST", "/api/ask", body="{}", headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.read() == body and response.getheader("X-Mark") == "1"
+        conn.close()
+        with socket.create_connection((load.HOST, canned.port), timeout=10) as raw:  # a body split across sends
+            raw.sendall(b"POST /api/ask HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+            time.sleep(0.05)
+            raw.sendall(b"56789")
+            got = b""
+            while len(got) < len(answer):
+                got += raw.recv(65536)
+            assert got == answer
+    with load.CannedServer(answer, idle_seconds=0.3) as idle:  # bounded: no connection for a while, and it is gone
+        deadline = time.monotonic() + 10
+        while idle.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.proc.returncode == 0
+    with pytest.raises(RuntimeError, match="did not start"):
+        with load.CannedServer(answer, idle_seconds=-1):  # a negative timeout: the listener refuses to start
+            pass
 
 
 def test_build_and_peer_sections_run(tmp_path, bench_work):

@@ -1,0 +1,72 @@
+"""gunicorn set up exactly as ``qa-service serve``, around an app that only encodes the question (bench ``query``).
+
+``python benchmarks/stubserve.py ANSWER_FILE serve --index-dir DIR --host HOST --port PORT --workers N`` (the
+arguments ``load.Server`` gives ``qa-service serve``) serves on HOST:PORT, with ``qa-service serve``'s
+gunicorn settings (``gunicorn_options``: two ``gthread`` workers, the access log, one-write responses), a WSGI app
+that reads a request's JSON body, encodes its question with the index's own question encoder (what a served
+answer's encode costs, and the caches it leaves: ~43 MB of weights streamed through a 32 MB L3) and answers with
+the recorded bytes of a real answer (ANSWER_FILE: body only; the headers are the app's usual ones), plus an
+``X-Encode-Ms`` header saying how long the encode took. So a client's round trip less that encode is what gunicorn,
+the kernel and the client cost around an answer, cold as they run in the service, with nothing of qa-service's
+own app, search or answer steps in it. Nothing here is used by the service itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def make_app(index_dir: str, body: bytes):
+    from qa_service.config import Settings
+    from qa_service.retrieval import Searcher
+    from qa_service.web import SECURITY_HEADERS
+
+    searcher = Searcher(Settings(index_dir=index_dir))
+    searcher.encode_questions(["warm up"])
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *SECURITY_HEADERS.items()]
+
+    def app(environ, start_response):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        question = json.loads(environ["wsgi.input"].read(length))["question"]
+        started = time.perf_counter()
+        searcher.encode_questions([question])
+        took = (time.perf_counter() - started) * 1000
+        start_response("200 OK", [*headers, ("X-Encode-Ms", f"{took:.4f}")])
+        return [body]
+
+    return app
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    from gunicorn.app.base import BaseApplication
+
+    from qa_service.web.server import gunicorn_options, use_one_write_responses
+
+    parser = argparse.ArgumentParser(prog="stubserve.py")
+    parser.add_argument("answer_file")
+    parser.add_argument("command", choices=["serve"])
+    for name in ("--index-dir", "--host", "--port", "--workers"):
+        parser.add_argument(name, required=True)
+    args = parser.parse_args(argv)
+    body = Path(args.answer_file).read_bytes()
+
+    class StubServer(BaseApplication):
+        def load_config(self):
+            for key, value in gunicorn_options(args.host, int(args.port), int(args.workers)).items():
+                if key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            return make_app(args.index_dir, body)
+
+    use_one_write_responses()
+    StubServer().run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
