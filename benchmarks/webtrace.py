@@ -26,9 +26,9 @@ from pathlib import Path
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
 STAGES = (
     ("start", "send", "the client builds the request (JSON, http.client) until its first send"),
-    ("send", "poll", "the client's send until the worker's poller runs (kernel, waking the worker's main thread, "
-                     "Python's dispatch)"),
-    ("poll", "handle", "poller hands the connection to a worker thread"),
+    ("send", "poll", "the client's send until the worker notices it (kernel, waking the worker's poller, or the "
+                     "thread that answered the connection's last request and waits on it, Python's dispatch)"),
+    ("poll", "handle", "poller hands the connection to a worker thread (next to nothing when a thread waited on it)"),
     ("handle", "parsed", "reading and parsing the request (gunicorn)"),
     ("parsed", "app", "gunicorn's WSGI environ"),
     ("app", "ask", "the app before the searcher (POST /api/ask's fast path: reading and validating the body)"),
@@ -70,6 +70,8 @@ def _install(trace_file: str) -> None:
         setattr(owner, name, timed)
 
     mark_before(gthread.ThreadWorker, "on_client_socket_readable", "poll")
+    # A worker with nothing else to do keeps the connection on the thread that answered it (the served worker class).
+    mark_after(qa_server.KeepAliveThreadWorker, "_next_request_comes", "poll")
     mark_before(gthread.ThreadWorker, "handle_request", "parsed")
     mark_before(qa_server.StderrLogger, "access", "written")  # gunicorn logs right after the response is written
     mark_after(qa_server.StderrLogger, "access", "logged")

@@ -16,7 +16,7 @@ import requests
 from click.testing import CliRunner
 
 from qa_service.cli import cli
-from qa_service.web.server import QAServer, WorkerActivity, gunicorn_options, is_loopback
+from qa_service.web.server import KeepAliveThreadWorker, QAServer, WorkerActivity, gunicorn_options, is_loopback
 
 SEEDS = Path(__file__).resolve().parent.parent / "seeds"
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
@@ -58,7 +58,11 @@ def test_gunicorn_configuration(fake_index, monkeypatch):
     server = QAServer(fake_index, gunicorn_options("127.0.0.1", 8123, workers=3))
     cfg = server.cfg
     assert cfg.bind == ["127.0.0.1:8123"] and cfg.workers == 3
-    assert cfg.worker_class_str == "gthread" and cfg.timeout == 30 and not cfg.preload_app
+    # gunicorn's gthread worker, which keeps an idle worker's connection on its thread (KeepAliveThreadWorker)
+    from gunicorn.workers.gthread import ThreadWorker
+
+    assert cfg.worker_class is KeepAliveThreadWorker and issubclass(cfg.worker_class, ThreadWorker)
+    assert cfg.threads == 4 and cfg.timeout == 30 and not cfg.preload_app
     assert cfg.limit_request_line == 8190
     assert gunicorn_options("::1", 80, 1)["bind"] == ["[::1]:80"]
     # The workers' activity counters: one for each of 3 workers, twice over, plus 2; handed out by the master's
@@ -427,3 +431,108 @@ def test_serve_real_model_over_http(tmp_path):
     assert '"POST /api/ask HTTP/1.1" 200' in stderr  # the access log goes to stderr
     assert "Traceback" not in stderr
     assert (tmp_path / "stdout").read_text().strip() == ""
+
+
+def test_the_worker_keeps_a_connection_only_while_it_has_nothing_else():
+    """``KeepAliveThreadWorker._linger_on``: one thread at a time, only with no other connection busy or queued, never
+    its only thread, never HTTP/2, TLS, a stopping worker or bytes of a next request already read."""
+    import io
+    import threading
+    from types import SimpleNamespace
+
+    worker = object.__new__(KeepAliveThreadWorker)
+    worker.alive, worker._held, worker._lingering, worker._count_lock = True, 1, False, threading.Lock()
+    worker.cfg = SimpleNamespace(threads=4, is_ssl=False, keepalive=5)
+
+    def conn(buffered=b"", http2=False):
+        return SimpleNamespace(is_http2=http2, parser=SimpleNamespace(unreader=SimpleNamespace(buf=io.BytesIO(buffered))))
+
+    assert worker._linger_on(conn()) and worker._lingering
+    assert not worker._linger_on(conn())  # another thread already waits on its connection
+    worker._lingering = False
+    for held in (0, 2):
+        worker._held = held
+        assert not worker._linger_on(conn()) and not worker._lingering
+    worker._held = 1
+    assert not worker._linger_on(conn(b"GET / HTTP/1.1\r\n"))  # a pipelined request: gunicorn re-queues it
+    assert not worker._linger_on(conn(http2=True))
+    for cfg in (SimpleNamespace(threads=1, is_ssl=False, keepalive=5), SimpleNamespace(threads=4, is_ssl=True,
+                                                                                         keepalive=5)):
+        worker.cfg = cfg
+        assert not worker._linger_on(conn())
+    worker.cfg, worker.alive = SimpleNamespace(threads=4, is_ssl=False, keepalive=5), False
+    assert not worker._linger_on(conn()) and not worker._lingering
+    worker.alive = True
+    assert worker._linger_on(conn())
+
+
+def _keepalive_server(threads: int) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("keepalive_server.py")), str(port),
+                             str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "the keep-alive test server did not start"
+            time.sleep(0.05)
+
+
+def _get(conn, path: str = "/") -> dict:
+    conn.request("GET", path)
+    response = conn.getresponse()
+    assert response.status == 200
+    return __import__("json").loads(response.read())
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)  # gunicorn's graceful stop: a waiting thread lets go within a slice
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("threads", [4, 1])
+def test_a_kept_connection_holds_up_no_other(threads):
+    """While an idle worker's thread waits on one client's connection, other connections are answered at once (by
+    another thread; with one thread the worker never waits on a connection); the kept one still gets its answers,
+    pipelined requests included, and a stop lets go of it."""
+    import http.client
+
+    proc, port = _keepalive_server(threads)
+    try:
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        first = _get(kept)["thread"]
+        time.sleep(0.2)  # the worker has nothing else: its thread now waits on this connection (with 4 threads)
+        # A timeout far below the keep-alive (5 s): an answer held up behind the kept connection fails here.
+        other = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        answered_by = _get(other, "/other")["thread"]
+        if threads > 1:
+            assert answered_by != first
+            assert _get(kept)["thread"] == first  # the thread that waited on the connection answered it
+        else:
+            assert _get(kept)["thread"] == first == answered_by
+        other.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:  # two requests in one write
+            raw.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while got.count(b'"path"') < 2:
+                data = raw.recv(65536)
+                assert data, "the connection closed before both answers"
+                got += data
+            assert b'"/a"' in got and b'"/b"' in got
+        time.sleep(0.2)
+        assert _get(kept, "/slow")["path"] == "/slow"
+        time.sleep(0.2)  # waiting on the connection again when the stop comes
+        assert _stop(proc) == 0
+        kept.close()
+    finally:
+        if proc.poll() is None:
+            _stop(proc)

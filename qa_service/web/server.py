@@ -4,7 +4,9 @@ Choices, for a CPU-bound service on a small machine:
 
 * ``gthread`` workers (default 2 processes x 4 threads): threads keep idle keep-alive or slow connections
   (browsers open spare sockets) from blocking a whole worker, while the searcher's lock runs one
-  encoding at a time per process, which is all a core can do anyway.
+  encoding at a time per process, which is all a core can do anyway. A worker with nothing else to do keeps
+  a keep-alive connection on the thread that answered it (``KeepAliveThreadWorker``), so a client asking again
+  soon skips the poller's two hand-offs.
 * Each worker builds its own app, so the index and the model load once per worker process, after the
   fork (``preload_app`` off). torch's OpenMP pool and onnxruntime's thread pools do not survive a
   fork, so nothing that has run the model may be forked; for the same reason ``--build`` embeds the
@@ -28,6 +30,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,7 @@ import gunicorn.http.wsgi as gunicorn_wsgi
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import AccessLogFormat
 from gunicorn.glogging import Logger as GunicornLogger
+from gunicorn.workers.gthread import ThreadWorker
 
 from ..config import Settings
 from ..errors import QAError
@@ -87,6 +91,83 @@ class StderrLogger(GunicornLogger):
             self.access_log.info(DEFAULT_ACCESS_FORMAT, atoms)
         except Exception:
             self.error(traceback.format_exc())
+
+
+class KeepAliveThreadWorker(ThreadWorker):
+    """gunicorn's ``gthread`` worker, except that a worker with nothing else to do keeps a keep-alive connection on
+    the thread that answered it, waiting there for its next request, instead of handing it back to the poller.
+
+    Why. After an answer, ``gthread`` wakes its main thread (a pipe write) to put the connection back on the poller;
+    the next request wakes the main thread again, which hands the connection to a pool thread (a third wake-up,
+    often of the other, halted vCPU on this VM). A client asking again soon after an answer (a script in a loop,
+    the web form's page and style sheet, the bench) pays those hand-offs every time, cold after the encode: paired
+    against the stock worker around an encode-only app (``benchmarks/stubserve.py``) −0.16 and −0.25 ms a round
+    trip, and with the real app −0.28, −0.37 and −0.34 ms (11-28, third session; ``benchmarks/HISTORY.md``). This
+    is what gunicorn's async workers do, one greenlet per connection, without monkey-patching threads.
+
+    When. Only while this thread holds the worker's only connection that is busy or queued (``_held``), at most one
+    thread per worker at a time and never its only thread, never for an HTTP/2 or TLS connection, nor with bytes of a next request already
+    read (gunicorn's own path re-queues those), nor once the worker is stopping; it waits in slices of
+    ``LINGER_SLICE`` seconds (so a stopping worker lets go within one) up to the keep-alive timeout, the time the
+    poller would have kept the connection. So under load (other questions in flight) every connection goes
+    through the poller as before and no connection waits behind one that is being held; a held connection costs
+    one of the pool's threads, parked without CPU, while the worker is otherwise idle.
+    """
+
+    LINGER_SLICE = 0.25
+
+    def init_process(self):
+        self._held = 0  # connections handed to the pool and not finished (queued or being answered)
+        self._lingering = False
+        self._count_lock = threading.Lock()
+        super().init_process()
+
+    def enqueue_req(self, conn):
+        with self._count_lock:
+            self._held += 1
+        super().enqueue_req(conn)
+
+    def handle(self, conn):
+        try:
+            keep = super().handle(conn)
+            while keep is True and self._linger_on(conn):
+                try:
+                    ready = self._next_request_comes(conn)
+                finally:
+                    with self._count_lock:
+                        self._lingering = False
+                if not ready:
+                    break
+                keep = super().handle(conn)
+            return keep
+        finally:
+            with self._count_lock:
+                self._held -= 1
+
+    def _linger_on(self, conn) -> bool:
+        if not self.alive or self.cfg.threads < 2 or conn.is_http2 or self.cfg.is_ssl or conn.parser is None \
+                or conn.parser.unreader.buf.getvalue():
+            return False
+        with self._count_lock:
+            if self._held != 1 or self._lingering:
+                return False
+            self._lingering = True
+            return True
+
+    def _next_request_comes(self, conn) -> bool:
+        """Wait until the connection is readable (a request, or the client closing it), up to the keep-alive."""
+        import select
+
+        poll = select.poll()
+        poll.register(conn.sock.fileno(), select.POLLIN)
+        deadline = time.monotonic() + self.cfg.keepalive
+        while self.alive:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if poll.poll(min(left, self.LINGER_SLICE) * 1000):
+                return True
+        return False
 
 
 class WorkerActivity:
@@ -149,7 +230,7 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int = 4, timeo
     return {
         "bind": [bind],
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": "qa_service.web.server.KeepAliveThreadWorker",  # gthread, keeping an idle worker's connection
         "threads": threads,
         "timeout": timeout,
         "graceful_timeout": 10,

@@ -1,0 +1,44 @@
+"""A gunicorn server set up as ``qa-service serve`` (``gunicorn_options``, ``KeepAliveThreadWorker``) around a tiny
+app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS``. Each answer names the thread that
+wrote it; ``/slow`` takes 0.3 s."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+from gunicorn.app.base import BaseApplication
+
+from qa_service.web.server import gunicorn_options, use_one_write_responses
+
+
+def app(environ, start_response):
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    if length:
+        environ["wsgi.input"].read(length)
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(0.3)
+    body = json.dumps({"thread": threading.get_ident(), "path": environ["PATH_INFO"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class Server(BaseApplication):
+    def __init__(self, port: int, threads: int):
+        self.options = gunicorn_options("127.0.0.1", port, workers=1, threads=threads)
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self):
+        return app
+
+
+if __name__ == "__main__":
+    use_one_write_responses()
+    Server(int(sys.argv[1]), int(sys.argv[2])).run()
