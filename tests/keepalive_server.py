@@ -1,5 +1,5 @@
 """A gunicorn server set up as ``qa-service serve`` (``gunicorn_options``, ``KeepAliveThreadWorker``) around a tiny
-app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS``. Each answer names the thread that
+app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the thread that
 wrote it; ``/slow`` takes 0.3 s."""
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def app(environ, start_response):
 
 
 class Server(BaseApplication):
-    def __init__(self, port: int, threads: int):
+    def __init__(self, port: int, threads: int, keepalive: int | None = None):
         self.options = gunicorn_options("127.0.0.1", port, workers=1, threads=threads)
+        if keepalive is not None:
+            self.options["keepalive"] = keepalive
         super().__init__()
 
     def load_config(self):
@@ -41,4 +43,4 @@ class Server(BaseApplication):
 
 if __name__ == "__main__":
     use_one_write_responses()
-    Server(int(sys.argv[1]), int(sys.argv[2])).run()
+    Server(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None).run()

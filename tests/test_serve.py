@@ -466,11 +466,11 @@ def test_the_worker_keeps_a_connection_only_while_it_has_nothing_else():
     assert worker._linger_on(conn())
 
 
-def _keepalive_server(threads: int) -> tuple[subprocess.Popen, int]:
+def _keepalive_server(threads: int, *keepalive: str) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("keepalive_server.py")), str(port),
-                             str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             str(threads), *keepalive], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 60
     while True:
@@ -536,3 +536,22 @@ def test_a_kept_connection_holds_up_no_other(threads):
     finally:
         if proc.poll() is None:
             _stop(proc)
+
+
+def test_a_kept_connection_is_closed_when_its_keep_alive_runs_out():
+    """A thread waiting on a connection lets it go after the keep-alive timeout (1 s here) by closing it, as the
+    poller would have, not by handing it to the poller for another timeout."""
+    import http.client
+
+    proc, port = _keepalive_server(4, "1")
+    try:
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        _get(kept)
+        kept.sock.settimeout(1.8)  # closed after 1 s: the read ends with the server's close, not by this timeout
+        started = time.monotonic()
+        assert kept.sock.recv(1) == b""
+        assert time.monotonic() - started >= 0.9
+        kept.close()
+        assert _get(http.client.HTTPConnection("127.0.0.1", port, timeout=5))["path"] == "/"
+    finally:
+        _stop(proc)

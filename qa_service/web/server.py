@@ -108,8 +108,8 @@ class KeepAliveThreadWorker(ThreadWorker):
     When. Only while this thread holds the worker's only connection that is busy or queued (``_held``), at most one
     thread per worker at a time and never its only thread, never for an HTTP/2 or TLS connection, nor with bytes of a next request already
     read (gunicorn's own path re-queues those), nor once the worker is stopping; it waits in slices of
-    ``LINGER_SLICE`` seconds (so a stopping worker lets go within one) up to the keep-alive timeout, the time the
-    poller would have kept the connection. So under load (other questions in flight) every connection goes
+    ``LINGER_SLICE`` seconds (so a stopping worker hands it back to gunicorn's own stop within one) up to the
+    keep-alive timeout, the time the poller would have kept the connection, and then closes it as the poller would. So under load (other questions in flight) every connection goes
     through the poller as before and no connection waits behind one that is being held; a held connection costs
     one of the pool's threads, parked without CPU, while the worker is otherwise idle.
     """
@@ -136,8 +136,10 @@ class KeepAliveThreadWorker(ThreadWorker):
                 finally:
                     with self._count_lock:
                         self._lingering = False
-                if not ready:
+                if ready is None:  # the worker is stopping: gunicorn's own stop handles the connection
                     break
+                if not ready:  # idle for the whole keep-alive: closed, as the poller would have closed it
+                    return False
                 keep = super().handle(conn)
             return keep
         finally:
@@ -154,8 +156,9 @@ class KeepAliveThreadWorker(ThreadWorker):
             self._lingering = True
             return True
 
-    def _next_request_comes(self, conn) -> bool:
-        """Wait until the connection is readable (a request, or the client closing it), up to the keep-alive."""
+    def _next_request_comes(self, conn) -> bool | None:
+        """Wait until the connection is readable (a request, or the client closing it): True; False when the
+        keep-alive timeout passes first; None when the worker begins to stop."""
         import select
 
         poll = select.poll()
@@ -167,7 +170,7 @@ class KeepAliveThreadWorker(ThreadWorker):
                 return False
             if poll.poll(min(left, self.LINGER_SLICE) * 1000):
                 return True
-        return False
+        return None
 
 
 class WorkerActivity:
