@@ -334,7 +334,8 @@ def section_query(b: Bench) -> None:
     stub_p50 = load.percentiles(stub_ms)["p50"]
     b.add(Row("query", "in-process p50 plus gunicorn's part: the round trip to gunicorn set up as served, around an "
                        "app that only encodes the question and answers the recorded bytes, less that encode (each "
-                       "right after an in-process ask): the lowest POST / in-process ratio with gunicorn and this client",
+                       "right after an in-process ask): the lowest POST / in-process ratio with gunicorn and this "
+                       "client",
               pin["p50"] + stub_p50, "ms", pin["p50"], "in-process",
               note=f"round trip less the worker's encode p50 {stub_p50:.2f} ms (its encode p50 "
                    f"{load.percentiles(stub_encode)['p50']:.2f}), of the web layer's {web_ms:.2f}: gunicorn's own part "

@@ -1,6 +1,6 @@
 """A gunicorn server set up as ``qa-service serve`` (``gunicorn_options``, ``KeepAliveThreadWorker``) around a tiny
-app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the thread that
-wrote it; ``/slow`` takes 0.3 s."""
+app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the
+thread that wrote it; ``/slow`` takes 0.3 s."""
 
 from __future__ import annotations
 

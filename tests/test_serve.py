@@ -445,7 +445,8 @@ def test_the_worker_keeps_a_connection_only_while_it_has_nothing_else():
     worker.cfg = SimpleNamespace(threads=4, is_ssl=False, keepalive=5)
 
     def conn(buffered=b"", http2=False):
-        return SimpleNamespace(is_http2=http2, parser=SimpleNamespace(unreader=SimpleNamespace(buf=io.BytesIO(buffered))))
+        unreader = SimpleNamespace(buf=io.BytesIO(buffered))
+        return SimpleNamespace(is_http2=http2, parser=SimpleNamespace(unreader=unreader))
 
     assert worker._linger_on(conn()) and worker._lingering
     assert not worker._linger_on(conn())  # another thread already waits on its connection

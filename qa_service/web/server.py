@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import select
 import socket
 import sys
 import threading
@@ -100,18 +101,19 @@ class KeepAliveThreadWorker(ThreadWorker):
     Why. After an answer, ``gthread`` wakes its main thread (a pipe write) to put the connection back on the poller;
     the next request wakes the main thread again, which hands the connection to a pool thread (a third wake-up,
     often of the other, halted vCPU on this VM). A client asking again soon after an answer (a script in a loop,
-    the web form's page and style sheet, the bench) pays those hand-offs every time, cold after the encode: paired
-    against the stock worker around an encode-only app (``benchmarks/stubserve.py``) −0.16 and −0.25 ms a round
-    trip, and with the real app −0.28, −0.37 and −0.34 ms (11-28, third session; ``benchmarks/HISTORY.md``). This
-    is what gunicorn's async workers do, one greenlet per connection, without monkey-patching threads.
+    the web form's page and style sheet, the bench) pays those hand-offs every time, cold after the encode. Paired
+    against the stock worker (11-28, third session; ``benchmarks/HISTORY.md``): −0.16 and −0.25 ms a round trip
+    around an encode-only app (``benchmarks/stubserve.py``), −0.17 and −0.30 ms with the real app. gunicorn's
+    ``gevent`` worker gets the same by keeping a greenlet per connection, but monkey-patches every thread.
 
-    When. Only while this thread holds the worker's only connection that is busy or queued (``_held``), at most one
-    thread per worker at a time and never its only thread, never for an HTTP/2 or TLS connection, nor with bytes of a next request already
-    read (gunicorn's own path re-queues those), nor once the worker is stopping; it waits in slices of
-    ``LINGER_SLICE`` seconds (so a stopping worker hands it back to gunicorn's own stop within one) up to the
-    keep-alive timeout, the time the poller would have kept the connection, and then closes it as the poller would. So under load (other questions in flight) every connection goes
-    through the poller as before and no connection waits behind one that is being held; a held connection costs
-    one of the pool's threads, parked without CPU, while the worker is otherwise idle.
+    When. Only while this thread holds the worker's only connection that is busy or queued (``_held``), at most
+    one thread per worker at a time and never its only thread; never for an HTTP/2 or TLS connection, nor with
+    bytes of a next request already read (gunicorn's own path re-queues those), nor once the worker is stopping.
+    It waits in slices of ``LINGER_SLICE`` seconds (a stopping worker hands the connection to gunicorn's own stop
+    within one) up to the keep-alive timeout, the time the poller would have kept the connection, and then closes
+    it as the poller would. So under load (other questions in flight) every connection goes through the poller as
+    before and none waits behind one that is held; a held connection costs one of the pool's threads, parked
+    without CPU, while the worker is otherwise idle.
     """
 
     LINGER_SLICE = 0.25
@@ -159,8 +161,6 @@ class KeepAliveThreadWorker(ThreadWorker):
     def _next_request_comes(self, conn) -> bool | None:
         """Wait until the connection is readable (a request, or the client closing it): True; False when the
         keep-alive timeout passes first; None when the worker begins to stop."""
-        import select
-
         poll = select.poll()
         poll.register(conn.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + self.cfg.keepalive
