@@ -1,6 +1,6 @@
 """A gunicorn server set up as ``qa-service serve`` (``gunicorn_options``, ``KeepAliveThreadWorker``) around a tiny
 app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the
-thread that wrote it; ``/slow`` takes 0.3 s."""
+thread that wrote it; ``/slow`` takes 0.3 s; ``/refuse`` answers 413 without reading the body."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from qa_service.web.server import gunicorn_options, use_one_write_responses
 
 def app(environ, start_response):
     length = int(environ.get("CONTENT_LENGTH") or 0)
+    if environ["PATH_INFO"] == "/refuse":  # answered without reading the body, as a 413 or a 401 is
+        start_response("413 Request Entity Too Large", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"no"]
     if length:
         environ["wsgi.input"].read(length)
     if environ["PATH_INFO"] == "/slow":

@@ -412,6 +412,12 @@ def test_serve_real_model_over_http(tmp_path):
         bad = requests.post(base + "/api/ask", data="x" * 70_000, headers={"Content-Type": "application/json"},
                             timeout=10)
         assert bad.status_code == 413 and bad.json()["error"]["code"] == "body_too_large"
+        with requests.Session() as session:  # refused unread: the connection closes, and says so; the next is new
+            for _ in range(3):
+                bad = session.post(base + "/api/ask", data="x" * 70_000,
+                                   headers={"Content-Type": "application/json"}, timeout=10)
+                assert bad.status_code == 413 and bad.headers["Connection"] == "close"
+                assert session.get(base + "/healthz", timeout=10).status_code == 200
 
         page = requests.get(base + "/", params={"q": QUESTION}, timeout=60)
         assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
@@ -554,5 +560,36 @@ def test_a_kept_connection_is_closed_when_its_keep_alive_runs_out():
         assert time.monotonic() - started >= 0.9
         kept.close()
         assert _get(http.client.HTTPConnection("127.0.0.1", port, timeout=5))["path"] == "/"
+    finally:
+        _stop(proc)
+
+
+def test_a_body_refused_unread_closes_the_connection_it_cannot_keep():
+    """An answer given with more of the body unread than gunicorn drains (64 KiB) says ``Connection: close`` (gunicorn
+    would close the connection after promising keep-alive); a smaller unread body is drained and the connection kept."""
+    proc, port = _keepalive_server(4)
+    try:
+        for size, kept in ((10_000, True), (70_000, False), (2_000_000, False)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                head = f"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+                try:
+                    raw.sendall(head + b"x" * size)
+                except OSError:  # the server may close before a 2 MB body is all sent
+                    pass
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    data = raw.recv(65536)
+                    assert data
+                    answer += data
+                headers = answer.split(b"\r\n\r\n")[0].lower()
+                assert headers.startswith(b"http/1.1 413")
+                assert (b"connection: keep-alive" in headers) is kept and (b"connection: close" in headers) is not kept
+                if kept:  # the same connection answers the next request
+                    raw.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+                    more = answer.split(b"\r\n\r\n", 1)[1]
+                    while b'"/next"' not in more:
+                        data = raw.recv(65536)
+                        assert data, "the kept connection was closed"
+                        more += data
     finally:
         _stop(proc)

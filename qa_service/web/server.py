@@ -40,12 +40,18 @@ import gunicorn.http.wsgi as gunicorn_wsgi
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import AccessLogFormat
 from gunicorn.glogging import Logger as GunicornLogger
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import ThreadWorker
 
 from ..config import Settings
 from ..errors import QAError
 
 WORKER_BOOT_ERROR = 3  # gunicorn stops the whole server when a worker exits with this code
+
+try:  # the most of an unread request body gunicorn drains to keep a connection (gunicorn >= 25)
+    from gunicorn.http.parser import _DRAIN_MAX_BYTES as DRAIN_MAX_BYTES
+except ImportError:  # an older gunicorn drains without a cap
+    DRAIN_MAX_BYTES = float("inf")
 
 
 # gunicorn's default access-log line (Apache's combined format); ``StderrLogger.access`` writes it more cheaply.
@@ -334,6 +340,11 @@ class OneWriteResponse(gunicorn_wsgi.Response):
     paired questions per run, a toggle per request in one server, six runs; a placebo toggle -0.03 / +0.02).
     Body framing stays gunicorn's (``_emit_body``, its hook for subclasses); headers held back go out before
     anything written otherwise: a chunked body, a file sent with ``sendfile``, or no body at all (``close``).
+
+    One more change: an answer given while more of the request's body is unread than gunicorn will drain before
+    the next request (``_DRAIN_MAX_BYTES``, 64 KiB) says ``Connection: close``. gunicorn would otherwise promise
+    keep-alive, give up draining and close the connection, and the client's next request on it failed (a 413 for
+    a body over the limit, a 401 for an upload without its key: the body is refused unread; 11-28, third session).
     """
 
     _held: bytes | None = None
@@ -341,6 +352,9 @@ class OneWriteResponse(gunicorn_wsgi.Response):
     def send_headers(self):
         if self.headers_sent:
             return
+        reader = getattr(getattr(self.req, "body", None), "reader", None)
+        if isinstance(reader, LengthReader) and reader.length > DRAIN_MAX_BYTES:
+            self.force_close()
         sock, self.sock = self.sock, _Held()
         try:
             super().send_headers()
