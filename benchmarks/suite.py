@@ -371,67 +371,56 @@ def section_query(b: Bench) -> None:
                        f"libtorch mapped in a worker: {'yes' if b.facts['torch_in_workers'] else 'no'}"))
 
 
-def _canned_round_trips(b: Bench, searcher, answer: bytes) -> list[float]:
-    """``latency_n`` round trips (ms) of ``load.post_ask`` to a ``load.CannedServer`` answering ``answer``, each after
-    an untimed in-process ask, as every POST of the interleaved rows follows one (the caches it leaves)."""
+def _round_trips_after_asks(b: Bench, searcher, port: int, what: str) -> list[tuple[float, object]]:
+    """``latency_n`` POST /api/ask round trips (ms) to the server on ``port``, each right after an untimed in-process
+    ask, as every POST of the interleaved rows follows one (the caches it leaves); each with its (read) response."""
     qs = b.questions
     out = []
-    with load.CannedServer(answer) as canned:
-        conn = http.client.HTTPConnection(load.HOST, canned.port, timeout=30)
-        try:
-            for q in qs[:4]:
-                load.post_ask(conn, q)
-            for i in range(b.sizes.latency_n):
-                q = qs[i % len(qs)]
-                searcher.ask(q, k=5)
-                t0 = time.perf_counter()
-                if load.post_ask(conn, q) != 200:
-                    raise RuntimeError("the canned-answer server did not answer 200")
-                out.append((time.perf_counter() - t0) * 1000)
-        finally:
-            conn.close()
+    conn = http.client.HTTPConnection(load.HOST, port, timeout=30)
+    try:
+        for q in qs[:4]:
+            load.post_ask(conn, q)
+        for i in range(b.sizes.latency_n):
+            q = qs[i % len(qs)]
+            searcher.ask(q, k=5)
+            t0 = time.perf_counter()
+            conn.request("POST", "/api/ask", body=json.dumps({"question": q, "k": 5}),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            took = (time.perf_counter() - t0) * 1000
+            if response.status != 200:
+                raise RuntimeError(f"{what} answered {response.status}")
+            out.append((took, response))
+    finally:
+        conn.close()
     return out
 
 
+def _canned_round_trips(b: Bench, searcher, answer: bytes) -> list[float]:
+    """Round trips (ms) to a ``load.CannedServer`` answering ``answer`` (``_round_trips_after_asks``)."""
+    with load.CannedServer(answer) as canned:
+        return [took for took, _ in _round_trips_after_asks(b, searcher, canned.port, "the canned-answer server")]
+
+
 def _stub_round_trips(b: Bench, searcher, body: bytes) -> tuple[list[float], list[float]]:
-    """``latency_n`` round trips to ``stubserve`` (gunicorn as served, an app that only encodes the question and
-    answers ``body``), each after an untimed in-process ask; return each round trip less the worker's encode, and
-    those encodes (ms)."""
+    """Round trips to ``stubserve`` (gunicorn as served, an app that only encodes the question and answers ``body``;
+    ``_round_trips_after_asks``); return each round trip less the worker's encode, and those encodes (ms)."""
     import sys
 
     from . import stubserve
 
-    qs = b.questions
     answer_file = b.work / "stub-answer.json"
     answer_file.write_bytes(body)
     server = load.Server(b.seed_index, b.work / "stubserve.log",
                          command=[sys.executable, str(Path(stubserve.__file__).resolve()), str(answer_file)]).start()
-    less_encode, encodes = [], []
     try:
-        server.wait_first_answer(qs[0], timeout=300)
-        conn = http.client.HTTPConnection(load.HOST, server.port, timeout=30)
-        try:
-            for q in qs[:4]:
-                load.post_ask(conn, q)
-            for i in range(b.sizes.latency_n):
-                q = qs[i % len(qs)]
-                searcher.ask(q, k=5)
-                t0 = time.perf_counter()
-                conn.request("POST", "/api/ask", body=json.dumps({"question": q, "k": 5}),
-                             headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                took = (time.perf_counter() - t0) * 1000
-                if response.status != 200:
-                    raise RuntimeError(f"the stub server answered {response.status}")
-                encode = float(response.getheader("X-Encode-Ms"))
-                less_encode.append(took - encode)
-                encodes.append(encode)
-        finally:
-            conn.close()
+        server.wait_first_answer(b.questions[0], timeout=300)
+        trips = _round_trips_after_asks(b, searcher, server.port, "the stub server")
     finally:
         server.stop()
-    return less_encode, encodes
+    encodes = [float(response.getheader("X-Encode-Ms")) for _, response in trips]
+    return [took - encode for (took, _), encode in zip(trips, encodes)], encodes
 
 
 def _time_encodes(searcher) -> list[float]:
