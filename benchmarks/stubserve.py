@@ -3,10 +3,9 @@
 ``python benchmarks/stubserve.py ANSWER_FILE serve --index-dir DIR --host HOST --port PORT --workers N`` (the
 arguments ``load.Server`` gives ``qa-service serve``) serves on HOST:PORT, with ``qa-service serve``'s
 gunicorn settings (``gunicorn_options``: its worker class, ``KeepAliveThreadWorker``, the access log, one-write
-responses), a WSGI app
-that reads a request's JSON body, encodes its question with the index's own question encoder (what a served
-answer's encode costs, and the caches it leaves: ~43 MB of weights streamed through a 32 MB L3) and answers with
-the recorded bytes of a real answer (ANSWER_FILE: body only; the headers are the app's usual ones), plus an
+responses), a WSGI app that reads a request's JSON body, encodes its question with the index's own question encoder
+(what a served answer's encode costs, and the caches it leaves: ~43 MB of weights streamed through a 32 MB L3) and
+answers with the recorded bytes of a real answer (ANSWER_FILE: body only; the headers are the app's usual ones), plus an
 ``X-Encode-Ms`` header saying how long the encode took. So a client's round trip less that encode is what gunicorn,
 the kernel and the client cost around an answer, cold as they run in the service, with nothing of qa-service's
 own app, search or answer steps in it. Nothing here is used by the service itself.
