@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
 
     from gunicorn.app.base import BaseApplication
 
-    from qa_service.web.server import gunicorn_options, use_one_write_responses
+    from qa_service.web.server import apply_options, gunicorn_options, use_one_write_responses
 
     parser = argparse.ArgumentParser(prog="stubserve.py")
     parser.add_argument("answer_file")
@@ -57,9 +57,7 @@ def main(argv: list[str]) -> None:
 
     class StubServer(BaseApplication):
         def load_config(self):
-            for key, value in gunicorn_options(args.host, int(args.port), int(args.workers)).items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
+            apply_options(self.cfg, gunicorn_options(args.host, int(args.port), int(args.workers)))
 
         def load(self):
             return make_app(args.index_dir, body)

@@ -11,7 +11,7 @@ import time
 
 from gunicorn.app.base import BaseApplication
 
-from qa_service.web.server import gunicorn_options, use_one_write_responses
+from qa_service.web.server import apply_options, gunicorn_options, use_one_write_responses
 
 
 def app(environ, start_response):
@@ -36,9 +36,7 @@ class Server(BaseApplication):
         super().__init__()
 
     def load_config(self):
-        for key, value in self.options.items():
-            if key in self.cfg.settings:
-                self.cfg.set(key, value)
+        apply_options(self.cfg, self.options)
 
     def load(self):
         return app

@@ -569,7 +569,7 @@ def test_a_body_refused_unread_closes_the_connection_it_cannot_keep():
     would close the connection after promising keep-alive); a smaller unread body is drained and the connection kept."""
     proc, port = _keepalive_server(4)
     try:
-        for size, kept in ((10_000, True), (70_000, False), (2_000_000, False)):
+        for size, kept in ((10_000, True), (65_535, True), (65_536, False), (70_000, False), (2_000_000, False)):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
                 head = f"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
                 try:

@@ -342,7 +342,7 @@ class OneWriteResponse(gunicorn_wsgi.Response):
     anything written otherwise: a chunked body, a file sent with ``sendfile``, or no body at all (``close``).
 
     One more change: an answer given while more of the request's body is unread than gunicorn will drain before
-    the next request (``_DRAIN_MAX_BYTES``, 64 KiB) says ``Connection: close``. gunicorn would otherwise promise
+    the next request (``_DRAIN_MAX_BYTES``, 64 KiB, or as much) says ``Connection: close``. gunicorn would otherwise promise
     keep-alive, give up draining and close the connection, and the client's next request on it failed (a 413 for
     a body over the limit, a 401 for an upload without its key: the body is refused unread; 11-28, third session).
     """
@@ -353,7 +353,7 @@ class OneWriteResponse(gunicorn_wsgi.Response):
         if self.headers_sent:
             return
         reader = getattr(getattr(self.req, "body", None), "reader", None)
-        if isinstance(reader, LengthReader) and reader.length > DRAIN_MAX_BYTES:
+        if isinstance(reader, LengthReader) and reader.length >= DRAIN_MAX_BYTES:  # gunicorn gives up at the cap
             self.force_close()
         sock, self.sock = self.sock, _Held()
         try:
@@ -397,6 +397,14 @@ def use_one_write_responses() -> bool:
     return True
 
 
+def apply_options(cfg, options: dict) -> None:
+    """Set ``options`` (``gunicorn_options``) on a gunicorn config; settings newer than the installed gunicorn are
+    skipped."""
+    for key, value in options.items():
+        if key in cfg.settings:
+            cfg.set(key, value)
+
+
 class QAServer(BaseApplication):
     """gunicorn, configured in code, serving ``create_app(settings)`` in each worker."""
 
@@ -408,9 +416,7 @@ class QAServer(BaseApplication):
         super().__init__()
 
     def load_config(self):
-        for key, value in self.options.items():
-            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
-                self.cfg.set(key, value)
+        apply_options(self.cfg, self.options)
         post_fork = self.cfg.post_fork
 
         def adopt_then(server, worker):
