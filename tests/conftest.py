@@ -14,11 +14,9 @@ from qa_service.config import Settings
 from qa_service.ingest import load_articles
 from qa_service.store import build_index
 
-from .fakes import FakeEmbedder
-
-REPO = Path(__file__).resolve().parent.parent
-SEEDS = REPO / "seeds"
-SHARED = REPO.parent / "shared"
+from .support.fakes import FakeEmbedder
+from .support.paths import SEEDS
+from .support.postgres import new_database
 
 # The suite's own cache folder (the machine's ONNX export cache lives under it), for this process and every
 # process it starts: tests never read or fill the user's ~/.cache, and each run starts from an empty cache.
@@ -88,7 +86,7 @@ def real_searcher(real_index, real_embedder):
 @pytest.fixture(scope="session")
 def live_service(real_index, tmp_path_factory):
     """A real ``qa-service serve`` (2 gunicorn workers, the real model, API key set) over a copy of the real index."""
-    from .live_server import LiveServer, link_copy
+    from .support.live_server import LiveServer, link_copy
 
     root = tmp_path_factory.mktemp("live")
     link_copy(real_index.index_dir, root / "index")
@@ -108,16 +106,6 @@ def postgres():
     server.stop()
 
 
-def new_database(server, name: str) -> str:
-    """Create an empty database on ``server``; return its URL."""
-    import psycopg
-
-    with psycopg.connect(server.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.url.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture(scope="session")
 def fake_pg_index(tmp_path_factory, postgres, seed_articles, fake_embedder) -> Settings:
     """Settings for the seeds indexed into PostgreSQL with the fake embedder."""
@@ -133,7 +121,7 @@ def fake_pg_index(tmp_path_factory, postgres, seed_articles, fake_embedder) -> S
 
 def pytest_terminal_summary(terminalreporter):
     """Print what the reliability tests measured (load, memory, fuzzing, crash trials)."""
-    from .live_server import FIGURES
+    from .support.live_server import FIGURES
 
     if FIGURES:
         terminalreporter.section("reliability figures")

@@ -7,7 +7,7 @@ import json
 from qa_service.abstention import article_key, off_corpus_split
 from qa_service.config import Settings
 
-from .fakes import FakeEmbedder
+from .support.fakes import FakeEmbedder
 
 TOPICS = {
     "Apollo": "The Apollo program landed astronauts on the Moon in 1969. Neil Armstrong walked first.",

@@ -30,9 +30,9 @@ from qa_service.retrieval import Searcher
 from qa_service.store import build_index, read_manifest
 from qa_service.web.server import recover_writes
 
-from .conftest import REPO
-from .fakes import FakeEmbedder
-from .live_server import API_KEY, FIGURES, LiveServer, link_copy
+from .support.paths import REPO
+from .support.fakes import FakeEmbedder
+from .support.live_server import API_KEY, FIGURES, LiveServer, link_copy
 
 NEW_ID = "flamingo-1"
 NEW_TEXT = ("date 2025-03-01 The flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n\n"
@@ -156,7 +156,7 @@ _WRITER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
     import numpy as np
-    from tests.fakes import FakeEmbedder
+    from tests.support.fakes import FakeEmbedder
     from qa_service import articles, store
     from qa_service.config import Settings
 
@@ -350,8 +350,8 @@ def test_single_article_writes_never_start_ray(tmp_path, fake_index, monkeypatch
 
     from qa_service import distributed
     from qa_service.articles import delete_article, put_article
-    from .fakes import FakeEmbedder
-    from .live_server import link_copy
+    from tests.support.fakes import FakeEmbedder
+    from .support.live_server import link_copy
 
     settings = fake_index.with_(index_dir=tmp_path / "index", seeds_dir=tmp_path / "seeds", ray_address="local")
     link_copy(fake_index.index_dir, settings.index_dir)

@@ -13,7 +13,7 @@ import pytest
 
 from qa_service.web import create_app
 
-from .web_support import serve_in_thread
+from .support.web_apps import serve_in_thread
 
 pytestmark = pytest.mark.browser
 

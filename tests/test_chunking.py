@@ -8,7 +8,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from qa_service.chunking import split_article, split_sentences
 from qa_service.types import Article
 
-from .fakes import FakeEmbedder
+from .support.fakes import FakeEmbedder
 
 count = FakeEmbedder().count_tokens
 
@@ -162,7 +162,7 @@ def test_cutting_on_workers_returns_in_a_process_that_only_notes_sigterm(seed_ar
     import sys
     import textwrap
 
-    from .conftest import REPO
+    from .support.paths import REPO
 
     script = textwrap.dedent(f"""
         import signal

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from qa_service.cli import cli
 
-from .conftest import SEEDS
+from .support.paths import SEEDS
 
 BIN = Path(sys.executable).parent / "qa-service"
 

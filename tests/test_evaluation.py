@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from qa_service import evaluation as ev
 from qa_service.cli import cli
 
-from .conftest import SEEDS, SHARED
-from .fakes import FakeEmbedder
+from .support.paths import SEEDS, SHARED
+from .support.fakes import FakeEmbedder
 
 DEV = SHARED / "eval" / "dev.jsonl"
 SCIFACT = SHARED / "benchmarks" / "scifact"

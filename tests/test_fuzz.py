@@ -19,8 +19,8 @@ from hypothesis.errors import Unsatisfiable
 
 from qa_service.web import create_app
 
-from .fakes import FakeEmbedder
-from .live_server import API_KEY, FIGURES, link_copy
+from .support.fakes import FakeEmbedder
+from .support.live_server import API_KEY, FIGURES, link_copy
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 from qa_service.ingest import clean_article, load_articles
 
-from .conftest import SEEDS
+from .support.paths import SEEDS
 
 EXPECTED = {
     "000_13c1da738e689733": (None, "2025-01-31", "A senior delegation from the Palestinian group Hamas"),
@@ -84,7 +84,7 @@ def test_missing_folder_is_clear(tmp_path):
 
 
 def test_seeds_are_the_shared_ones():
-    from .conftest import SHARED
+    from .support.paths import SHARED
 
     shared = SHARED / "seeds"
     if not shared.is_dir():

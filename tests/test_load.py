@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from .live_server import API_KEY, FIGURES, LiveServer, link_copy, rss_kb, run_load
+from .support.live_server import API_KEY, FIGURES, LiveServer, link_copy, rss_kb, run_load
 
 # A worker may grow a little as allocators settle; a per-request leak over 1,000 requests per worker would not fit.
 MAX_RSS_GROWTH_KB = 24 * 1024

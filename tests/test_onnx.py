@@ -24,7 +24,7 @@ from qa_service.onnx_encoder import SERVING_THREADS, OnnxEmbedder
 from qa_service.store import (build_index, chunk_articles, embed_chunks, embedding_texts, index_status,
                               read_manifest, sentence_embedding_texts)
 
-from .conftest import REPO, SHARED
+from .support.paths import REPO, SHARED
 
 DEV = SHARED / "eval" / "dev.jsonl"
 HEAVY = ("torch", "sentence_transformers", "transformers")

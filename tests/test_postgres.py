@@ -26,17 +26,10 @@ from qa_service.errors import ArticleNotFound, InvalidRequest, LastArticle
 from qa_service.retrieval import Searcher
 from qa_service.types import Article, ArticleInfo, Filters
 
-from .conftest import REPO, SHARED, new_database
-from .fakes import FakeEmbedder
+from .support.fakes import FakeEmbedder
+from .support.paths import REPO, SHARED
+from .support.postgres import QUESTIONS, cited, new_database
 
-DEV_QUESTIONS = [json.loads(line)["question"] for line in (SHARED / "eval" / "dev.jsonl").read_text().splitlines()
-                 if line.strip()] if (SHARED / "eval" / "dev.jsonl").exists() else []
-QUESTIONS = DEV_QUESTIONS + ["What did Araqchi say?", "Haniya al-Hayyah ceasefire", "47,400 killed", "zzzz qqqq"]
-
-
-def _cited(result: dict) -> list[tuple]:
-    return [(h["citation"]["article_id"], h["citation"]["start"], h["citation"]["end"], round(h["score"], 4),
-             h["answer"]["start"], h["answer"]["end"], len(h["also_reported_by"])) for h in result["results"]]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def test_same_results_as_the_faiss_backend(fake_searcher, pg_searcher, mode):
         ArticleInfo(a.id, a.source, a.title, a.date) for a in fake_searcher.articles()]
     for question in QUESTIONS:
         a, b = fake_searcher.ask(question, k=5, mode=mode), pg_searcher.ask(question, k=5, mode=mode)
-        assert _cited(b) == _cited(a), question
+        assert cited(b) == cited(a), question
         assert b["answerable"] == a["answerable"]
 
 
@@ -64,7 +57,7 @@ def test_same_results_under_filters(fake_searcher, pg_searcher):
                     Filters(date_from=dates[1]), Filters(date_to=dates[-2]), Filters(date_from=dates[0], date_to=dates[0])):
         for question in QUESTIONS[:6]:
             a, b = fake_searcher.ask(question, 5, filters), pg_searcher.ask(question, 5, filters)
-            assert _cited(b) == _cited(a), (question, filters)
+            assert cited(b) == cited(a), (question, filters)
     with pytest.raises(InvalidRequest) as err:
         pg_searcher.search("anything", filters=Filters(sources=("no-such-article",)))
     assert err.value.code == "unknown_source"
@@ -252,7 +245,7 @@ def test_sync_embeds_only_changed_articles_and_removes_missing(postgres, tmp_pat
     for question in QUESTIONS[:5]:
         qa = Searcher(settings, embedder=FakeEmbedder(), backend=a).ask(question)
         qb = Searcher(fresh, embedder=FakeEmbedder(), backend=b).ask(question)
-        assert _cited(qa) == _cited(qb)
+        assert cited(qa) == cited(qb)
 
 
 def test_no_index_in_the_database_is_a_clear_error(postgres, tmp_path):
@@ -283,7 +276,7 @@ ARTICLE = "date 2025-03-01 The flamingo parade in Tehran drew ten thousand zebra
 def test_api_writes_reach_every_app_sharing_the_database(postgres, tmp_path, seed_articles):
     from qa_service.web import create_app
 
-    from .live_server import API_KEY
+    from .support.live_server import API_KEY
 
     settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name, api_key=API_KEY,
                         database_url=new_database(postgres, "api_writes"))
@@ -319,7 +312,7 @@ def test_two_served_processes_share_one_database(postgres, tmp_path, seed_articl
     from the database) answer alike, and an article added through one is answered by the other at once."""
     import requests
 
-    from .live_server import API_KEY, LiveServer
+    from .support.live_server import API_KEY, LiveServer
 
     url = new_database(postgres, "served")
     settings = Settings(index_dir=tmp_path / "indexer", database_url=url)
@@ -330,7 +323,7 @@ def test_two_served_processes_share_one_database(postgres, tmp_path, seed_articl
     try:
         question = {"question": "Who met Iran's foreign minister in Doha?", "k": 3}
         answers = [requests.post(s.url + "/api/ask", json=question, timeout=30).json() for s in servers]
-        assert _cited(answers[0]) == _cited(answers[1]) and answers[0]["results"]
+        assert cited(answers[0]) == cited(answers[1]) and answers[0]["results"]
         for i in range(2):  # the encoder came from the database into each host's own cache
             assert list((tmp_path / f"host{i}" / "pg-encoders").glob("*/model/*.onnx"))
         r = requests.post(servers[0].url + "/api/articles", json={"id": "flamingo-1", "text": ARTICLE},
@@ -392,7 +385,7 @@ def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, 
 
     from qa_service.web import create_app
 
-    from .live_server import API_KEY
+    from .support.live_server import API_KEY
 
     primary_url = new_database(postgres, "replicated")
     with PostgresWriter(Settings(index_dir=tmp_path / "w", model=FakeEmbedder.name, database_url=primary_url)) as w:
@@ -405,7 +398,7 @@ def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, 
         on_primary = Searcher(settings.with_(database_url=primary_url), embedder=FakeEmbedder())
         on_replica = Searcher(settings, embedder=FakeEmbedder())
         for question in QUESTIONS[:5]:
-            assert _cited(on_replica.ask(question)) == _cited(on_primary.ask(question))
+            assert cited(on_replica.ask(question)) == cited(on_primary.ask(question))
         with psycopg.connect(replica_url) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
         client = create_app(settings, load_searcher=lambda: on_replica, write_embedder=FakeEmbedder()).test_client()
@@ -435,7 +428,7 @@ def test_an_index_made_at_schema_version_1_is_upgraded_in_place(postgres, tmp_pa
         assert conn.execute("SELECT count(*) FROM qa_term_stats").fetchone()[0] > 0
     upgraded = Searcher(settings, embedder=fake_embedder)
     for question in QUESTIONS[:6]:
-        assert _cited(upgraded.ask(question)) == _cited(fake_searcher.ask(question))
+        assert cited(upgraded.ask(question)) == cited(fake_searcher.ask(question))
 
 
 def test_without_the_postgres_extra_the_error_says_how_to_install_it(monkeypatch, tmp_path):

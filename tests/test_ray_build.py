@@ -13,7 +13,7 @@ import pytest
 from qa_service.config import Settings
 from qa_service.store import PASSAGES_DB, SENTENCE_VECTORS, VECTORS, build_index, read_manifest
 
-from .live_server import FIGURES
+from .support.live_server import FIGURES
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
@@ -174,8 +174,8 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
     from qa_service.backends.postgres import PostgresWriter
     from qa_service.retrieval import Searcher
 
-    from .conftest import new_database
-    from .test_postgres import QUESTIONS, _cited
+    from .support.postgres import new_database
+    from .support.postgres import QUESTIONS, cited
 
     settings = Settings(index_dir=tmp_path / "pg", model=fake_embedder.name, ray_address="local", ray_actors=2,
                         database_url=new_database(postgres, "ray_build"))
@@ -185,4 +185,4 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
     assert not ray.is_initialized() and summary["embedded"] == len(seed_articles)
     on_pg = Searcher(settings.with_(ray_address=None), embedder=fake_embedder)
     for question in QUESTIONS[:6]:
-        assert _cited(on_pg.ask(question)) == _cited(fake_searcher.ask(question))
+        assert cited(on_pg.ask(question)) == cited(fake_searcher.ask(question))

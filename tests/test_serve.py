@@ -476,7 +476,7 @@ def test_the_worker_keeps_a_connection_only_while_it_has_nothing_else():
 def _keepalive_server(threads: int, *keepalive: str) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("keepalive_server.py")), str(port),
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "support" / "keepalive_server.py"), str(port),
                              str(threads), *keepalive], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 60

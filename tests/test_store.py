@@ -18,8 +18,8 @@ from qa_service.errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
 from qa_service.retrieval import Searcher
 from qa_service.store import BUILDS, CURRENT, index_status, read_manifest
 
-from .conftest import REPO, SEEDS
-from .fakes import FakeEmbedder
+from .support.paths import REPO, SEEDS
+from .support.fakes import FakeEmbedder
 
 
 def _build(settings, articles, embedder=None):
@@ -204,7 +204,7 @@ def test_rebuild_publishes_atomically_and_prunes(tmp_path, seed_articles):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from tests.fakes import FakeEmbedder
+    from tests.support.fakes import FakeEmbedder
     from qa_service.config import Settings
     from qa_service.ingest import load_articles
     from qa_service.store import build_index

@@ -13,7 +13,8 @@ from qa_service.errors import IndexCorrupt, Overloaded
 from qa_service.web import create_app
 from qa_service.web.errors import ERROR_CODES
 
-from .web_support import FailingSearcher, ModeSearcher, NoModeSearcher
+from .support.errors import WALKED_IN_WRITE_TESTS, assert_error_shape
+from .support.web_apps import FailingSearcher, ModeSearcher, NoModeSearcher
 
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
 
@@ -396,32 +397,12 @@ ERROR_CASES = [
     ("DELETE", "/api/articles/nope", {}, 403, "writes_disabled"),
 ]
 
-# Reached only by an app that takes writes or is overloaded: walked in test_web_writes.py.
-WALKED_IN_WRITE_TESTS = {"article_id_invalid", "article_text_invalid", "unauthorized", "last_article",
-                         "seeds_out_of_sync", "overloaded", "write_busy", "writes_unavailable"}
-
-
-def _assert_error_shape(r, status, code):
-    assert r.status_code == status, (r.status_code, r.get_data(as_text=True))
-    assert r.mimetype == "application/json"
-    body = r.get_json()
-    assert set(body) == {"ok", "error"} and body["ok"] is False
-    assert set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    message = body["error"]["message"]
-    assert isinstance(message, str) and len(message) > 10 and message[0].isupper() and message.endswith(".")
-    text = r.get_data(as_text=True)
-    for leak in ("Traceback", "File \"", "/tmp", "/work", "site-packages", ".py"):
-        assert leak not in text
-    assert code in ERROR_CODES and ERROR_CODES[code][0] == status
-
-
 def test_every_error_path_has_the_one_shape(app, fake_index, fake_searcher, caplog):
     client = app.test_client()
     seen = set()
     for method, path, kwargs, status, code in ERROR_CASES:
         r = client.open(path, method=method, **kwargs)
-        _assert_error_shape(r, status, code)
+        assert_error_shape(r, status, code)
         if status == 405:
             assert r.headers["Allow"]
         seen.add(code)
@@ -430,7 +411,7 @@ def test_every_error_path_has_the_one_shape(app, fake_index, fake_searcher, capl
     boom = create_app(fake_index, searcher=FailingSearcher(fake_searcher, RuntimeError("disk /srv/secret.db on fire")))
     with caplog.at_level(logging.ERROR):
         r = boom.test_client().post("/api/ask", json={"question": "x"})
-    _assert_error_shape(r, 500, "internal_error")
+    assert_error_shape(r, 500, "internal_error")
     assert "secret" not in r.get_data(as_text=True) and "/srv/secret.db" in caplog.text
     seen.add("internal_error")
 
@@ -438,7 +419,7 @@ def test_every_error_path_has_the_one_shape(app, fake_index, fake_searcher, capl
     broken = create_app(fake_index, searcher=FailingSearcher(
         fake_searcher, IndexCorrupt("The index in /srv/index cannot be read.")))
     r = broken.test_client().get("/api/ask?q=x")
-    _assert_error_shape(r, 503, "index_corrupt")
+    assert_error_shape(r, 503, "index_corrupt")
     seen.add("index_corrupt")
 
     # Only codes no request can reach through this app are left: werkzeug- and gunicorn-level 400/414/431

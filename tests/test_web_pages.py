@@ -13,7 +13,7 @@ from markupsafe import escape
 from qa_service.web import DebugRefused, create_app
 from qa_service.web.pages import answer_span, nice_date, passage_parts
 
-from .web_support import FailingSearcher, ModeSearcher, NoModeSearcher
+from .support.web_apps import FailingSearcher, ModeSearcher, NoModeSearcher
 
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}

@@ -20,10 +20,10 @@ from qa_service.retrieval import Searcher
 from qa_service.store import read_manifest
 from qa_service.web import DebugRefused, create_app
 
-from .fakes import FakeEmbedder
-from .live_server import API_KEY, link_copy
-from .test_web_api import WALKED_IN_WRITE_TESTS, _assert_error_shape
-from .web_support import WrappedSearcher
+from .support.fakes import FakeEmbedder
+from .support.live_server import API_KEY, link_copy
+from .support.errors import WALKED_IN_WRITE_TESTS, assert_error_shape
+from .support.web_apps import WrappedSearcher
 
 KEY = {"X-API-Key": API_KEY}
 ARTICLE = "date 2025-03-01 The flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n\n" \
@@ -134,9 +134,9 @@ def test_uploads_have_their_own_larger_cap(settings):
     r = client.post("/api/articles", json={"id": "long-one", "text": text}, headers=KEY)
     assert r.status_code == 201, r.get_json()
     r = client.post("/api/ask", json={"question": text[:70_000]})  # the same size is too much for a question
-    _assert_error_shape(r, 413, "body_too_large")
+    assert_error_shape(r, 413, "body_too_large")
     r = client.post("/api/articles", json={"id": "too-long", "text": "x" * 200_001}, headers=KEY)
-    _assert_error_shape(r, 413, "body_too_large")
+    assert_error_shape(r, 413, "body_too_large")
     assert not (settings.seeds_dir / "too-long.txt").exists()
 
 
@@ -145,9 +145,9 @@ def test_uploads_have_their_own_larger_cap(settings):
 def test_without_a_configured_key_writing_is_disabled(settings):
     client = make_app(settings.with_(api_key=None)).test_client()
     for headers in ({}, KEY, {"Authorization": "Bearer anything"}):
-        _assert_error_shape(client.post("/api/articles", json={"id": "x", "text": ARTICLE}, headers=headers), 403,
+        assert_error_shape(client.post("/api/articles", json={"id": "x", "text": ARTICLE}, headers=headers), 403,
                             "writes_disabled")
-        _assert_error_shape(client.delete("/api/articles/000_13c1da738e689733", headers=headers), 403,
+        assert_error_shape(client.delete("/api/articles/000_13c1da738e689733", headers=headers), 403,
                             "writes_disabled")
     assert not (settings.seeds_dir / "x.txt").exists()
     assert (settings.seeds_dir / "000_13c1da738e689733.txt").exists()
@@ -159,11 +159,11 @@ def test_without_a_configured_key_writing_is_disabled(settings):
 def test_a_missing_or_wrong_key_is_401(settings, headers):
     client = make_app(settings).test_client()
     r = client.post("/api/articles", json={"id": "x", "text": ARTICLE}, headers=headers)
-    _assert_error_shape(r, 401, "unauthorized")
+    assert_error_shape(r, 401, "unauthorized")
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    _assert_error_shape(client.delete("/api/articles/000_13c1da738e689733", headers=headers), 401, "unauthorized")
+    assert_error_shape(client.delete("/api/articles/000_13c1da738e689733", headers=headers), 401, "unauthorized")
     # a key in the query string is never accepted (it would land in access logs)
-    _assert_error_shape(client.post(f"/api/articles?api_key={API_KEY}", json={"id": "x", "text": ARTICLE},
+    assert_error_shape(client.post(f"/api/articles?api_key={API_KEY}", json={"id": "x", "text": ARTICLE},
                                     headers=headers), 401, "unauthorized")
     assert sorted(p.name for p in settings.seeds_dir.iterdir()) == sorted(
         p.name for p in Path(settings.seeds_dir).iterdir() if p.name != "x.txt")
@@ -188,9 +188,9 @@ def test_reading_can_require_the_key(settings):
     app = make_app(settings.with_(require_key_for_read=True))
     client = app.test_client()
     for path in ("/api/ask?q=Gaza", "/api/articles", "/api/articles/000_13c1da738e689733", "/api/nope"):
-        _assert_error_shape(client.get(path), 401, "unauthorized")
+        assert_error_shape(client.get(path), 401, "unauthorized")
         assert client.get(path, headers=KEY).status_code in (200, 404)
-    _assert_error_shape(client.post("/api/ask", json={"question": "Gaza"}), 401, "unauthorized")
+    assert_error_shape(client.post("/api/ask", json={"question": "Gaza"}), 401, "unauthorized")
     assert client.post("/api/ask", json={"question": "Gaza"}, headers=KEY).status_code == 200
     page = client.get("/?q=Gaza")
     assert page.status_code == 401 and page.mimetype == "text/html"
@@ -248,7 +248,7 @@ def test_article_ids_cannot_escape_the_seeds_folder(settings, tmp_path, bad):
     tree_before = sorted(str(p) for p in tmp_path.rglob("*"))
 
     r = client.post("/api/articles", json={"id": bad, "text": ARTICLE}, headers=KEY)
-    _assert_error_shape(r, 400, "article_id_invalid")
+    assert_error_shape(r, 400, "article_id_invalid")
     from urllib.parse import quote
 
     r = client.delete("/api/articles/" + quote(bad, safe=""), headers=KEY)
@@ -264,7 +264,7 @@ def test_article_text_is_checked(settings):
     client = make_app(settings).test_client()
     for text, code in (("Gaza\u0000ceasefire", "article_text_invalid"), ("", "article_text_invalid"),
                        ("   \n\n  ", "article_text_invalid"), ("Share this\nComments\nPrint", "article_text_invalid")):
-        _assert_error_shape(client.post("/api/articles", json={"id": "t", "text": text}, headers=KEY), 400, code)
+        assert_error_shape(client.post("/api/articles", json={"id": "t", "text": text}, headers=KEY), 400, code)
     assert not (settings.seeds_dir / "t.txt").exists() and not list(settings.seeds_dir.glob(".*"))
 
 
@@ -274,7 +274,7 @@ def test_every_write_error_path_has_the_one_shape(settings, tmp_path, caplog):
     seen = set()
 
     def expect(r, status, code):
-        _assert_error_shape(r, status, code)
+        assert_error_shape(r, status, code)
         seen.add(code)
 
     client = make_app(settings).test_client()
@@ -336,7 +336,7 @@ class SlowSearcher(WrappedSearcher):
 
 
 def _burst(app, n: int) -> list:
-    from .web_support import serve_in_thread
+    from .support.web_apps import serve_in_thread
     import requests
 
     results = []

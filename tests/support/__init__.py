@@ -1,0 +1,1 @@
+"""Fakes, live servers and small apps shared by the tests."""
