@@ -60,7 +60,6 @@ class Settings:
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

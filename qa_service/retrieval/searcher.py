@@ -31,14 +31,12 @@ from ..backends import IndexBackend, open_backend
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
 from ..store import check_model
-from ..types import Article, ArticleInfo, Citation, Filters, Hit
+from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
 from .lexical import BACKGROUND_DOCS, analyze, fold
 
 logger = logging.getLogger(__name__)
-
-MODES = ("hybrid", "dense", "lexical")
 
 
 @dataclass(frozen=True)
