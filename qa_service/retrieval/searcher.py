@@ -28,6 +28,7 @@ import numpy as np
 
 from ..config import Settings
 from ..backends import IndexBackend, open_backend
+from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
 from ..store import check_model
@@ -112,6 +113,7 @@ class Searcher:
             raise IndexMismatch(f"The index in {where} holds {manifest.get('dimension')}-d vectors but the model "
                                 f"makes {embedder.dimension}-d ones. {hint}")
         self.embedder = embedder
+        forbid_forks()  # a process that answers questions never forks (chunking.forbid_forks says why)
         self._prepared: tuple | None = None  # (vocabulary, {question: prepare(question)})
         self.reranker = None
         if self.config.reranker:
