@@ -28,7 +28,7 @@ atexit.register(shutil.rmtree, _CACHE, True)
 
 @pytest.fixture(autouse=True)
 def _no_searcher_yet(monkeypatch):
-    """Each test starts as a process that has made no ``Searcher``, so its builds may fork (``chunking.forbid_forks``)."""
+    """Each test starts as a process that has made no ``Searcher``: its builds may fork (``chunking.forbid_forks``)."""
     from qa_service import chunking
 
     monkeypatch.setattr(chunking, "_FORKS_FORBIDDEN", False)
