@@ -133,7 +133,7 @@ def test_packing_equals_the_plain_rule_for_any_counter(lengths, max_tokens, over
         spans.append((at, at + len(w)))
         at += len(w) + 1
     counter = count if additive else _not_additive
-    # sentences longer than the limit are cut before packing (sentence_units); keep the spans that fit
+    # sentences longer than the limit are cut before packing (counted_units); keep the spans that fit
     spans = [s for s in spans if counter(text[s[0]:s[1]]) <= max_tokens] or spans[:1]
     expected = _greedy_windows(text, spans, counter, max_tokens, overlap)
     assert pack_sentences(text, spans, counter, max_tokens, overlap) == expected
