@@ -21,7 +21,7 @@ class Settings:
     max_tokens: int = 128
     overlap_sentences: int = 1
     # Texts per encoder call when indexing (and evaluating): small batches keep each layer's activations in the
-    # CPU's cache, which beat larger ones (docs/decisions/batch-size.md).
+    # CPU's cache and were faster than larger ones (docs/decisions/batch-size.md).
     batch_size: int = 8
     # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
     # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
