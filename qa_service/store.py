@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .files import fsync_dir, link_or_copy, sha256_file
-from .chunking import cut_many
+from .chunking import split_articles
 from .config import Settings
 from .embedding import Embedder, canonical_model_name, normalize_rows
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
@@ -173,8 +173,8 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
     to_cut = [a for a in articles if a.id not in previous]
     # An embedder that does not say whether its counts add up (a wrapper, a test's fake) has windows counted whole.
     additive = bool(getattr(embedder, "counts_add_up", False))
-    cuts = dict(zip((a.id for a in to_cut), cut_many([a.text for a in to_cut], embedder.count_tokens, max_tokens,
-                                                     settings.overlap_sentences, additive=additive)))
+    cuts = dict(zip((a.id for a in to_cut), split_articles(to_cut, embedder.count_tokens, max_tokens,
+                                                           settings.overlap_sentences, additive=additive)))
     for article in articles:
         units, windows = previous[article.id] if article.id in previous else cuts[article.id]
         base = len(chunks.sentences)
