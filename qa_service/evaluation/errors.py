@@ -1,6 +1,9 @@
-"""The errors an evaluation raises, each with the code the CLI and the API report."""
+"""The errors an evaluation raises, each with its code, and the import of evaluation-only dependencies."""
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 from ..errors import QAError
 
@@ -26,3 +29,12 @@ class ServiceError(EvaluationError):
 
     code = "service_error"
     status = 502
+
+
+def import_extra(module: str, package: str, what: str) -> ModuleType:
+    """Import an evaluation-only dependency (the ``eval`` extra), or refuse with a sentence saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EvaluationError(f"{what} needs {package}, which comes with the eval extra: "
+                              "pip install -e '.[eval]'") from None

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .datasets import Dataset
+from .errors import import_extra
 from .relevance import normalize_text, passage_docno, passage_is_relevant
 from .runners import ModeRun
 
@@ -21,7 +22,7 @@ METRIC_NAMES = tuple(f"recall@{k}" for k in CUTOFFS) + ("mrr@10", "ndcg@10")
 
 
 def _measures(dataset_format: str, cutoffs: Sequence[int] = CUTOFFS) -> dict[str, object]:
-    import ir_measures
+    ir_measures = import_extra("ir_measures", "ir-measures", "Scoring")
 
     hit_measure = ir_measures.Success if dataset_format == "questions" else ir_measures.R
     out: dict[str, object] = {f"recall@{k}": hit_measure @ k for k in cutoffs}
@@ -63,7 +64,7 @@ def build_qrels(dataset: Dataset, runs: Sequence[ModeRun],
 def per_query_scores(qrels: dict[str, dict[str, int]], ranked: dict[str, list[str]],
                      measures: dict[str, object]) -> dict[str, dict[str, float]]:
     """Score each query with ir-measures; return ``{query id: {metric name: value}}`` (judged queries only)."""
-    import ir_measures
+    ir_measures = import_extra("ir_measures", "ir-measures", "Scoring")
 
     qrels_rows = [ir_measures.Qrel(qid, doc, int(rel)) for qid, docs in qrels.items() for doc, rel in docs.items()]
     # Rank-derived scores: pytrec_eval re-sorts by score (ties by doc id), which must not reorder our ranking.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..files import write_atomically, write_text_atomically
+from .errors import import_extra
 from .metrics import METRIC_NAMES
 
 
@@ -97,8 +98,7 @@ def format_markdown(summaries: Sequence[dict], chart: str | None = None) -> str:
 
 def plot_recall_curves(summaries: Sequence[dict], path: Path | str) -> None:
     """Draw recall@k against k, one line per mode, into a PNG."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "matplotlib", "The recall@k chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
