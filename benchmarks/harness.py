@@ -78,6 +78,8 @@ class Sizes:
 
 @dataclass
 class Row:
+    """One figure, the floor it is judged by (measured in the same run), and the target its ratio must meet."""
+
     section: str
     measure: str
     value: float | None
@@ -116,7 +118,6 @@ class Bench:
     _server: load.Server | None = None
     _searcher: object = None
 
-    # ------------------------------------------------------------------ helpers
     def add(self, row: Row) -> None:
         self.rows.append(row)
         self.echo("  " + format_row(row))
