@@ -9,6 +9,7 @@ network: the page is parsed from its bytes. See docs/decisions/ingest-formats.md
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import trafilatura
@@ -17,6 +18,7 @@ from ..types import Article
 from .common import LoadReport, normalise, record_article
 
 _DATES = {"extensive_search": False, "original_date": True}
+_DOCUMENT = re.compile(r"<(?:html|body)\b", re.IGNORECASE)
 
 
 def _paragraphs(text: str) -> str:
@@ -26,10 +28,17 @@ def _paragraphs(text: str) -> str:
 
 def to_text(html: str | bytes) -> str:
     """The readable text of an HTML fragment or page (a feed item's content), or "" when there is none."""
+    if isinstance(html, bytes):
+        html = html.decode("utf-8", "replace")
+    if not _DOCUMENT.search(html):
+        html = f"<html><body>{html}</body></html>"  # lxml reads a bare fragment as an empty tree
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True)
+            # A fragment is already the article's body: no fallback extractors (fast), which only cost time here.
+            # A short one can fall under trafilatura's minimum for a main text; its baseline text is then used.
+            text = (trafilatura.extract(html, fast=True, include_comments=False, include_tables=True,
+                                        favor_recall=True) or trafilatura.html2txt(html))
         except Exception:  # a fragment that trafilatura cannot parse has no text to cite
             logging.getLogger(__name__).debug("trafilatura could not read a fragment", exc_info=True)
             return ""
