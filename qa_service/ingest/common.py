@@ -143,7 +143,8 @@ def read_date(value, where: str, report: LoadReport) -> str | None:
 
 def slug(text: str, limit: int) -> str:
     """``text`` reduced to ARTICLE_ID characters (runs of others become one ``-``), at most ``limit`` long."""
-    out = _DASHES.sub("-", _NOT_ID.sub("-", unicodedata.normalize("NFKD", text))).strip("-_")
+    bare = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))  # é -> e
+    out = _DASHES.sub("-", _NOT_ID.sub("-", bare)).strip("-_")
     return out[:limit].rstrip("-_")
 
 

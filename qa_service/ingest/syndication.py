@@ -4,9 +4,9 @@ Every article gets ``story``, the smallest article id of its group of near-copie
 Two articles are copies when the Jaccard similarity of their sets of five-word shingles is at least
 ``THRESHOLD`` and their dates (when both are known) are at most ``MAX_DAYS_APART`` days apart. LSH only proposes
 candidates (at a lower threshold, so pairs just above ``THRESHOLD`` are not missed); each pair is then checked on
-its exact shingle sets, so the estimate's noise never merges two stories. Articles that report one event in their own words share few five-word runs and stay apart. The
-threshold was chosen on edited copies of the seed articles against every pair of distinct articles; see
-docs/decisions/ingest-formats.md.
+its exact shingle sets, so the estimate's noise never merges two stories. Articles that report one event in their
+own words share few five-word runs and stay apart. The threshold was chosen on edited copies of the seed articles
+against every pair of distinct articles; see docs/decisions/ingest-formats.md.
 """
 
 from __future__ import annotations
