@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..types import Article
@@ -119,29 +120,31 @@ def load_article(path: Path, report: LoadReport | None = None) -> Article | None
     return found[0] if found else None
 
 
-def _files(folder: Path, report: LoadReport) -> list[str]:
+def _files(folder: Path, report: LoadReport, exclude: set[Path]) -> list[str]:
     """Every non-hidden file under ``folder`` as a POSIX path relative to it, sorted; symlinked folders are named
-    and not followed (they could loop or leave the folder)."""
+    and not followed (they could loop or leave the folder); ``exclude``d folders are not entered."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         here = Path(root).relative_to(folder)
         for d in sorted(dirs):
             if not d.startswith(".") and (Path(root) / d).is_symlink():
                 report.skipped.append(((here / d).as_posix(), "symbolic link to a folder, not followed"))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in exclude)
         found += [(here / f).as_posix() for f in files if not f.startswith(".")]
     return sorted(found)
 
 
-def load_articles(folder: Path | str) -> LoadReport:
+def load_articles(folder: Path | str, exclude: Iterable[Path | str] = ()) -> LoadReport:
     """Load every article under ``folder`` (sorted by path; records in file order); unusable files and records
-    are reported, never fatal. Two articles with one id keep the first; the second is named as a duplicate."""
+    are reported, never fatal. Two articles with one id keep the first; the second is named as a duplicate.
+    Folders in ``exclude`` (an index kept inside the articles folder) are not read."""
     folder = Path(folder)
+    skip = {Path(e).resolve() for e in exclude}
     report = LoadReport()
     if not folder.is_dir():
         raise FileNotFoundError(f"articles folder {folder} does not exist")
     first_source: dict[str, str] = {}
-    for name in _files(folder, report):
+    for name in _files(folder, report, skip):
         for article in read_file(folder / name, name, report):
             if article.id in first_source:
                 report.skipped.append((article.source, f"duplicate id {article.id!r}, already read from "

@@ -29,6 +29,8 @@ def read(raw: bytes, text: str, article_id: str, source: str, content_hash: str,
         text = text[m.end():]
         try:
             meta = yaml.safe_load(m.group(1) or "")
+        except ValueError:  # a date YAML reads as a timestamp but the calendar refuses ("2025-02-30")
+            meta = yaml.load(m.group(1), Loader=yaml.BaseLoader)  # every value a string; constructs nothing
         except yaml.YAMLError as exc:
             report.warnings.append((source, f"front matter is not valid YAML ({str(exc).splitlines()[0]}); "
                                             "read without metadata"))
