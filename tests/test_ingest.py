@@ -166,18 +166,19 @@ def test_agency_datelines_are_metadata(opening, date):
 
 def test_text_that_only_looks_like_a_dateline_is_kept():
     for text in ("Iran’s Foreign Minister - in Doha - said it.", "US officials — speaking anonymously — said so.",
-                 "A - B testing works."):
+                 "A - B testing works.", "NATO - the alliance said it would meet.",
+                 "Updated figures show 40 people died.\n\nMore.", "Published by the ministry.\n\nMore."):
         assert clean_article(text, "k", "k.txt").text == text
 
 
 def test_an_unreadable_date_is_a_warning_not_a_crash(tmp_path):
     (tmp_path / "bad.txt").write_text("date 2024-99-99 The body.\n", encoding="utf-8")
-    (tmp_path / "stamp.txt").write_text("Published sometime soon\n\nThe body.\n", encoding="utf-8")
+    (tmp_path / "stamp.txt").write_text("Published 2025-13-45\n\nThe body.\n", encoding="utf-8")
     report = load_articles(tmp_path)
     assert [(a.id, a.date, a.text) for a in report.articles] == [("bad", None, "The body."),
                                                                   ("stamp", None, "The body.")]
     warnings = dict(report.warnings)
-    assert "2024-99-99" in warnings["bad.txt"] and "sometime soon" in warnings["stamp.txt"]
+    assert "2024-99-99" in warnings["bad.txt"] and "2025-13-45" in warnings["stamp.txt"]
 
 
 def test_one_upload_is_read_by_the_text_rules_whatever_its_name(tmp_path):

@@ -227,6 +227,7 @@ def test_copies_days_apart_or_rewritten_stay_apart(tmp_path):
     (tmp_path / "c.txt").write_text(f"date 2025-04-03 {WIRE}", encoding="utf-8")
     stories = {a.id: a.story for a in load_articles(tmp_path).articles}
     assert stories == {"a": "a", "b": "b", "c": "a"}
+    assert {a.story for a in load_articles(tmp_path, stories=False).articles} == {None}
 
 
 def test_the_seeds_same_event_in_their_own_words_are_different_stories(seed_articles):

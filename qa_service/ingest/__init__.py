@@ -134,10 +134,11 @@ def _files(folder: Path, report: LoadReport, exclude: set[Path]) -> list[str]:
     return sorted(found)
 
 
-def load_articles(folder: Path | str, exclude: Iterable[Path | str] = ()) -> LoadReport:
+def load_articles(folder: Path | str, exclude: Iterable[Path | str] = (), stories: bool = True) -> LoadReport:
     """Load every article under ``folder`` (sorted by path; records in file order); unusable files and records
     are reported, never fatal. Two articles with one id keep the first; the second is named as a duplicate.
-    Folders in ``exclude`` (an index kept inside the articles folder) are not read."""
+    Folders in ``exclude`` (an index kept inside the articles folder) are not read. ``stories=False`` leaves
+    ``story`` unset, for callers that only need ids and hashes (syndication costs about as much as reading)."""
     folder = Path(folder)
     skip = {Path(e).resolve() for e in exclude}
     report = LoadReport()
@@ -152,7 +153,8 @@ def load_articles(folder: Path | str, exclude: Iterable[Path | str] = ()) -> Loa
                 continue
             first_source[article.id] = article.source
             report.articles.append(article)
-    report.articles = assign_stories(report.articles)
+    if stories:
+        report.articles = assign_stories(report.articles)
     for name, reason in report.skipped:
         logger.warning("skipped %s: %s", name, reason)
     for name, reason in report.warnings:

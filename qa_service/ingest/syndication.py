@@ -15,6 +15,7 @@ import re
 import zlib
 from dataclasses import replace
 from datetime import date
+from functools import lru_cache
 
 from datasketch import MinHash, MinHashLSH
 
@@ -49,6 +50,13 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
+@lru_cache(maxsize=8)
+def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's optimal (bands, rows) for ``threshold``, found once: finding it integrates numerically."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 def _days_apart(a: str | None, b: str | None) -> int:
     if not a or not b:
         return 0  # an unknown date does not rule a copy out
@@ -72,7 +80,7 @@ def assign_stories(articles: list[Article], threshold: float = THRESHOLD,
         return i
 
     if len(eligible) > 1:
-        lsh = MinHashLSH(threshold=min(LSH_THRESHOLD, threshold), num_perm=NUM_PERM)
+        lsh = MinHashLSH(num_perm=NUM_PERM, params=_bands(min(LSH_THRESHOLD, threshold), NUM_PERM))
         hashes = MinHash.bulk([sorted(sets[i]) for i in eligible], num_perm=NUM_PERM, hashfunc=_identity)
         for i, mh in zip(eligible, hashes):
             lsh.insert(i, mh)

@@ -29,6 +29,9 @@ _DATELINE = re.compile(
 # "Published 2025-03-14", "Updated: March 15, 2025 09:00 GMT", "First published on Wed 2 Apr 2025".
 _STAMP = re.compile(r"^\s*(?:(first|last)\s+)?(published|updated|posted)(?:\s+on)?\s*:?\s+(\S.{0,80}?)\s*$",
                     re.IGNORECASE)
+# What a stamp's date starts with: a digit, a weekday or a month ("Published on Wed 2 Apr", "Updated 14:05").
+_DATE_LIKE = re.compile(r"(?:on\s+)?(?:\d|(?:mon|tue|wed|thu|fri|sat|sun|jan|feb|mar|apr|may|jun|jul|aug|sep|oct"
+                        r"|nov|dec)[a-z]*\b)", re.IGNORECASE)
 # "By Jane Mwangi", "By Jane Mwangi and Ali Hassan": a byline on its own line, just under the headline.
 _BYLINE = re.compile(r"^\s*By\s+([A-Z][\w.'’-]+(?:\s+(?:[A-Z][\w.'’-]+|and|de|al|van|von)){0,7})\s*$")
 # "NAIROBI, 2 April 2025 — ", "GAZA CITY (AFP) - ", "(Reuters) — ", "BEIRUT, Lebanon, April 2, 2025 (AP) — ".
@@ -83,6 +86,7 @@ def _header(lines: list[str], title: str | None, date: str | None, warn: list[st
             break
         line = lines[i]
         stamp = _STAMP.match(line)
+        stamp = stamp if stamp and _DATE_LIKE.match(stamp.group(3)) else None  # "Updated figures show …" is text
         byline = _BYLINE.match(line)
         if stamp:
             iso = parse_date(stamp.group(3))
@@ -108,6 +112,8 @@ def _agency_dateline(body: str) -> tuple[str, str | None]:
     place = ((m.group("place") or "") if m else "").split(",")[0].strip()
     if not m or (place and not place.isupper()) or not (m.group("agency") or m.group("date") or len(place) >= 4):
         return body, None
+    if not (m.group("agency") or m.group("date")) and not re.search(r"[—–]|--", m.group(0)):
+        return body, None  # a bare place needs a real dash: "NATO - the alliance" is a sentence
     return body[m.end():], parse_date(m.group("date")) if m.group("date") else None
 
 
