@@ -25,7 +25,7 @@ class Article:
     title: str | None
     date: str | None  # ISO "YYYY-MM-DD"
     text: str
-    content_hash: str = ""  # sha256 of the raw file bytes, for staleness and upserts
+    content_hash: str = ""  # sha256 of the raw file bytes (of the record, in a file of many), for staleness and upserts
     # Where the article came from, as the file or record said (each may be unknown); see ingest.
     source_url: str | None = None  # the original page, not the local copy
     outlet: str | None = None
