@@ -1,22 +1,23 @@
 """Read a folder of news articles, in every format people keep them, into cleaned ``Article`` records.
 
 The folder is read recursively (hidden files and folders aside: they hold staged writes and tool state), with
-extensions in any case: ``.txt``, ``.md``, ``.html``/``.htm``, ``.jsonl``, ``.json``, ``.csv`` and RSS/Atom feeds
-(``.xml``, ``.rss``, ``.atom``), one module per format. Every file or record not read is named with its reason in
-``LoadReport.skipped`` and nothing stops the rest. Syndicated copies then get a shared ``story``. The text of
-every article is exactly what its citations slice. See docs/decisions/ingest-formats.md.
+extensions in any case: ``.txt``, ``.md``, ``.html``/``.htm``, ``.jsonl``/``.ndjson``, ``.json``, ``.csv`` and
+RSS/Atom feeds (``.xml``, ``.rss``, ``.atom``), one module per format. Every file or record not read is named with
+its reason in ``LoadReport.skipped`` and nothing stops the rest. Syndicated copies then get a shared ``story``.
+The text of every article is exactly what its citations slice. See docs/decisions/ingest-formats.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..types import Article
-from . import feeds, html, markdown, records, text
+from . import text
 from .common import ARTICLE_ID, LoadReport, decode, file_id, lead_title, parse_date
 from .syndication import assign_stories
 from .text import clean_article
@@ -29,21 +30,23 @@ MAX_ARTICLE_FILE_BYTES = 10 * MiB
 # Many articles a file (exports, feeds): these are parsed whole in memory, so they are bounded as well.
 MAX_COLLECTION_FILE_BYTES = 100 * MiB
 
-# suffix -> (reader, decode the bytes first, size limit, what the limit is for)
+# suffix -> (module, reader, decode the bytes first, size limit, what the limit is for). Modules are imported
+# when a file of theirs is met: trafilatura and feedparser take a noticeable time to import.
 _ONE = "one-article files"
 _MANY = "files of many articles"
 READERS = {
-    ".txt": (text.read, True, MAX_ARTICLE_FILE_BYTES, _ONE),
-    ".md": (markdown.read, True, MAX_ARTICLE_FILE_BYTES, _ONE),
-    ".markdown": (markdown.read, True, MAX_ARTICLE_FILE_BYTES, _ONE),
-    ".html": (html.read, False, MAX_ARTICLE_FILE_BYTES, _ONE),
-    ".htm": (html.read, False, MAX_ARTICLE_FILE_BYTES, _ONE),
-    ".jsonl": (records.read_jsonl, True, MAX_COLLECTION_FILE_BYTES, _MANY),
-    ".json": (records.read_json, True, MAX_COLLECTION_FILE_BYTES, _MANY),
-    ".csv": (records.read_csv, True, MAX_COLLECTION_FILE_BYTES, _MANY),
-    ".xml": (feeds.read, False, MAX_COLLECTION_FILE_BYTES, _MANY),
-    ".rss": (feeds.read, False, MAX_COLLECTION_FILE_BYTES, _MANY),
-    ".atom": (feeds.read, False, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".txt": ("text", "read", True, MAX_ARTICLE_FILE_BYTES, _ONE),
+    ".md": ("markdown", "read", True, MAX_ARTICLE_FILE_BYTES, _ONE),
+    ".markdown": ("markdown", "read", True, MAX_ARTICLE_FILE_BYTES, _ONE),
+    ".html": ("html", "read", False, MAX_ARTICLE_FILE_BYTES, _ONE),
+    ".htm": ("html", "read", False, MAX_ARTICLE_FILE_BYTES, _ONE),
+    ".jsonl": ("records", "read_jsonl", True, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".ndjson": ("records", "read_jsonl", True, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".json": ("records", "read_json", True, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".csv": ("records", "read_csv", True, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".xml": ("feeds", "read", False, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".rss": ("feeds", "read", False, MAX_COLLECTION_FILE_BYTES, _MANY),
+    ".atom": ("feeds", "read", False, MAX_COLLECTION_FILE_BYTES, _MANY),
 }
 
 __all__ = ["ARTICLE_ID", "MAX_ARTICLE_FILE_BYTES", "MAX_COLLECTION_FILE_BYTES", "READERS", "LoadReport",
@@ -73,7 +76,7 @@ def read_file(path: Path, name: str, report: LoadReport) -> list[Article]:
     if suffix not in READERS:
         report.skipped.append((name, f"unsupported type {suffix}" if suffix else "unsupported type (no extension)"))
         return []
-    reader, decoded, limit, kind = READERS[suffix]
+    module, function, decoded, limit, kind = READERS[suffix]
     try:
         if _too_big(path, name, limit, kind, report):
             return []
@@ -95,6 +98,7 @@ def read_file(path: Path, name: str, report: LoadReport) -> list[Article]:
         content = ""
     parts = tuple(name.split("/")[:-1]) + (Path(name).stem,)
     try:
+        reader = getattr(importlib.import_module(f"{__name__}.{module}"), function)
         return reader(raw, content, _article_id(parts, suffix), name, hashlib.sha256(raw).hexdigest(), report)
     except Exception as exc:  # a reader's bug on one strange file must not stop the folder
         logger.debug("reading %s failed", name, exc_info=True)

@@ -16,7 +16,6 @@ import re
 
 from ..types import Article
 from .common import LoadReport, record_article
-from .html import to_text
 
 _MARKUP = re.compile(r"<(?:p|div|br|span|a|em|strong|b|i|li|h[1-6])\b[^>]*>", re.IGNORECASE)
 _LISTS = ("articles", "items", "records", "data", "results")
@@ -29,7 +28,11 @@ def _one(fields, where: str, source: str, report: LoadReport, content_hash: str)
     fields = {str(k): v for k, v in fields.items()}
     raw = next((fields[k] for k in ("text", "content", "body") if isinstance(fields.get(k), str)
                 and fields[k].strip()), None)
-    text = to_text(raw) if raw is not None and _MARKUP.search(raw) else None
+    text = None
+    if raw is not None and _MARKUP.search(raw):
+        from .html import to_text  # trafilatura, imported only when a record holds markup
+
+        text = to_text(raw)
     return record_article(fields, where, source, report, text=text, content_hash=content_hash)
 
 

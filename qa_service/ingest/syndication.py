@@ -17,8 +17,6 @@ from dataclasses import replace
 from datetime import date
 from functools import lru_cache
 
-from datasketch import MinHash, MinHashLSH
-
 from ..types import Article
 
 SHINGLE_WORDS = 5
@@ -53,6 +51,8 @@ def jaccard(a: set, b: set) -> float:
 @lru_cache(maxsize=8)
 def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """datasketch's optimal (bands, rows) for ``threshold``, found once: finding it integrates numerically."""
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
@@ -80,6 +80,8 @@ def assign_stories(articles: list[Article], threshold: float = THRESHOLD,
         return i
 
     if len(eligible) > 1:
+        from datasketch import MinHash, MinHashLSH  # imported when needed: it pulls in scipy
+
         lsh = MinHashLSH(num_perm=NUM_PERM, params=_bands(min(LSH_THRESHOLD, threshold), NUM_PERM))
         hashes = MinHash.bulk([sorted(sets[i]) for i in eligible], num_perm=NUM_PERM, hashfunc=_identity)
         for i, mh in zip(eligible, hashes):
