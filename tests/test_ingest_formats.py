@@ -193,6 +193,10 @@ def test_records_without_an_id_get_a_stable_valid_one(tmp_path, archive):
         assert ARTICLE_ID.fullmatch(article.id), article.id
     from_url = next(a for a in exported if a.source_url and "markets-rally" in a.source_url)
     assert re.fullmatch(r"markets-rally-[0-9a-f]{12}", from_url.id)
+    from qa_service.ingest.common import LoadReport, record_id
+
+    assert record_id(None, "https://x.example/news/floods/index.html?x=1", "t", "w", LoadReport()).startswith(
+        "floods-")
     from_text = next(a for a in exported if a.source_url is None)
     again = {a.id for a in load_articles(build_archive(tmp_path / "again")).articles}
     assert {from_url.id, from_text.id} <= again  # the same records give the same ids in another folder

@@ -27,6 +27,7 @@ _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _LEAD_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s")
 LEAD_TITLE_CHARS = 90
+_GENERIC_PAGES = {"index", "default", "amp", "article", "story", "print"}  # ".../floods/index.html" is "floods"
 
 
 @dataclass
@@ -179,9 +180,10 @@ def record_id(given, url: str | None, text: str, where: str, report: LoadReport)
         report.warnings.append((where, f"id {given[:40]!r} is not a valid article id; derived one from it"))
         return hashed_id(given, "id:" + given)
     if url:
-        path = re.sub(r"^[a-z][a-z0-9+.-]*://", "", url, flags=re.IGNORECASE).split("?")[0].rstrip("/")
-        tail = path.rsplit("/", 1)[-1] if "/" in path else path
-        return hashed_id(re.sub(r"\.[A-Za-z0-9]{2,5}$", "", tail), "url:" + url)
+        path = re.sub(r"^[a-z][a-z0-9+.-]*://", "", url, flags=re.IGNORECASE).split("?")[0].split("#")[0]
+        names = [re.sub(r"\.[A-Za-z0-9]{2,5}$", "", part) for part in path.split("/") if part]
+        tail = next((n for n in reversed(names) if n.lower() not in _GENERIC_PAGES), "")
+        return hashed_id(tail, "url:" + url)
     return hashed_id(" ".join(text.split()[:8]), "text:" + text)
 
 
