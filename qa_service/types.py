@@ -28,7 +28,15 @@ class Article:
     title: str | None
     date: str | None  # ISO "YYYY-MM-DD"
     text: str
-    content_hash: str = ""  # sha256 of the raw file bytes, for staleness and upserts
+    content_hash: str = ""  # sha256 of the raw file bytes (of the record, in a file of many), for staleness and upserts
+    # Where the article came from, as the file or record said (each may be unknown); see ingest.
+    source_url: str | None = None  # the original page, not the local copy
+    outlet: str | None = None
+    author: str | None = None
+    story: str | None = None  # shared by syndicated copies of one story (ingest.syndication); None: its own
+    # "headline" (read from the text), "metadata" (given by the file or record) or "lead": no headline, so the
+    # title to show is the lead sentence shortened (ingest.lead_title) while ``title`` stays None.
+    title_from: str | None = None
 
 
 @dataclass(frozen=True)
