@@ -30,7 +30,7 @@ from ..config import Settings
 from ..backends import IndexBackend, open_backend
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
-from ..store import check_model
+from ..manifest import check_model
 from ..types import Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
