@@ -1,37 +1,12 @@
 """Add, replace or remove one article: the seeds folder and the index change together or not at all.
 
-The seeds folder is the source of truth and the index is derived from it. One write (``put_article``,
-``delete_article``) is a small transaction whose single commit point is the atomic replacement of
-``index/CURRENT`` inside ``store.build_index`` (docs/decisions/write-protocol.md):
-
-1. **Lock.** Take ``index/write.lock`` (``fcntl.flock``): one writer at a time, across processes (web
-   workers and ``qa-service index``). The kernel drops the lock of a process that dies, so a crash never
-   leaves it held.
-2. **Recover** any write that an earlier crash interrupted (see below).
-3. **Stage.** Write the new file's bytes to ``seeds/.<id>.txt.<random>.staged`` and fsync it. The name does
-   not end in ``.txt``, so nothing ever reads it as an article.
-4. **Journal.** Write ``index/write-journal.json`` atomically (``files.write_json_atomically``): the
-   operation, the article id, the staged file, the sha256 of the new bytes, and ``base_build``, the build
-   that was live before this write.
-5. **Build and publish.** ``build_index`` over the seeds folder's articles with this one added, replaced
-   or removed. Unchanged articles keep their vectors (same content hash), so only the new text is
-   embedded. Replacing ``CURRENT`` is the commit point.
-6. **Apply.** ``os.replace`` the staged file onto ``seeds/<id>.txt`` (or unlink it, for a removal) and
-   fsync the folder.
-7. **Forget.** Remove the journal. Only now does the client get its answer.
-
-``recover`` finishes or undoes an interrupted write from the journal alone. Writers are serialised by the
-lock, so ``CURRENT`` naming another build than ``base_build`` means this write's build was published:
-the write committed and step 6 is redone (idempotent). Otherwise it never committed: the staged file is
-deleted. Staged files that no journal names (a crash before step 4) are deleted too. A crash at any
-point therefore leaves the old seeds with the old index or the new seeds with the new index, never a
-mix, and an article whose write was acknowledged is never lost. ``recover`` runs before every write,
-in ``qa-service index``, at ``qa-service serve`` start-up, and in web workers that notice a journal
-while no writer holds the lock.
-
-Article ids come from a strict ASCII allow-list (``ARTICLE_ID``): no dots, slashes, NUL, or look-alike
-Unicode, so ``<id>.txt`` always names a file directly inside the seeds folder (checked again on the
-resolved path).
+The seeds folder is the source of truth and the index is derived from it. One write takes the writer lock
+(``fcntl.flock`` on ``index/write.lock``, dropped by the kernel if the process dies), settles any write a crash
+interrupted (``recover``), stages the new file beside its target, journals the operation, builds and publishes
+the index (replacing ``index/CURRENT`` is the single commit point), applies the staged file and forgets the
+journal; a crash at any point leaves the old seeds with the old index or the new with the new, never a mix:
+docs/decisions/write-protocol.md. Article ids come from a strict ASCII allow-list (``ARTICLE_ID``), so
+``<id>.txt`` always names a file directly inside the seeds folder.
 """
 
 from __future__ import annotations

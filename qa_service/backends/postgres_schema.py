@@ -1,19 +1,10 @@
 """PostgreSQL + pgvector: connecting, the schema and its migrations, the stored manifest and encoder files.
 
-Shared by the reader (``postgres.py``) and the writer (``postgres_writer.py``); docs/decisions/postgres-backend.md
-says why the backend is built so. Schema (``MIGRATIONS``; versions recorded in ``qa_schema_migrations``, applied
-under an advisory lock):
-
-- ``qa_articles``: id, source file, title, date, the exact text citations slice, content hash;
-- ``qa_passages`` / ``qa_sentences``: spans into the article text and their vectors (``vector(d)``), HNSW
-  (``vector_ip_ops``) over passage vectors;
-- ``qa_postings`` + ``qa_term_stats`` + ``qa_lexical_stats``: BM25 postings (passage terms, passage word pairs,
-  sentence terms) made by the FAISS backend's analyzer and scored in SQL with its formula, so both backends give
-  the same lexical scores;
-- ``qa_vocabulary``: word -> passage count, for spelling variants;
-- ``qa_meta``: the manifest (model, dimension, chunking, encoder) and the write generation;
-- ``qa_encoder_files``: the ONNX question encoder made at index time, so a serving host needs only the database
-  URL: it copies the encoder to ``<index_dir>/pg-encoders/<sha256>`` once (checksummed).
+Shared by the reader (``postgres.py``) and the writer (``postgres_writer.py``). Tables (``MIGRATIONS``, applied
+once each under an advisory lock): articles, passages and sentences with their vectors (HNSW over passages),
+BM25 postings and statistics scored in SQL exactly as the FAISS backend's bm25s indexes, the vocabulary, the
+manifest and write generation (``qa_meta``), and the ONNX question encoder's files, so a serving host needs only
+the database URL: docs/decisions/postgres-backend.md.
 """
 
 from __future__ import annotations
