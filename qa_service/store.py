@@ -8,7 +8,6 @@ running reader is never cut off: docs/decisions/write-protocol.md.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sqlite3
@@ -35,8 +34,6 @@ from .types import Article, Passage
 
 # The read side of the index lives in manifest.py; callers of the builder still find these names here.
 from .manifest import check_model as check_model, index_status as index_status, read_manifest as read_manifest
-
-logger = logging.getLogger(__name__)
 
 KEEP_BUILDS = 2
 
