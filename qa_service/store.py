@@ -14,8 +14,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,13 +27,15 @@ from .embedding import Embedder, normalize_rows
 from .files import link_or_copy, publish_folder, sha256_file, write_json_atomically, write_text_atomically
 from .index_texts import Chunks, Layout, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
 from .manifest import (BUILDS, CURRENT, FORMAT_VERSION, LEXICAL, MANIFEST, PASSAGES_DB, SENTENCE_VECTORS, VECTORS,
-                       VOCABULARY, chunking_settings, live_manifest)
+                       VOCABULARY, check_model, chunking_settings, index_status, live_manifest, read_manifest)
 from .onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder, resolve_quantize
 from .reuse import LiveRows, previous_layouts, previous_vectors
 from .types import Article, Passage
 
-# The read side of the index lives in manifest.py; callers of the builder still find these names here.
-from .manifest import check_model as check_model, index_status as index_status, read_manifest as read_manifest
+# The builder's API; the read side of the index (check_model, index_status, read_manifest) is manifest.py's,
+# named here too for callers of the builder.
+__all__ = ["BuildSummary", "build_index", "check_model", "chunk_articles", "embed_chunks", "index_status",
+           "read_manifest"]
 
 KEEP_BUILDS = 2
 

@@ -28,7 +28,7 @@ from qa_service.retrieval import Searcher
 from qa_service.types import Article, ArticleInfo, Filters
 
 from .support.fakes import FakeEmbedder
-from .support.paths import REPO, SHARED
+from .support.paths import REPO
 from .support.postgres import QUESTIONS, cited, new_database
 
 
