@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Settings
-from .errors import NoArticles
+from .errors import QAError
 from .types import Article
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 def load_seeds(seeds_dir: Path, notes: Notes | None = None) -> list[Article]:
     """Read the articles of ``seeds_dir``, telling ``notes`` about every file skipped or warned about.
 
-    Raises ``NoArticles`` when none is usable.
+    Raises a ``QAError`` (code ``no_articles``) when none is usable.
     """
     from .ingest import load_articles
 
@@ -57,7 +57,7 @@ def load_seeds(seeds_dir: Path, notes: Notes | None = None) -> list[Article]:
     for name, reason in report.warnings:
         notes(f"warning {name}: {reason}")
     if not report.articles:
-        raise NoArticles(f"No usable articles in {seeds_dir}.")
+        raise QAError(f"No usable articles in {seeds_dir}.", code="no_articles")
     return report.articles
 
 
