@@ -13,7 +13,7 @@ import click
 from . import indexing
 from .config import DEFAULT_MODEL, Settings
 from .errors import QAError
-from .types import is_blank
+from .types import MODES, is_blank
 
 logger = logging.getLogger("qa_service")
 
@@ -135,7 +135,7 @@ def _print_hits(result: dict) -> None:
 @click.argument("question", required=False)
 @click.option("-k", type=click.IntRange(1, 50), default=5, show_default=True, help="How many passages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result structure.")
-@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="hybrid", show_default=True,
               help="Retrieval: fused dense + BM25, or one of them alone.")
 @_common
 def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: str) -> None:

@@ -14,8 +14,6 @@ from .types import Article, Passage
 
 CONTEXT_CHARS = 300  # at most this much headline or lead (about 60 tokens), so the passage itself is not truncated
 
-Layout = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # an article's sentence spans, passage windows
-
 
 @dataclass
 class Chunks:

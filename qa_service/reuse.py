@@ -16,7 +16,8 @@ import numpy as np
 
 from .config import Settings
 from .embedding import Embedder
-from .index_texts import Chunks, Layout
+from .chunking import Layout
+from .index_texts import Chunks
 from .manifest import PASSAGES_DB, SENTENCE_VECTORS, VECTORS, chunking_settings
 from .types import Article
 
@@ -167,8 +168,8 @@ def previous_layouts(old: dict | None, embedder: Embedder, encoder: dict, settin
     for sid, aid, start, end in sentences:
         if aid in unchanged:
             first.setdefault(aid, sid)
-            layouts.setdefault(aid, ([], []))[0].append((start, end))
+            layouts.setdefault(aid, Layout([], [])).sentences.append((start, end))
     for _pid, aid, _start, _end, lo, hi in passages:
         if aid in layouts:
-            layouts[aid][1].append((lo - first[aid], hi - first[aid]))
+            layouts[aid].windows.append((lo - first[aid], hi - first[aid]))
     return layouts

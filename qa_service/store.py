@@ -21,11 +21,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .chunking import cut_many
+from .chunking import Layout, split_articles
 from .config import Settings
 from .embedding import Embedder, normalize_rows
 from .files import link_or_copy, publish_folder, sha256_file, write_json_atomically, write_text_atomically
-from .index_texts import Chunks, Layout, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
+from .index_texts import Chunks, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
 from .manifest import (BUILDS, CURRENT, FORMAT_VERSION, LEXICAL, MANIFEST, PASSAGES_DB, SENTENCE_VECTORS, VECTORS,
                        VOCABULARY, check_model, chunking_settings, index_status, live_manifest, read_manifest)
 from .onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder, resolve_quantize
@@ -55,8 +55,8 @@ def chunk_articles(articles: Iterable[Article], embedder: Embedder, settings: Se
     to_cut = [a for a in articles if a.id not in previous]
     # An embedder that does not say whether its counts add up (a wrapper, a test's fake) has windows counted whole.
     additive = bool(getattr(embedder, "counts_add_up", False))
-    cuts = dict(zip((a.id for a in to_cut), cut_many([a.text for a in to_cut], embedder.count_tokens, max_tokens,
-                                                     settings.overlap_sentences, additive=additive)))
+    cuts = dict(zip((a.id for a in to_cut), split_articles(to_cut, embedder.count_tokens, max_tokens,
+                                                           settings.overlap_sentences, additive=additive)))
     for article in articles:
         units, windows = previous[article.id] if article.id in previous else cuts[article.id]
         base = len(chunks.sentences)
@@ -125,8 +125,9 @@ class _LexicalWrite:
     """The lexical files of a build being written: ``wait()`` for them; ``stop()`` abandons them (after an error).
 
     A large build writes them on forked workers (``chunking.fork_pool``) while this process embeds passages and
-    writes the dense index and the SQLite file, all CPU-bound (docs/decisions/upload-cost.md). ``embedding``: how
-    many passages the build embeds after starting this.
+    writes the dense index and the SQLite file, all CPU-bound (docs/decisions/upload-cost.md); a process that may
+    not fork (``chunking.can_fork``: one that answers questions) writes them here. ``embedding``: how many
+    passages the build embeds after starting this.
     """
 
     def __init__(self, folder: Path, chunks: Chunks, articles: Sequence[Article], embedding: int = 0):

@@ -1,10 +1,13 @@
-"""Records that cross module boundaries (articles, passages, filters, search hits) and ``is_blank``, the one test
-of a question's text that the API, the form and the CLI share."""
+"""Records that cross module boundaries (articles, passages, filters, search hits), the search ``MODES``, and
+``is_blank``, the one test of a question's text that the API, the form and the CLI share."""
 
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
+
+# The search modes every entry point offers (CLI, API, form): fused, vectors only, BM25 only.
+MODES = ("hybrid", "dense", "lexical")
 
 
 def is_blank(text: str) -> bool:

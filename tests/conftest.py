@@ -25,6 +25,14 @@ os.environ.pop("QA_EXPORT_CACHE", None)
 atexit.register(shutil.rmtree, _CACHE, True)
 
 
+@pytest.fixture(autouse=True)
+def _no_searcher_yet(monkeypatch):
+    """Each test starts as a process that has made no ``Searcher``: its builds may fork (``chunking.forbid_forks``)."""
+    from qa_service import chunking
+
+    monkeypatch.setattr(chunking, "_FORKS_FORBIDDEN", False)
+
+
 @pytest.fixture(scope="session")
 def seed_articles():
     return load_articles(SEEDS).articles
