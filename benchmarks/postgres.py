@@ -69,7 +69,7 @@ def _compare(b: Bench, label: str, faiss_dir: Path, url: str, host_dir: Path, qu
 
 def section_postgres(b: Bench) -> None:
     from qa_service.backends.local_postgres import LocalPostgres
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
     from qa_service.config import Settings
     from qa_service.embedding import canonical_model_name
     from qa_service.store import SENTENCE_VECTORS, build_index, read_manifest

@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -117,7 +116,7 @@ def postgres():
 @pytest.fixture(scope="session")
 def fake_pg_index(tmp_path_factory, postgres, seed_articles, fake_embedder) -> Settings:
     """Settings for the seeds indexed into PostgreSQL with the fake embedder."""
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
 
     root = tmp_path_factory.mktemp("fake-pg-index")
     settings = Settings(index_dir=root / "index", seeds_dir=root / "seeds", model=FakeEmbedder.name,

@@ -644,7 +644,7 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     exactly what splitting them again gives; a changed article is split afresh."""
     from dataclasses import replace
 
-    from qa_service import store
+    from qa_service import reuse, store
 
     settings = _copy_index(real_index, tmp_path)
     old = read_manifest(settings.index_dir)
@@ -677,5 +677,5 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     assert stored_p == [(p.article_id, p.start, p.end, p.text, *fresh.passage_sentences[i])
                         for i, p in enumerate(fresh.passages)]
     # another encoder (here: none shared, so it may export afresh) splits everything again
-    assert store._previous_layouts(new, OnnxEmbedder.from_manifest(new), {"backend": "onnx", "sha256": "x"},
+    assert reuse.previous_layouts(new, OnnxEmbedder.from_manifest(new), {"backend": "onnx", "sha256": "x"},
                                    settings, articles) == {}

@@ -31,7 +31,7 @@ from ..backends import IndexBackend, open_backend
 from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
-from ..store import check_model
+from ..manifest import check_model
 from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
