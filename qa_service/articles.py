@@ -215,10 +215,10 @@ def _live_articles(index_dir: Path) -> dict:
     return read_manifest(index_dir).get("articles", {})
 
 
-def _seed_articles(seeds: Path) -> dict[str, Article]:
+def _seed_articles(seeds: Path, index_dir: Path) -> dict[str, Article]:
     from .ingest import load_articles
 
-    return {a.id: a for a in load_articles(seeds).articles}
+    return {a.id: a for a in load_articles(seeds, exclude=[index_dir]).articles}
 
 
 def _check_in_sync(seeds: Path, current: dict[str, Article], live: dict, article_id: str) -> None:
@@ -294,7 +294,7 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
                 reason = report.skipped[0][1] if report.skipped else "unusable"
                 raise InvalidArticle(f"The article text cannot be used: {reason}.")
             article = dataclasses.replace(article, id=article_id, source=target.name)
-            current = _seed_articles(seeds)
+            current = _seed_articles(seeds, index_dir)
             previous = current.get(article_id)
             live = _live_articles(index_dir)
             _check_in_sync(seeds, current, live, article_id)
@@ -333,7 +333,7 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
         live = _live_articles(index_dir)
         if not target.is_file() and article_id not in live:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
-        current = _seed_articles(seeds)
+        current = _seed_articles(seeds, index_dir)
         _check_in_sync(seeds, current, live, article_id)
         articles = [a for a in current.values() if a.id != article_id]
         if not articles:

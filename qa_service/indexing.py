@@ -43,15 +43,17 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
         return _ensure_folder_index(settings, seeds_dir, force, progress, notes)
 
 
-def load_seeds(seeds_dir: Path, notes: Notes | None = None) -> list[Article]:
+def load_seeds(seeds_dir: Path, notes: Notes | None = None, index_dir: Path | None = None) -> list[Article]:
     """Read the articles of ``seeds_dir``, telling ``notes`` about every file skipped or warned about.
+
+    An index kept inside the articles folder (``index_dir``) is not read as articles.
 
     Raises a ``QAError`` (code ``no_articles``) when none is usable.
     """
     from .ingest import load_articles
 
     notes = notes or _log
-    report = load_articles(seeds_dir)
+    report = load_articles(seeds_dir, exclude=[index_dir] if index_dir else ())
     for name, reason in report.skipped:
         notes(f"skipped {name}: {reason}")
     for name, reason in report.warnings:
@@ -67,7 +69,7 @@ def _ensure_folder_index(settings: Settings, seeds_dir: Path, force: bool, progr
     from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, resolve_quantize, shareable_encoder
     from .store import build_index
 
-    articles = load_seeds(seeds_dir, notes)
+    articles = load_seeds(seeds_dir, notes, settings.index_dir)
     fresh, reason = index_status(settings, articles)
     if fresh and not force:
         return f"index is up to date: {len(articles)} articles"
@@ -95,7 +97,7 @@ def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, pro
     from .embedding import load_embedder
     from .onnx_encoder import INDEXING_THREADS, shareable_encoder
 
-    articles = load_seeds(seeds_dir, notes)
+    articles = load_seeds(seeds_dir, notes, settings.index_dir)
     with PostgresWriter(settings) as writer:
         fresh, reason = writer.status(articles)
         if fresh and not force:

@@ -141,7 +141,7 @@ def assert_citations_slice(articles):
     """The exact-citation rule after chunking: every passage is its article's text at its offsets."""
     for article in articles:
         assert article.text and article.text == article.text.strip()
-        passages = split_article(article, lambda t: len(t.split()), 40)
+        passages = split_article(article, lambda t: len(t.split()), 40).passages(article)
         assert passages
         for p in passages:
             assert article.text[p.start:p.end] == p.text
