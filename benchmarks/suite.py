@@ -229,8 +229,8 @@ def section_query(b: Bench) -> None:
     """
 
     from qa_service.config import Settings
-    from qa_service.embedding import SentenceTransformerEmbedder
-    from qa_service.onnx_encoder import SERVING_THREADS
+    from qa_service.embedding.onnx_encoder import SERVING_THREADS
+    from qa_service.embedding.torch_encoder import SentenceTransformerEmbedder
     from qa_service.retrieval import Searcher
 
     qs = b.questions
@@ -450,7 +450,7 @@ def cpu_per_question(b: Bench) -> float:
     """
     if "cpu_per_question_s" not in b.facts:
         from qa_service.config import Settings
-        from qa_service.onnx_encoder import OnnxEmbedder
+        from qa_service.embedding.onnx_encoder import OnnxEmbedder
         from qa_service.retrieval import Searcher
         from qa_service.store import read_manifest
 
@@ -521,7 +521,7 @@ def _built_texts(index_dir: Path, corpus: Path):
     """
     from qa_service.config import Settings
     from qa_service.ingest import load_articles
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
     from qa_service.store import (PASSAGES_DB, chunk_articles, embedding_texts, read_manifest,
                                   sentence_embedding_texts)
 
@@ -566,8 +566,8 @@ def section_build(b: Bench) -> None:
     every article.
     """
     from qa_service.config import Settings
-    from qa_service.embedding import SentenceTransformerEmbedder
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.torch_encoder import SentenceTransformerEmbedder
     from qa_service.store import read_manifest
 
     batch = Settings().batch_size  # the floors encode in the build's own batches, so batching is no advantage
@@ -1116,14 +1116,14 @@ def section_ray(b: Bench) -> None:
     build pays per pass); that fixed cost is measured separately on a handful of texts.
     """
     try:
-        from qa_service.distributed import RayEmbedder, RayUnavailable, _Session, import_ray, ray_scope
+        from qa_service.embedding.ray import LOCAL, RayEmbedder, RayUnavailable, _Session, import_ray, ray_scope
 
-        import_ray()
+        import_ray(LOCAL)
     except RayUnavailable:
         b.echo("  ray: skipped - Ray is not installed (pip install -e '.[ray]')")
         b.facts["ray_skipped"] = "Ray is not installed (pip install -e '.[ray]')"
         return
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
     from qa_service.store import read_manifest
 
     encoder = OnnxEmbedder.from_manifest(read_manifest(b.seed_index), threads=INDEXING_THREADS)

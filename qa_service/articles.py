@@ -239,7 +239,7 @@ def recover_if_idle(index_dir: Path) -> str | None:
 
 def _build(settings: Settings, articles: list[Article], embedder):
     """Build and publish an index of ``articles``, embedding only what changed."""
-    from .onnx_encoder import onnx_backend_is_used
+    from .embedding.onnx_encoder import onnx_backend_is_used
     from .store import build_index, read_manifest
 
     if embedder is not None:

@@ -87,7 +87,8 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 
 def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, resolve_quantize, shareable_encoder
+    from .embedding.export_cache import cached_export, remember_export, shareable_encoder
+    from .embedding.onnx_encoder import INDEXING_THREADS, resolve_quantize
     from .store import build_index, index_status, live_manifest
 
     articles = _load_seeds(seeds_dir)
@@ -128,7 +129,8 @@ def _load_seeds(seeds_dir: Path):
 def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
     from .backends.postgres import PostgresWriter
     from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
+    from .embedding.export_cache import shareable_encoder
+    from .embedding.onnx_encoder import INDEXING_THREADS
 
     articles = _load_seeds(seeds_dir)
     with PostgresWriter(settings) as writer:
@@ -163,7 +165,7 @@ def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, pro
 def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_address: str | None,
           ray_actors: int | None) -> None:
     """Build (or refresh) the index from the articles in SEEDS_DIR."""
-    from .distributed import RayUnavailable, import_ray, ray_scope
+    from .embedding.ray import RayUnavailable, import_ray, ray_scope
 
     settings = settings.with_(quantize=quantize)
     if ray_address is not None:

@@ -35,9 +35,6 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 2 * 1024 * 1024  # POST /api/articles has its own, larger cap
     reranker: str | None = None  # optional cross-encoder (QA_RERANKER / --reranker)
-    # The question encoder's two threads on two different CPUs (onnx_encoder.helper_placement): a question after
-    # idleness 1.4-2.7 ms sooner over HTTP on this 2-core machine. QA_PIN_ENCODER_THREADS=0 leaves them to the kernel.
-    pin_encoder_threads: bool = True
     # Above this many passages the dense index is approximate (IVF, retrieval/dense.py); exact below (QA_ANN_THRESHOLD).
     # Measured: an exact scan of 50k vectors costs about as much as encoding the question.
     ann_threshold: int = 50_000
@@ -88,4 +85,4 @@ def _flag(raw: str) -> bool:
 _FROM_ENV = (("index_dir", Path), ("seeds_dir", Path), ("model", str), ("reranker", str), ("quantize", str),
              ("api_key", str), ("require_key_for_read", _flag), ("ann_threshold", int), ("database_url", str),
              ("database_write_url", str), ("ray_address", str), ("max_queue", int), ("queue_timeout", float),
-             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int), ("pin_encoder_threads", _flag))
+             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int))

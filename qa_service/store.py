@@ -42,7 +42,8 @@ from .chunking import cut_many
 from .config import Settings
 from .embedding import Embedder, canonical_model_name, normalize_rows
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from .onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_status, prepare_encoder, resolve_quantize
+from .embedding.export import prepare_encoder
+from .embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_status, resolve_quantize
 from .types import Article, Passage
 
 logger = logging.getLogger(__name__)
@@ -706,7 +707,7 @@ def build_index(
             embedder, encoder = prepare_encoder(embedder, resolve_quantize(settings.quantize, old), tmp, builds,
                                                 embedded)
         lap("encoder")
-        from .distributed import maybe_distributed
+        from .embedding.ray import maybe_distributed
 
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
         fill_with = maybe_distributed(embedder, settings)

@@ -271,11 +271,11 @@ class PostgresBackend:
         entry = self.manifest.get("encoder") or {}
         if entry.get("backend") != "onnx":
             return None
-        from ..onnx_encoder import OnnxEmbedder
+        from ..embedding import load_index_encoder
 
         folder = fetch_encoder(self._conn(), entry, Path(self.settings.index_dir) / ENCODER_CACHE)
-        return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)},
-                                          pin_threads=self.settings.pin_encoder_threads)
+        return load_index_encoder({**self.manifest, "_build_dir": str(folder)},
+                                  pin_threads="encoder_cores" in getattr(self.settings, "tuning", ()))
 
     @property
     def article_count(self) -> int:
@@ -604,7 +604,7 @@ class PostgresWriter:
     def status(self, articles: Sequence[Article]) -> tuple[bool, str]:
         """``(fresh, reason)`` as ``store.index_status``, for the database."""
         from ..embedding import canonical_model_name
-        from ..onnx_encoder import encoder_status
+        from ..embedding.onnx_encoder import encoder_status
         from ..store import chunking_settings
 
         manifest = self.manifest()
@@ -653,7 +653,7 @@ class PostgresWriter:
         chunks = chunk_articles(changed, embedder, self.settings)
         encode = embedder
         if self.settings.ray_address:
-            from ..distributed import maybe_distributed
+            from ..embedding.ray import maybe_distributed
 
             encode = maybe_distributed(embedder, self.settings)
         pvecs = np.full((len(chunks.passages), embedder.dimension), np.nan, dtype=np.float32)
@@ -709,7 +709,8 @@ class PostgresWriter:
 
     def _encoder(self, embedder, manifest: dict | None, sample: list[str], threads: int | None = None):
         """Return ``(embedder for passages and questions, its manifest entry, folder to upload or None)``."""
-        from ..onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder, resolve_quantize
+        from ..embedding.export import prepare_encoder
+        from ..embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, resolve_quantize
 
         cache = Path(self.settings.index_dir) / ENCODER_CACHE
         entry = (manifest or {}).get("encoder") or {}
