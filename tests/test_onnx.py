@@ -16,14 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qa_service.files import sha256_file
 from qa_service import store
 from qa_service.config import Settings
 from qa_service.embedding import export, export_cache, models, onnx_encoder
 from qa_service.embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder
 from qa_service.errors import IndexCorrupt
-from qa_service.store import (build_index, chunk_articles, embed_chunks, embedding_texts, index_status,
-                              read_manifest, sentence_embedding_texts)
+from qa_service.files import sha256_file
+from qa_service.store import (
+    build_index,
+    chunk_articles,
+    embed_chunks,
+    embedding_texts,
+    index_status,
+    read_manifest,
+    sentence_embedding_texts,
+)
 
 from .support.paths import REPO, SHARED
 
@@ -66,7 +73,8 @@ def test_import_paths_do_not_load_torch():
     script = textwrap.dedent("""
         import importlib.util, json, sys
         import qa_service.embedding
-        bare = sorted(m for m in ("torch", "sentence_transformers", "transformers", "onnxruntime") if m in sys.modules)
+        heavy = ("torch", "sentence_transformers", "transformers", "onnxruntime")
+        bare = sorted(m for m in heavy if m in sys.modules)
         import qa_service, qa_service.store, qa_service.retrieval, qa_service.cli
         import qa_service.embedding.onnx_encoder, qa_service.embedding.export, qa_service.embedding.export_cache
         import qa_service.embedding.torch_encoder, qa_service.embedding.ray

@@ -200,12 +200,11 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
                                                           fake_searcher, ray_stopped):
     """`qa-service index --ray --database-url ...`: the Ray pool fills PostgreSQL, which then answers exactly
     as the single-process FAISS index of the same articles (fake embedder, pickled to the actors)."""
-    from qa_service.embedding import ray as ray_pool
     from qa_service.backends.postgres import PostgresWriter
+    from qa_service.embedding import ray as ray_pool
     from qa_service.retrieval import Searcher
 
-    from .support.postgres import new_database
-    from .support.postgres import QUESTIONS, cited
+    from .support.postgres import QUESTIONS, cited, new_database
 
     settings = Settings(index_dir=tmp_path / "pg", model=fake_embedder.name, ray_address="local", ray_actors=2,
                         database_url=new_database(postgres, "ray_build"))

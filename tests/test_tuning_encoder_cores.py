@@ -15,8 +15,15 @@ from qa_service.embedding import load_index_encoder
 from qa_service.embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder
 from qa_service.store import read_manifest
 from qa_service.tuning import encoder_cores
-from qa_service.tuning.encoder_cores import (CoreSharing, PinnedCaller, WorkerActivity, helper_placement,
-                                             pinned_session_config, run_on_cpus, share_cores)
+from qa_service.tuning.encoder_cores import (
+    CoreSharing,
+    PinnedCaller,
+    WorkerActivity,
+    helper_placement,
+    pinned_session_config,
+    run_on_cpus,
+    share_cores,
+)
 
 from .support.paths import SHARED
 
@@ -192,6 +199,8 @@ def test_a_question_encoder_runs_its_helper_and_its_caller_on_different_cpus(rea
     new = [cpus for tid, cpus in _thread_cpus().items() if tid not in threads_before]
     assert set(helpers) in new  # onnxruntime's helper thread, on the helper CPU only
     assert isinstance(pinned.runner, PinnedCaller) and pinned.runner.cpus == caller
+    with pytest.raises(ValueError, match="not open yet"):  # an open session's threads are placed already
+        encoder_cores.pin_threads(pinned)
 
     wide = pinned._session = Recording(pinned._session)
     before = os.sched_getaffinity(0)
@@ -228,7 +237,8 @@ def test_the_serving_encoder_is_pinned_only_when_asked(real_index):
     assert Searcher(real_index).embedder.runner is None
 
 
-@pytest.mark.skipif("tuning" not in Settings.__dataclass_fields__, reason="Settings.tuning (QA_TUNING) not present")
+@pytest.mark.skipif("tuning" not in Settings.__dataclass_fields__,
+                    reason="Settings.tuning (QA_TUNING) not present")
 def test_the_tuning_setting_pins_the_searchers_encoder(real_index):
     from qa_service.retrieval import Searcher
 

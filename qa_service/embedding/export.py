@@ -23,8 +23,18 @@ from ..files import sha256_file, write_text_atomically
 from . import Embedder
 from .export_cache import reuse_build_export
 from .models import model_files_digest
-from .onnx_encoder import (EXPORT_VERSION, INDEXING_THREADS, INPUTS, MODEL_DIR, MODEL_FILES, OUTPUT, TOKENIZER_FILE,
-                           TOKENS, OnnxEmbedder, encoder_precision)
+from .onnx_encoder import (
+    EXPORT_VERSION,
+    INDEXING_THREADS,
+    INPUTS,
+    MODEL_DIR,
+    MODEL_FILES,
+    OUTPUT,
+    TOKENIZER_FILE,
+    TOKENS,
+    OnnxEmbedder,
+    encoder_precision,
+)
 from .torch_encoder import SentenceTransformerEmbedder, token_pooling_of
 
 logger = logging.getLogger(__name__)

@@ -156,6 +156,11 @@ class OnnxEmbedder:
         self.token_pooling = self._requested_pooling if has_tokens else None
 
     @property
+    def is_open(self) -> bool:
+        """Whether the onnxruntime session exists yet (``open_session=False`` defers it)."""
+        return self._session is not None
+
+    @property
     def session(self):
         """The onnxruntime session every run uses unless a tuning ``runner`` picks another (opened on first use)."""
         if self._session is None:

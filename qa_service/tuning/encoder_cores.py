@@ -97,6 +97,8 @@ def pin_threads(embedder: OnnxEmbedder) -> bool:
     A placement this machine cannot have (one thread, too few CPUs) leaves the encoder as it is; a missing OS or
     onnxruntime hook does too, with a warning, since the tuning was asked for.
     """
+    if embedder.is_open:
+        raise ValueError("pin_threads needs an encoder whose session is not open yet (open_session=False)")
     if embedder.threads < 2:
         return False
     if not hasattr(os, "sched_setaffinity"):
