@@ -47,6 +47,19 @@ def _thread_cpus() -> dict[str, set[int]]:
     return out
 
 
+def _new_threads_cpus(before: dict, helpers: tuple[int, ...], seconds: float = 5.0) -> list[set[int]]:
+    """The CPU sets of threads started since ``before``; waits (up to ``seconds``) for one on ``helpers``, since a
+    pool thread applies its affinity itself once it runs."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        new = [cpus for tid, cpus in _thread_cpus().items() if tid not in before]
+        if set(helpers) in new or time.monotonic() > deadline:
+            return new
+        time.sleep(0.01)
+
+
 class Busy:
     """A stand-in for ``WorkerActivity`` whose "others answering" is set by the test."""
 
@@ -114,8 +127,7 @@ def test_the_os_and_onnxruntime_hooks_it_needs_are_there(tmp_path):
         options.add_session_config_entry(key, value)
     before = _thread_cpus()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    new = [cpus for tid, cpus in _thread_cpus().items() if tid not in before]
-    assert set(helpers) in new  # onnxruntime's helper thread, on the helper CPU only
+    assert set(helpers) in _new_threads_cpus(before, helpers)  # onnxruntime's helper thread, on the helper CPU only
     assert session.run(None, {"x": np.ones((2, 64), dtype=np.float32)})[0].shape == (2, 64)
 
 
@@ -196,8 +208,7 @@ def test_a_question_encoder_runs_its_helper_and_its_caller_on_different_cpus(rea
     threads_before = _thread_cpus()
     pinned = OnnxEmbedder.from_manifest(manifest, threads=2, open_session=False)
     assert encoder_cores.pin_threads(pinned) is True
-    new = [cpus for tid, cpus in _thread_cpus().items() if tid not in threads_before]
-    assert set(helpers) in new  # onnxruntime's helper thread, on the helper CPU only
+    assert set(helpers) in _new_threads_cpus(threads_before, helpers)  # the helper thread, on the helper CPU only
     assert isinstance(pinned.runner, PinnedCaller) and pinned.runner.cpus == caller
     with pytest.raises(ValueError, match="not open yet"):  # an open session's threads are placed already
         encoder_cores.pin_threads(pinned)
