@@ -40,7 +40,8 @@ def _contents(index_dir: Path) -> tuple[dict, list, np.ndarray, np.ndarray]:
     con = sqlite3.connect(build / PASSAGES_DB)
     passages = con.execute('SELECT id, article_id, start, "end", text, first_sentence, last_sentence '
                            'FROM passages ORDER BY id').fetchall()
-    passages += con.execute('SELECT id, article_id, start, "end", NULL, NULL, NULL FROM sentences ORDER BY id').fetchall()
+    passages += con.execute('SELECT id, article_id, start, "end", NULL, NULL, NULL FROM sentences '
+                            'ORDER BY id').fetchall()
     con.close()
     index = faiss.read_index(str(build / VECTORS))
     return manifest, passages, index.reconstruct_n(0, index.ntotal), np.load(build / SENTENCE_VECTORS)
@@ -131,7 +132,8 @@ def test_index_command_ray_options(tmp_path, monkeypatch):
         ([], {"QA_RAY_ADDRESS": "local", "QA_RAY_ACTORS": "4"}, ("local", 4)),
         (["--ray-actors", "1"], {"QA_RAY_ADDRESS": "head:6379"}, ("head:6379", 1)),
     ):
-        result = runner.invoke(cli_module.cli, ["index", str(seeds), "--index-dir", str(tmp_path / "i"), *args], env=env)
+        result = runner.invoke(cli_module.cli, ["index", str(seeds), "--index-dir", str(tmp_path / "i"), *args],
+                               env=env)
         assert result.exit_code == 0, result.output
         assert (seen[-1].ray_address, seen[-1].ray_actors) == expected, args
     assert runner.invoke(cli_module.cli, ["index", str(seeds), "--ray-actors", "0"]).exit_code == 2
@@ -200,7 +202,7 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
                                                           fake_searcher, ray_stopped):
     """`qa-service index --ray --database-url ...`: the Ray pool fills PostgreSQL, which then answers exactly
     as the single-process FAISS index of the same articles (fake embedder, pickled to the actors)."""
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
     from qa_service.embedding import ray as ray_pool
     from qa_service.retrieval import Searcher
 

@@ -255,7 +255,8 @@ def test_the_tuning_setting_pins_the_searchers_encoder(real_index):
 
     expected = helper_placement(SERVING_THREADS)
     tuned = Searcher(real_index.with_(tuning=frozenset({"encoder_cores"}))).embedder
-    assert (tuned.runner.cpus if isinstance(tuned.runner, PinnedCaller) else None) == (expected[1] if expected else None)
+    pinned_to = tuned.runner.cpus if isinstance(tuned.runner, PinnedCaller) else None
+    assert pinned_to == (expected[1] if expected else None)
     assert Searcher(real_index.with_(tuning=frozenset())).embedder.runner is None
 
 

@@ -130,8 +130,10 @@ def prepare_encoder(embedder: Embedder, quantize: str, build_dir: Path, builds: 
 
 
 def _probe_texts(passages: Sequence[str], n: int = 8) -> list[str]:
-    picks = [passages[i] for i in np.linspace(0, len(passages) - 1, min(n, len(passages)), dtype=int)] if passages else []
-    return list(PROBE_TEXTS) + picks
+    if not passages:
+        return list(PROBE_TEXTS)
+    picks = np.linspace(0, len(passages) - 1, min(n, len(passages)), dtype=int)
+    return list(PROBE_TEXTS) + [passages[i] for i in picks]
 
 
 def _finish(embedder, precision: str, folder: Path, inputs: Sequence[str], pad_id: int,

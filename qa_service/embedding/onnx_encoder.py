@@ -244,7 +244,8 @@ class OnnxEmbedder:
         graph with token vectors of a mean-pooling model (``token_pooling == "mean"``).
         """
         if self.token_pooling != "mean":
-            raise ValueError("this ONNX encoder cannot pool token vectors (an older export, or not a mean-pooling model)")
+            raise ValueError("this ONNX encoder cannot pool token vectors "
+                             "(an older export, or not a mean-pooling model)")
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32), []
@@ -268,7 +269,7 @@ class OnnxEmbedder:
 
     @functools.cached_property
     def counts_add_up(self) -> bool:
-        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts (``token_counts_add_up``)."""
+        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts."""
         return token_counts_add_up(self._tokenizer.to_str())
 
     def count_tokens(self, text: str) -> int:

@@ -212,7 +212,8 @@ class EncoderActor:
         vectors, pooled = self.embedder.encode_pooled(texts, [[ranges for _, ranges in g] for g in groups],
                                                       batch_size=self.batch_size)
         out_ids = [ids] + [np.asarray([out for out, _ in g], dtype=np.int64) for g in groups]
-        rows = [np.asarray(vectors, dtype=np.float32)] + [np.asarray(p, dtype=np.float32).reshape(-1, self.embedder.dimension)
+        width = self.embedder.dimension
+        rows = [np.asarray(vectors, dtype=np.float32)] + [np.asarray(p, dtype=np.float32).reshape(-1, width)
                                                          for p in pooled]
         return {"id": np.concatenate(out_ids), "vector": np.concatenate(rows)}
 

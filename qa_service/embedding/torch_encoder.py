@@ -99,7 +99,7 @@ class SentenceTransformerEmbedder:
 
     @functools.cached_property
     def counts_add_up(self) -> bool:
-        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts (``token_counts_add_up``)."""
+        """Whether ``count_tokens`` of texts joined by whitespace is the sum of their counts."""
         backend = getattr(self._tokenizer, "backend_tokenizer", None)  # a fast (Rust) tokenizer only
         return backend is not None and token_counts_add_up(backend.to_str())
 

@@ -474,7 +474,7 @@ def build_in_subprocess(settings: Settings, seeds_dir: Path) -> str:
     """Run ``ensure_index`` in a spawned process, so this one never runs the model before forking.
 
     An executor's worker, not a ``multiprocessing.Pool``'s: it is not daemonic, so the build can cut a large
-    folder's articles on every core (``chunking.cut_many``), and a worker that dies raises here instead of
+    folder's articles on every core (``chunking.split_articles``), and a worker that dies raises here instead of
     leaving the call waiting.
     """
     from concurrent.futures import ProcessPoolExecutor
