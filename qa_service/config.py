@@ -23,8 +23,8 @@ class Settings:
     # Texts per encoder call when indexing (and evaluating): small batches keep each layer's activations in the
     # CPU's cache and were faster than larger ones (docs/decisions/batch-size.md).
     batch_size: int = 8
-    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
-    # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
+    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see embedding/export.py);
+    # "auto" keeps the existing index's precision, fp32 for a new one (``embedding.onnx_encoder.resolve_quantize``).
     quantize: str = "auto"
     max_question_chars: int = 1000
     max_k: int = 50
@@ -49,7 +49,7 @@ class Settings:
     # Where writes go when database_url is a read replica (QA_DATABASE_WRITE_URL); None: database_url itself.
     database_write_url: str | None = field(default=None, repr=False)
     hnsw_ef_search: int = 100  # PostgreSQL backend: pgvector hnsw.ef_search (QA_HNSW_EF_SEARCH)
-    # Distributed embedding at index time (qa_service/distributed.py): None embeds in this process;
+    # Distributed embedding at index time (qa_service/embedding/ray.py): None embeds in this process;
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
