@@ -51,8 +51,8 @@ def _built_texts(index_dir: Path, corpus: Path):
     sentence, as the build embedded them), after checking the chunks are exactly the build's.
     """
     from qa_service.config import Settings
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
     from qa_service.ingest import load_articles
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
     from qa_service.store import (PASSAGES_DB, chunk_articles, embedding_texts, read_manifest,
                                   sentence_embedding_texts)
 
@@ -83,8 +83,8 @@ def section_build(b: Bench) -> None:
     ``build_rounds`` rounds of a raw encode and its build timed back to back. See docs/decisions/build-target.md.
     """
     from qa_service.config import Settings
-    from qa_service.embedding import SentenceTransformerEmbedder
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.torch_encoder import SentenceTransformerEmbedder
     from qa_service.store import read_manifest
 
     batch = Settings().batch_size  # the floors encode in the build's own batches, so batching is no advantage
@@ -251,14 +251,14 @@ def section_ray(b: Bench) -> None:
     run includes starting its actors, a fixed cost also measured on its own. See docs/decisions/ray-indexing.md.
     """
     try:
-        from qa_service.distributed import RayEmbedder, RayUnavailable, _Session, import_ray, ray_scope
+        from qa_service.embedding.ray import LOCAL, RayEmbedder, RayUnavailable, _Session, import_ray, ray_scope
 
-        import_ray()
+        import_ray(LOCAL)
     except RayUnavailable:
         b.echo("  ray: skipped - Ray is not installed (pip install -e '.[ray]')")
         b.facts["ray_skipped"] = "Ray is not installed (pip install -e '.[ray]')"
         return
-    from qa_service.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
+    from qa_service.embedding.onnx_encoder import INDEXING_THREADS, OnnxEmbedder
     from qa_service.store import read_manifest
 
     encoder = OnnxEmbedder.from_manifest(read_manifest(b.seed_index), threads=INDEXING_THREADS)

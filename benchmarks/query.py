@@ -29,8 +29,8 @@ def section_query(b: Bench) -> None:
     """
 
     from qa_service.config import Settings
-    from qa_service.embedding import SentenceTransformerEmbedder
-    from qa_service.onnx_encoder import SERVING_THREADS
+    from qa_service.embedding.onnx_encoder import SERVING_THREADS
+    from qa_service.embedding.torch_encoder import SentenceTransformerEmbedder
     from qa_service.retrieval import Searcher
 
     qs = b.questions
@@ -240,7 +240,7 @@ def cpu_per_question(b: Bench) -> float:
     """
     if "cpu_per_question_s" not in b.facts:
         from qa_service.config import Settings
-        from qa_service.onnx_encoder import OnnxEmbedder
+        from qa_service.embedding.onnx_encoder import OnnxEmbedder
         from qa_service.retrieval import Searcher
         from qa_service.store import read_manifest
 

@@ -198,7 +198,7 @@ def recover_if_idle(index_dir: Path) -> str | None:
 
 def _build(settings: Settings, articles: list[Article], embedder):
     """Build and publish an index of ``articles``, embedding only what changed."""
-    from .onnx_encoder import onnx_backend_is_used
+    from .embedding.onnx_encoder import onnx_backend_is_used
     from .store import build_index
 
     if embedder is not None:

@@ -94,7 +94,7 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
 def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_address: str | None,
           ray_actors: int | None) -> None:
     """Build (or refresh) the index from the articles in SEEDS_DIR."""
-    from .distributed import RayUnavailable, import_ray, ray_scope
+    from .embedding.ray import RayUnavailable, import_ray, ray_scope
 
     settings = settings.with_(quantize=quantize)
     if ray_address is not None:

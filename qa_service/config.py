@@ -23,17 +23,14 @@ class Settings:
     # Texts per encoder call when indexing (and evaluating): small batches keep each layer's activations in the
     # CPU's cache and were faster than larger ones (docs/decisions/batch-size.md).
     batch_size: int = 8
-    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
-    # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
+    # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see embedding/export.py);
+    # "auto" keeps the existing index's precision, fp32 for a new one (``embedding.onnx_encoder.resolve_quantize``).
     quantize: str = "auto"
     max_question_chars: int = 1000
     max_k: int = 50
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 2 * 1024 * 1024  # POST /api/articles has its own, larger cap
     reranker: str | None = None  # optional cross-encoder (QA_RERANKER / --reranker)
-    # The question encoder's two threads on two different CPUs (onnx_encoder.helper_placement): a question after
-    # idleness 1.4-2.7 ms sooner over HTTP on this 2-core machine. QA_PIN_ENCODER_THREADS=0 leaves them to the kernel.
-    pin_encoder_threads: bool = True
     # Above this many passages the dense index is approximate (IVF, retrieval/dense.py); exact below, where a whole
     # scan costs about as much as encoding the question (QA_ANN_THRESHOLD, docs/decisions/ann-index.md).
     ann_threshold: int = 50_000
@@ -52,7 +49,7 @@ class Settings:
     # Where writes go when database_url is a read replica (QA_DATABASE_WRITE_URL); None: database_url itself.
     database_write_url: str | None = field(default=None, repr=False)
     hnsw_ef_search: int = 100  # PostgreSQL backend: pgvector hnsw.ef_search (QA_HNSW_EF_SEARCH)
-    # Distributed embedding at index time (qa_service/distributed.py): None embeds in this process;
+    # Distributed embedding at index time (qa_service/embedding/ray.py): None embeds in this process;
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
@@ -83,4 +80,4 @@ def _flag(raw: str) -> bool:
 _FROM_ENV = (("index_dir", Path), ("seeds_dir", Path), ("model", str), ("reranker", str), ("quantize", str),
              ("api_key", str), ("require_key_for_read", _flag), ("ann_threshold", int), ("database_url", str),
              ("database_write_url", str), ("ray_address", str), ("max_queue", int), ("queue_timeout", float),
-             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int), ("pin_encoder_threads", _flag))
+             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int))

@@ -65,8 +65,9 @@ def load_seeds(seeds_dir: Path, notes: Notes | None = None, index_dir: Path | No
 
 def _ensure_folder_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool, notes: Notes) -> str:
     from .embedding import load_embedder
+    from .embedding.export_cache import cached_export, remember_export, shareable_encoder
+    from .embedding.onnx_encoder import INDEXING_THREADS, resolve_quantize
     from .manifest import index_status, live_manifest
-    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, resolve_quantize, shareable_encoder
     from .store import build_index
 
     articles = load_seeds(seeds_dir, notes, settings.index_dir)
@@ -95,7 +96,8 @@ def _ensure_folder_index(settings: Settings, seeds_dir: Path, force: bool, progr
 def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool, notes: Notes) -> str:
     from .backends.postgres_writer import PostgresWriter
     from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
+    from .embedding.export_cache import shareable_encoder
+    from .embedding.onnx_encoder import INDEXING_THREADS
 
     articles = load_seeds(seeds_dir, notes, settings.index_dir)
     with PostgresWriter(settings) as writer:

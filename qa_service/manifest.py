@@ -16,8 +16,8 @@ from typing import Sequence
 
 from .config import Settings
 from .embedding import canonical_model_name
+from .embedding.onnx_encoder import encoder_status
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
-from .onnx_encoder import encoder_status
 from .types import Article
 
 FORMAT_VERSION = 1

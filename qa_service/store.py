@@ -24,11 +24,12 @@ import numpy as np
 from .chunking import Layout, split_articles
 from .config import Settings
 from .embedding import Embedder, normalize_rows
+from .embedding.export import prepare_encoder
+from .embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, resolve_quantize
 from .files import link_or_copy, publish_folder, sha256_file, write_json_atomically, write_text_atomically
 from .index_texts import Chunks, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
 from .manifest import (BUILDS, CURRENT, FORMAT_VERSION, LEXICAL, MANIFEST, PASSAGES_DB, SENTENCE_VECTORS, VECTORS,
                        VOCABULARY, check_model, chunking_settings, index_status, live_manifest, read_manifest)
-from .onnx_encoder import SERVING_THREADS, OnnxEmbedder, prepare_encoder, resolve_quantize
 from .reuse import LiveRows, previous_layouts, previous_vectors
 from .types import Article, Passage
 
@@ -301,7 +302,7 @@ def build_index(
             embedder, encoder = prepare_encoder(embedder, resolve_quantize(settings.quantize, old), tmp, builds,
                                                 embedded)
         lap("encoder")
-        from .distributed import maybe_distributed
+        from .embedding.ray import maybe_distributed
 
         # The same encoder, run on a Ray actor pool when settings.ray_address is set (--ray); else embedder itself.
         fill_with = maybe_distributed(embedder, settings)

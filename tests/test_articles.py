@@ -349,8 +349,8 @@ def test_single_article_writes_never_start_ray(tmp_path, fake_index, monkeypatch
     """QA_RAY_ADDRESS is for indexing jobs: an upload through the API embeds one article in-process."""
     import shutil
 
-    from qa_service import distributed
     from qa_service.articles import delete_article, put_article
+    from qa_service.embedding import ray as distributed
     from tests.support.fakes import FakeEmbedder
     from .support.live_server import link_copy
 

@@ -10,8 +10,15 @@ import faiss
 import numpy as np
 import pytest
 
-from qa_service.retrieval.dense import (EXACT, IVF, IVF_FP16, REFINE_CANDIDATES, DenseIndex, build_dense_index,
-                                        ivf_parameters)
+from qa_service.retrieval.dense import (
+    EXACT,
+    IVF,
+    IVF_FP16,
+    REFINE_CANDIDATES,
+    DenseIndex,
+    build_dense_index,
+    ivf_parameters,
+)
 from qa_service.store import MANIFEST, VECTORS, build_index, read_manifest
 
 

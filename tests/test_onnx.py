@@ -16,13 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qa_service.files import sha256_file
-from qa_service import onnx_encoder, store
+from qa_service import store
 from qa_service.config import Settings
+from qa_service.embedding import export, export_cache, models, onnx_encoder
+from qa_service.embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder
 from qa_service.errors import IndexCorrupt
-from qa_service.onnx_encoder import SERVING_THREADS, OnnxEmbedder
-from qa_service.store import (build_index, chunk_articles, embed_chunks, embedding_texts, index_status,
-                              read_manifest, sentence_embedding_texts)
+from qa_service.files import sha256_file
+from qa_service.store import (
+    build_index,
+    chunk_articles,
+    embed_chunks,
+    embedding_texts,
+    index_status,
+    read_manifest,
+    sentence_embedding_texts,
+)
 
 from .support.paths import REPO, SHARED
 
@@ -60,18 +68,24 @@ def _clean_env() -> dict:
 
 
 def test_import_paths_do_not_load_torch():
-    """Importing the store, the retrieval layer, the encoder module, the CLI or the web app loads no torch."""
+    """Importing the store, the retrieval layer, the encoder modules (the export's too), the CLI or the web app
+    loads no torch; importing the embedding package loads no onnxruntime either."""
     script = textwrap.dedent("""
         import importlib.util, json, sys
-        import qa_service, qa_service.store, qa_service.retrieval, qa_service.onnx_encoder, qa_service.cli
+        import qa_service.embedding
+        heavy = ("torch", "sentence_transformers", "transformers", "onnxruntime")
+        bare = sorted(m for m in heavy if m in sys.modules)
+        import qa_service, qa_service.store, qa_service.retrieval, qa_service.cli
+        import qa_service.embedding.onnx_encoder, qa_service.embedding.export, qa_service.embedding.export_cache
+        import qa_service.embedding.torch_encoder, qa_service.embedding.ray
         if importlib.util.find_spec("qa_service.web") is not None:
             import qa_service.web
-        print(json.dumps(sorted(m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules)))
+        print(json.dumps([bare, sorted(m for m in heavy[:3] if m in sys.modules)]))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_clean_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], []]
 
 
 def test_fake_embedder_index_records_its_encoder(fake_index, seed_articles):
@@ -153,25 +167,20 @@ def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embe
     assert float((onnx.encode([long_text]) @ real_embedder.encode([long_text]).T)[0, 0]) >= 0.9999
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("pin", [False, True])
-def test_serving_encoder_leaves_no_thread_busy_after_a_question(real_index, pin):
-    """Two serving workers of two threads each share two cores: a pool that spins between runs burns the other
-    worker's core (measured: 66 against 111 questions/s per process), so after a question no thread may stay busy.
-    Unpinned, the pool sleeps between operators too; pinned apart from the caller (``helper_placement``), it spins
-    between the operators of a run and stops with the run (``force_spinning_stop``)."""
+def test_the_serving_encoder_is_untuned_by_default(real_index):
+    """Without the encoder_cores tuning a serving encoder runs SERVING_THREADS threads, unpinned, on one session
+    whose pool threads never spin, and leaves no thread busy after a question."""
     import time
 
-    manifest = read_manifest(real_index.index_dir)
-    encoder = OnnxEmbedder.from_manifest(manifest, pin_threads=pin)
-    options = encoder._session.get_session_options()
-    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
-    if encoder._caller_cpus is None:
-        assert spinning == "0"
-    else:
-        assert spinning == "1" and options.get_session_config_entry("session.force_spinning_stop") == "1"
-    assert pin or encoder._caller_cpus is None
+    from qa_service.retrieval import Searcher
+
+    encoder = Searcher(real_index).embedder
+    assert isinstance(encoder, OnnxEmbedder) and encoder.runner is None
+    options = encoder.session.get_session_options()
     assert options.intra_op_num_threads == SERVING_THREADS >= 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry("session.intra_op_thread_affinities")  # no thread is pinned
     questions = _dev_questions()
     for q in questions:
         encoder.encode([q])
@@ -182,130 +191,6 @@ def test_serving_encoder_leaves_no_thread_busy_after_a_question(real_index, pin)
         time.sleep(0.05)
         idle_cpu += time.process_time() - before
     assert idle_cpu < 0.05  # 5 x 50 ms after a question; threads left spinning burn most of it
-
-
-@pytest.mark.slow
-def test_a_busy_server_encodes_on_one_thread_with_the_same_vectors(real_index):
-    """``share_cores``: while other workers answer, the encoder uses its one-thread session (less CPU in
-    thread hand-offs); alone, the two-thread one (lower latency). Both give bit-identical vectors."""
-    encoder = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=2)
-    questions = _dev_questions()
-    alone = encoder.encode(questions[:1])
-    busy = [False]
-    encoder.share_cores(lambda: busy[0])
-    assert encoder._session_now().get_session_options().intra_op_num_threads == 2
-    busy[0] = True
-    assert encoder._session_now().get_session_options().intra_op_num_threads == 1
-    narrow = np.stack([encoder.encode([q])[0] for q in questions])
-    busy[0] = False
-    wide = np.stack([encoder.encode([q])[0] for q in questions])
-    assert np.array_equal(narrow, wide) and np.array_equal(wide[:1], alone)
-    batch_wide = encoder.encode(questions)
-    busy[0] = True
-    assert np.array_equal(encoder.encode(questions), batch_wide)  # batches too
-
-    single = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=1)
-    single.share_cores(lambda: True)  # already one thread: no second session
-    assert single._narrow is None and single._session_now() is single._session
-
-
-def _thread_cpus() -> dict[str, set[int]]:
-    """Each thread of this process and the CPUs it may run on."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            out[tid] = os.sched_getaffinity(int(tid))
-        except OSError:  # the thread ended meanwhile
-            pass
-    return out
-
-
-def test_helper_placement_puts_helpers_and_caller_on_different_cpus(monkeypatch):
-    """The helpers take the last CPUs the process may use, the caller the rest; no plan when it cannot work."""
-    allowed = {0, 1}
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
-    assert onnx_encoder.helper_placement(2) == ((1,), frozenset({0}))
-    assert onnx_encoder.helper_placement(1) is None  # no helper threads
-    allowed = {2, 3, 5}
-    assert onnx_encoder.helper_placement(2) == ((5,), frozenset({2, 3}))
-    assert onnx_encoder.helper_placement(3) == ((3, 5), frozenset({2}))
-    assert onnx_encoder.helper_placement(4) is None  # fewer CPUs than threads
-    allowed = {0}
-    assert onnx_encoder.helper_placement(2) is None
-    monkeypatch.delattr(os, "sched_getaffinity")  # not Linux
-    assert onnx_encoder.helper_placement(2) is None
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs two CPUs and sched_setaffinity")
-def test_run_on_cpus_keeps_the_caller_there_and_gives_its_cpus_back():
-    before = os.sched_getaffinity(0)
-    cpu = min(before)
-    assert onnx_encoder.run_on_cpus(frozenset({cpu}), os.sched_getaffinity, 0) == {cpu}
-    assert os.sched_getaffinity(0) == before
-
-    def fail():
-        assert os.sched_getaffinity(0) == {cpu}
-        raise KeyError("inside")
-
-    with pytest.raises(KeyError):
-        onnx_encoder.run_on_cpus(frozenset({cpu}), fail)
-    assert os.sched_getaffinity(0) == before
-    # CPUs the thread may not use: a plain call, not an error
-    assert onnx_encoder.run_on_cpus(frozenset({max(before) + 1000}), os.sched_getaffinity, 0) == before
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs two CPUs and sched_setaffinity")
-def test_a_question_encoder_runs_its_helper_and_its_caller_on_different_cpus(real_index):
-    """A helper woken after idleness was put on the caller's CPU (the two then took turns: 5.7-6.9 ms a question
-    against 3.8-4.2 apart); so the serving encoder pins its helper thread and keeps its caller off that CPU, with
-    the same vectors. The one-thread session (busy workers) and ``pin_threads=False`` leave threads alone."""
-    manifest = read_manifest(real_index.index_dir)
-    questions = _dev_questions()
-    helpers, caller = onnx_encoder.helper_placement(2)
-    threads_before = _thread_cpus()
-    pinned = OnnxEmbedder.from_manifest(manifest, threads=2, pin_threads=True)
-    new = [cpus for tid, cpus in _thread_cpus().items() if tid not in threads_before]
-    assert set(helpers) in new  # onnxruntime's helper thread, on the helper CPU only
-
-    class Recording:  # the session, noting the CPUs its caller may use while it runs
-        def __init__(self, session):
-            self.session, self.seen = session, []
-
-        def run(self, *args):
-            self.seen.append(os.sched_getaffinity(0))
-            return self.session.run(*args)
-
-    wide = pinned._session = Recording(pinned._session)
-    before = os.sched_getaffinity(0)
-    vectors = pinned.encode(questions[:3])
-    assert wide.seen and all(cpus == set(caller) for cpus in wide.seen)
-    assert os.sched_getaffinity(0) == before
-
-    busy = [True]
-    pinned.share_cores(lambda: busy[0])
-    narrow = pinned._narrow = Recording(pinned._narrow)
-    assert np.array_equal(pinned.encode(questions[:3]), vectors)
-    assert narrow.seen and all(cpus == before for cpus in narrow.seen)  # one thread: nothing to keep apart
-
-    threads_before = _thread_cpus()
-    plain = OnnxEmbedder.from_manifest(manifest, threads=2)
-    new = [cpus for tid, cpus in _thread_cpus().items() if tid not in threads_before]
-    assert new and all(cpus == before for cpus in new) and plain._caller_cpus is None
-    assert np.array_equal(plain.encode(questions[:3]), vectors)
-
-
-def test_the_serving_encoder_is_pinned_unless_turned_off(real_index, monkeypatch):
-    from qa_service.retrieval import Searcher
-
-    expected = onnx_encoder.helper_placement(SERVING_THREADS)
-    searcher = Searcher(real_index)
-    assert searcher.embedder._caller_cpus == (expected[1] if expected else None)
-    monkeypatch.setenv("QA_PIN_ENCODER_THREADS", "0")
-    off = Settings.from_env(index_dir=real_index.index_dir)
-    assert off.pin_encoder_threads is False
-    assert Searcher(off).embedder._caller_cpus is None
 
 
 def test_serving_process_never_imports_torch(real_index, real_searcher):
@@ -340,7 +225,7 @@ def test_rebuild_reuses_the_export(tmp_path, real_index, real_embedder, seed_art
     def no_export(*args, **kwargs):
         raise AssertionError("the unchanged model must not be exported again")
 
-    monkeypatch.setattr(onnx_encoder, "_export_fp32", no_export)
+    monkeypatch.setattr(export, "_export_fp32", no_export)
     hashed = []  # files the build's checksum step hashes
     monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
     summary = build_index(seed_articles[:3], real_embedder, settings)
@@ -361,7 +246,7 @@ def test_rebuild_reuses_the_export(tmp_path, real_index, real_embedder, seed_art
 def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_articles, monkeypatch):
     settings = _copy_index(real_index, tmp_path).with_(quantize="int8")
     assert index_status(settings, seed_articles) == (False, "the encoder precision changed")
-    monkeypatch.setattr(onnx_encoder, "_export_fp32", lambda *a, **k: pytest.fail("int8 re-exported fp32"))
+    monkeypatch.setattr(export, "_export_fp32", lambda *a, **k: pytest.fail("int8 re-exported fp32"))
     build_index(seed_articles, real_embedder, settings)
     manifest = read_manifest(settings.index_dir)
     entry = manifest["encoder"]
@@ -379,7 +264,7 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
     assert isinstance(searcher.embedder, OnnxEmbedder) and searcher.embedder.precision == "int8"
     questions = _dev_questions()
     cosines = np.sum(searcher.embedder.encode(questions) * real_embedder.encode(questions), axis=1)
-    assert cosines.min() >= onnx_encoder.MIN_COSINE["int8"] and cosines.mean() >= 0.98
+    assert cosines.min() >= export.MIN_COSINE["int8"] and cosines.mean() >= 0.98
     assert searcher.ask(QUESTION, k=1)["results"][0]["citation"]["article_id"] == "004_9aeb4bd2e5102b83"
     # "auto" (the default when neither --quantize nor QA_QUANTIZE chooses) keeps the index's precision: a later
     # refresh without the choice, as `qa-service serve --build` runs it, stays int8 instead of re-embedding in fp32.
@@ -395,7 +280,7 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
 
 
 def test_auto_quantize_means_the_index_precision_or_fp32():
-    from qa_service.onnx_encoder import resolve_quantize
+    from qa_service.embedding.onnx_encoder import resolve_quantize
 
     int8 = {"encoder": {"backend": "onnx", "quantize": "int8"}}
     assert resolve_quantize("auto", int8) == "int8"
@@ -407,7 +292,7 @@ def test_auto_quantize_means_the_index_precision_or_fp32():
 @pytest.mark.slow
 def test_a_fused_graph_that_disagrees_is_not_kept(tmp_path, real_embedder, seed_articles, monkeypatch):
     """The unfused export is kept (and still agrees with sentence-transformers) when fusion changes the vectors."""
-    monkeypatch.setattr(onnx_encoder, "FUSION_MIN_COSINE", 1.5)  # no graph can agree this well
+    monkeypatch.setattr(export, "FUSION_MIN_COSINE", 1.5)  # no graph can agree this well
     settings = Settings(index_dir=tmp_path / "index")
     build_index(seed_articles[:1], real_embedder, settings)
     manifest = read_manifest(settings.index_dir)
@@ -421,8 +306,8 @@ def test_fusion_is_skipped_for_model_families_the_optimizer_does_not_know(tmp_pa
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"not read")
     config = type("Config", (), {"model_type": "gpt2", "num_attention_heads": 12, "hidden_size": 768})()
-    assert onnx_encoder._fuse(graph, config, {}) == {} and graph.read_bytes() == b"not read"
-    assert onnx_encoder._fuse(graph, None, {}) == {}
+    assert export._fuse(graph, config, {}) == {} and graph.read_bytes() == b"not read"
+    assert export._fuse(graph, None, {}) == {}
 
 
 @pytest.mark.slow
@@ -431,9 +316,9 @@ def test_failed_export_falls_back_to_sentence_transformers(tmp_path, real_embedd
     def impossible(*args, **kwargs):
         raise RuntimeError("no ONNX symbolic for this model's attention")
 
-    monkeypatch.setattr(onnx_encoder, "_export_fp32", impossible)
+    monkeypatch.setattr(export, "_export_fp32", impossible)
     settings = Settings(index_dir=tmp_path / "index")
-    with caplog.at_level(logging.WARNING, logger="qa_service.onnx_encoder"):
+    with caplog.at_level(logging.WARNING, logger="qa_service.embedding.export"):
         build_index(seed_articles[:1], real_embedder, settings)
     assert any("Could not export" in r.getMessage() and "sentence-transformers" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
@@ -529,12 +414,12 @@ def test_a_new_index_folder_embeds_with_the_machines_export_without_torch(tmp_pa
     cache = tmp_path / "cache"
     monkeypatch.setenv("QA_EXPORT_CACHE", str(cache))
     live = read_manifest(real_index.index_dir)
-    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
-    onnx_encoder.remember_export(live)
-    cached = onnx_encoder.cached_export("all-MiniLM-L6-v2", "none")
+    assert export_cache.cached_export("all-MiniLM-L6-v2", "none") is None
+    export_cache.remember_export(live)
+    cached = export_cache.cached_export("all-MiniLM-L6-v2", "none")
     assert cached is not None and cached["encoder"]["sha256"] == live["encoder"]["sha256"]
     assert Path(cached["_build_dir"]).parent == cache
-    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "int8") is None  # another choice is another export
+    assert export_cache.cached_export("all-MiniLM-L6-v2", "int8") is None  # another choice is another export
 
     index_dir = tmp_path / "new-index"
     script = textwrap.dedent(f"""
@@ -560,35 +445,35 @@ def test_a_new_index_folder_embeds_with_the_machines_export_without_torch(tmp_pa
     size = model.stat().st_size
     model.unlink()
     model.write_bytes(b"\0" * size)  # the same size: only the checksum tells
-    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+    assert export_cache.cached_export("all-MiniLM-L6-v2", "none") is None
     assert not Path(cached["_build_dir"]).exists()
-    onnx_encoder.remember_export(live)
-    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is not None
+    export_cache.remember_export(live)
+    assert export_cache.cached_export("all-MiniLM-L6-v2", "none") is not None
     assert sha256_file(Path(live["_build_dir"]) / live["encoder"]["file"]) == live["encoder"]["sha256"]
 
     monkeypatch.setenv("QA_EXPORT_CACHE", "off")
-    assert onnx_encoder.export_cache_dir() is None
-    assert onnx_encoder.cached_export("all-MiniLM-L6-v2", "none") is None
+    assert export_cache.export_cache_dir() is None
+    assert export_cache.cached_export("all-MiniLM-L6-v2", "none") is None
 
 
 def test_the_export_cache_keeps_the_most_recently_used(tmp_path):
-    for i in range(onnx_encoder.EXPORT_CACHE_KEEP + 2):
+    for i in range(export_cache.EXPORT_CACHE_KEEP + 2):
         entry = tmp_path / f"entry-{i}"
         entry.mkdir()
         os.utime(entry, (1000 + i, 1000 + i))
     stale = tmp_path / ".tmp-1-1"
     stale.mkdir()
     os.utime(stale, (1000, 1000))
-    onnx_encoder._prune_cache(tmp_path)
+    export_cache._prune_cache(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == \
-        [f"entry-{i}" for i in range(2, onnx_encoder.EXPORT_CACHE_KEEP + 2)]
+        [f"entry-{i}" for i in range(2, export_cache.EXPORT_CACHE_KEEP + 2)]
 
 
 def test_export_is_shared_only_for_the_same_model_files_and_choice(tmp_path, real_index):
     settings = _copy_index(real_index, tmp_path)
     manifest = read_manifest(settings.index_dir)
-    shareable = onnx_encoder.shareable_encoder
-    assert manifest["encoder"]["model_files"] == onnx_encoder.model_files_digest("all-MiniLM-L6-v2")
+    shareable = export_cache.shareable_encoder
+    assert manifest["encoder"]["model_files"] == models.model_files_digest("all-MiniLM-L6-v2")
     assert shareable(manifest, "all-MiniLM-L6-v2", "none")
     assert not shareable(manifest, "all-MiniLM-L6-v2", "int8")  # another --quantize choice exports again
     assert not shareable(manifest, str(tmp_path / "another-model"), "none")
@@ -607,15 +492,15 @@ def test_model_files_digest_follows_the_files(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}", encoding="utf-8")
     (folder / "weights.bin").write_bytes(b"1234")
-    first = onnx_encoder.model_files_digest(str(folder))
-    assert first and first == onnx_encoder.model_files_digest(str(folder))
+    first = models.model_files_digest(str(folder))
+    assert first and first == models.model_files_digest(str(folder))
     stat = (folder / "weights.bin").stat()
     os.utime(folder / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # edited in place
-    second = onnx_encoder.model_files_digest(str(folder))
+    second = models.model_files_digest(str(folder))
     assert second != first
     (folder / "extra.txt").write_text("x", encoding="utf-8")
-    assert onnx_encoder.model_files_digest(str(folder)) not in (first, second)
-    assert onnx_encoder.model_files_digest("some-org/a-hub-model-name") is None  # not a folder: no shortcut
+    assert models.model_files_digest(str(folder)) not in (first, second)
+    assert models.model_files_digest("some-org/a-hub-model-name") is None  # not a folder: no shortcut
 
 
 @pytest.mark.slow

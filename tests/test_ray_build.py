@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from qa_service.store import PASSAGES_DB, SENTENCE_VECTORS, VECTORS, build_index
 from .support.live_server import FIGURES
 
 pytestmark = pytest.mark.slow
+# A local Ray listens on loopback only when this is set before Ray is imported (qa_service.embedding.ray).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
 pytest.importorskip("ray.data", reason="needs ray[data]")
 
@@ -37,23 +40,24 @@ def _contents(index_dir: Path) -> tuple[dict, list, np.ndarray, np.ndarray]:
     con = sqlite3.connect(build / PASSAGES_DB)
     passages = con.execute('SELECT id, article_id, start, "end", text, first_sentence, last_sentence '
                            'FROM passages ORDER BY id').fetchall()
-    passages += con.execute('SELECT id, article_id, start, "end", NULL, NULL, NULL FROM sentences ORDER BY id').fetchall()
+    passages += con.execute('SELECT id, article_id, start, "end", NULL, NULL, NULL FROM sentences '
+                            'ORDER BY id').fetchall()
     con.close()
     index = faiss.read_index(str(build / VECTORS))
     return manifest, passages, index.reconstruct_n(0, index.ntotal), np.load(build / SENTENCE_VECTORS)
 
 
 def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_embedder, ray_stopped, monkeypatch):
-    from qa_service import distributed
+    from qa_service.embedding import ray as ray_pool
 
     embedded_on_ray = []
-    encode = distributed.RayEmbedder._encode
+    encode = ray_pool.RayEmbedder._encode
 
     def counting(self, ray_, texts, batch_size, progress, groups=None, total=None):
         embedded_on_ray.append((len(texts), total))
         return encode(self, ray_, texts, batch_size, progress, groups, total)
 
-    monkeypatch.setattr(distributed.RayEmbedder, "_encode", counting)
+    monkeypatch.setattr(ray_pool.RayEmbedder, "_encode", counting)
 
     single = Settings(index_dir=tmp_path / "single")
     t0 = time.perf_counter()
@@ -63,10 +67,10 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
 
     on_ray = Settings(index_dir=tmp_path / "ray", ray_address="local", ray_actors=2)
     t0 = time.perf_counter()
-    with distributed.ray_scope():  # one local Ray for the whole build
+    with ray_pool.ray_scope():  # one local Ray for the whole build
         summary = build_index(seed_articles, real_embedder, on_ray)
         assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
-        assert ray.util.get_node_ip_address() == "127.0.0.1"  # listeners on loopback, though ray was imported first
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # listeners on loopback
     ray_seconds = time.perf_counter() - t0
     assert not ray.is_initialized(), "the Ray started for the build is shut down when the scope ends"
 
@@ -91,12 +95,12 @@ def test_ray_build_equals_single_process_build(tmp_path, seed_articles, real_emb
     assert json.loads((Path(m2["_build_dir"]) / "manifest.json").read_text())["dimension"] == 384
     FIGURES.append(f"Ray build (local Ray, 2 CPUs, 2 actors): {m1['counts']['passages']} passages + "
                    f"{m1['counts']['sentences']} sentences in {ray_seconds:.1f} s (Ray start "
-                   f"{distributed._Session.started_seconds:.1f} s) vs {single_seconds:.1f} s in one process; "
+                   f"{ray_pool._Session.started_seconds:.1f} s) vs {single_seconds:.1f} s in one process; "
                    f"max |difference| passages {np.abs(v1 - v2).max():.1e}, sentences {np.abs(s1 - s2).max():.1e}")
 
 
 def test_without_an_address_the_embedder_is_used_as_is(fake_embedder):
-    from qa_service.distributed import maybe_distributed
+    from qa_service.embedding.ray import maybe_distributed
 
     assert maybe_distributed(fake_embedder, Settings()) is fake_embedder
     wrapped = maybe_distributed(fake_embedder, Settings(ray_address="local", ray_actors=3))
@@ -128,7 +132,8 @@ def test_index_command_ray_options(tmp_path, monkeypatch):
         ([], {"QA_RAY_ADDRESS": "local", "QA_RAY_ACTORS": "4"}, ("local", 4)),
         (["--ray-actors", "1"], {"QA_RAY_ADDRESS": "head:6379"}, ("head:6379", 1)),
     ):
-        result = runner.invoke(cli_module.cli, ["index", str(seeds), "--index-dir", str(tmp_path / "i"), *args], env=env)
+        result = runner.invoke(cli_module.cli, ["index", str(seeds), "--index-dir", str(tmp_path / "i"), *args],
+                               env=env)
         assert result.exit_code == 0, result.output
         assert (seen[-1].ray_address, seen[-1].ray_actors) == expected, args
     assert runner.invoke(cli_module.cli, ["index", str(seeds), "--ray-actors", "0"]).exit_code == 2
@@ -145,6 +150,33 @@ def test_index_command_without_ray_installed_says_how_to_get_it(tmp_path, monkey
     result = CliRunner().invoke(cli, ["index", str(tmp_path / "seeds"), "--ray", "--index-dir", str(tmp_path / "i")])
     assert result.exit_code == 1 and "pip install 'ray[data]==2.60.0'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_ray_imported_without_the_loopback_setting_is_refused():
+    """A local Ray is never started on the machine's address: Ray imported before the setting is refused, saying
+    what to do."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from .support.paths import REPO
+
+    script = textwrap.dedent("""
+        import ray
+        from qa_service.embedding.ray import RayUnavailable, import_ray
+        try:
+            import_ray("local")
+        except RayUnavailable as exc:
+            print(exc)
+        print("initialized" if ray.is_initialized() else "not started")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in lines[0] and "before" in lines[0]
+    assert lines[-1] == "not started"
 
 
 def test_bench_ray_section_runs(tmp_path, real_index, ray_stopped):
@@ -170,16 +202,15 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
                                                           fake_searcher, ray_stopped):
     """`qa-service index --ray --database-url ...`: the Ray pool fills PostgreSQL, which then answers exactly
     as the single-process FAISS index of the same articles (fake embedder, pickled to the actors)."""
-    from qa_service import distributed
     from qa_service.backends.postgres_writer import PostgresWriter
+    from qa_service.embedding import ray as ray_pool
     from qa_service.retrieval import Searcher
 
-    from .support.postgres import new_database
-    from .support.postgres import QUESTIONS, cited
+    from .support.postgres import QUESTIONS, cited, new_database
 
     settings = Settings(index_dir=tmp_path / "pg", model=fake_embedder.name, ray_address="local", ray_actors=2,
                         database_url=new_database(postgres, "ray_build"))
-    with distributed.ray_scope(), PostgresWriter(settings) as writer:
+    with ray_pool.ray_scope(), PostgresWriter(settings) as writer:
         summary = writer.sync(seed_articles, fake_embedder)
         assert ray.is_initialized()
     assert not ray.is_initialized() and summary["embedded"] == len(seed_articles)

@@ -125,11 +125,11 @@ class PostgresBackend:
         entry = self.manifest.get("encoder") or {}
         if entry.get("backend") != "onnx":
             return None
-        from ..onnx_encoder import OnnxEmbedder
+        from ..embedding import load_index_encoder
 
         folder = fetch_encoder(self._conn(), entry, Path(self.settings.index_dir) / ENCODER_CACHE)
-        return OnnxEmbedder.from_manifest({**self.manifest, "_build_dir": str(folder)},
-                                          pin_threads=self.settings.pin_encoder_threads)
+        return load_index_encoder({**self.manifest, "_build_dir": str(folder)},
+                                  pin_threads="encoder_cores" in getattr(self.settings, "tuning", ()))
 
     @property
     def article_count(self) -> int:

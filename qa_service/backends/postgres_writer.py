@@ -19,11 +19,12 @@ import numpy as np
 
 from ..config import Settings
 from ..embedding import canonical_model_name
+from ..embedding.export import prepare_encoder
+from ..embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_status, resolve_quantize
 from ..files import publish_folder, write_json_atomically
 from ..errors import ArticleNotFound, IndexMismatch, LastArticle, WriteBusy
 from ..index_texts import lexical_text, lexical_texts
 from ..manifest import FORMAT_VERSION, chunking_settings
-from ..onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_status, prepare_encoder, resolve_quantize
 from ..retrieval.lexical import _hyphenated, analyze, bigrams, words
 from ..store import chunk_articles, embed_chunks
 from ..types import Article
@@ -120,7 +121,7 @@ class PostgresWriter:
         chunks = chunk_articles(changed, embedder, self.settings)
         encode = embedder
         if self.settings.ray_address:
-            from ..distributed import maybe_distributed
+            from ..embedding.ray import maybe_distributed
 
             encode = maybe_distributed(embedder, self.settings)
         pvecs = np.full((len(chunks.passages), embedder.dimension), np.nan, dtype=np.float32)

