@@ -6,6 +6,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 
+MODES = ("hybrid", "dense", "lexical")
+
 
 def is_blank(text: str) -> bool:
     """True when ``text`` shows nothing: only whitespace and invisible format characters (U+200B, U+FEFF, ...).

@@ -13,7 +13,9 @@ import datetime as dt
 from flask import Blueprint, render_template, request
 
 from ..errors import QAError
-from . import get_state, passage_anchor
+from ..types import MODES
+from .state import get_state
+from .urls import passage_anchor
 from .openapi import operation
 from .schemas import parse_query
 
@@ -110,7 +112,7 @@ def index():
     html = render_template(
         "index.html", form=form, result=result, hits=hits, error=error, articles=articles,
         k_choices=sorted(k_choices), default_k=5, max_chars=state.settings.max_question_chars,
-        modes=("hybrid", "dense", "lexical") if state.supports_mode else (),
+        modes=MODES if state.supports_mode else (),
         filters_open=any(form[n] for n in ("k", "source", "date_from", "date_to", "mode")),
         passage_total=searcher.passage_count, article_total=searcher.article_count,
     )

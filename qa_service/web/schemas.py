@@ -18,9 +18,8 @@ from pydantic_core import PydanticCustomError
 
 from ..articles import ARTICLE_ID_PATTERN
 from ..errors import InvalidRequest
-from ..types import Filters, is_blank
+from ..types import MODES, Filters, is_blank
 
-MODES = ("hybrid", "dense", "lexical")
 MAX_SOURCES = 100
 MAX_ARTICLE_CHARS = 1_000_000
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
@@ -86,7 +85,7 @@ def ask_request_model(max_question_chars: int = 1000, max_k: int = 50) -> type[A
                               description=f"The question, 1 to {max_question_chars} characters.")
         k: int = Field(5, ge=1, le=max_k, description="How many passages to return.")
         filters: AskFilters | None = Field(None, description="Optional restrictions applied before ranking.")
-        mode: Literal["hybrid", "dense", "lexical"] | None = Field(
+        mode: Literal[MODES] | None = Field(
             None, description="Retrieval mode, when the index supports several; ignored otherwise.")
 
     return AskRequest
