@@ -10,16 +10,21 @@ is used by the service itself.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from gunicorn.app.base import BaseApplication
+
+from qa_service.config import Settings
+from qa_service.web import SECURITY_HEADERS
+from qa_service.web.server import apply_options, check_gunicorn, gunicorn_options, install_tuning
+
 
 def make_app(index_dir: str, body: bytes):
-    from qa_service.config import Settings
-    from qa_service.retrieval import Searcher
-    from qa_service.web import SECURITY_HEADERS
+    from qa_service.retrieval import Searcher  # in the worker, after the fork, as the service loads it
 
     searcher = Searcher(Settings(index_dir=index_dir))
     searcher.encode_questions(["warm up"])
@@ -38,13 +43,6 @@ def make_app(index_dir: str, body: bytes):
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-
-    from gunicorn.app.base import BaseApplication
-
-    from qa_service.config import Settings
-    from qa_service.web.server import apply_options, check_gunicorn, gunicorn_options, install_tuning
-
     parser = argparse.ArgumentParser(prog="stubserve.py")
     parser.add_argument("answer_file")
     parser.add_argument("command", choices=["serve"])

@@ -18,6 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import gunicorn.workers.gthread as gthread
+from gunicorn.glogging import Logger as GunicornLogger
+
+from qa_service.cli import cli
+from qa_service.tuning.keepalive import KeepAliveThreadWorker
+
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
 STAGES = (
     ("start", "send", "the client builds the request (JSON, http.client) until its first send"),
@@ -37,11 +43,6 @@ STAGES = (
 
 
 def _install(trace_file: str) -> None:
-    import gunicorn.workers.gthread as gthread
-    from gunicorn.glogging import Logger as GunicornLogger
-
-    from qa_service.tuning.keepalive import KeepAliveThreadWorker
-
     clock = time.perf_counter
     current: dict[str, float] = {}
     records: list[dict[str, float]] = []
@@ -148,8 +149,6 @@ def stage_times(client: list[tuple[float, float, float]], records: list[dict[str
 def main(argv: list[str]) -> None:
     trace_file, args = argv[0], argv[1:]
     _install(trace_file)
-    from qa_service.cli import cli
-
     sys.argv = ["qa-service", *args]
     cli()
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from .auth import OPEN_ENDPOINTS
 from .errors import ERROR_CODES, error_body
 from .schemas import QUERY_PARAMS, ErrorResponse
 
@@ -150,8 +151,6 @@ def build_openapi(app: Flask) -> dict[str, Any]:
                   for name in sorted(rule.arguments)]
         codes = list(op.errors)
         settings = app.extensions["qa_service"].settings
-        from .auth import OPEN_ENDPOINTS
-
         if op.security or (settings.require_key_for_read and rule.endpoint not in OPEN_ENDPOINTS):
             entry["security"] = [{"apiKey": []}, {"bearer": []}]
             codes += ["unauthorized"]

@@ -3,9 +3,9 @@
 gunicorn's stock ``gthread`` worker (2 processes x 4 threads by default): threads keep idle keep-alive or slow
 connections from blocking a worker, while the searcher's lock runs one encoding at a time per process
 (docs/decisions/worker-processes.md). Each worker builds its own app after the fork (``preload_app`` off): the
-master never loads the model, because torch's and onnxruntime's thread pools do not survive a fork into a process
-that goes on to use them; for the same reason ``--build`` runs in a spawned process. The master only checks the
-index manifest, so a missing or mismatched index fails with a sentence. Logs (errors and access) go to stderr.
+master never loads the model and ``--build`` runs in a spawned process, because the encoder's thread pools and locks
+do not survive a fork (docs/decisions/fork-after-model.md). The master only checks the index manifest, so a missing
+or mismatched index fails with a sentence. Logs (errors and access) go to stderr.
 Opt-in tuning (``Settings.tuning``, ``qa_service/tuning/``) is checked and installed here, in the master.
 """
 
