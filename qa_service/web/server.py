@@ -32,7 +32,7 @@ from gunicorn.http.message import Message
 from gunicorn.http.wsgi import Response as GunicornResponse
 from gunicorn.workers.base import Worker
 
-from .. import articles
+from ..articles import recover, writer_lock
 from ..config import Settings
 from ..errors import ConfigError, QAError, WriteBusy
 from ..tuning import fast_path, keepalive, one_write
@@ -262,9 +262,9 @@ def recover_writes(settings: Settings) -> str | None:
     if not Path(settings.index_dir).is_dir():
         return None
     try:
-        with articles.writer_lock(settings.index_dir, timeout=0):
+        with writer_lock(settings.index_dir, timeout=0):
             seeds = settings.seeds_dir if Path(settings.seeds_dir).is_dir() else None
-            return articles.recover(settings.index_dir, seeds)
+            return recover(settings.index_dir, seeds)
     except WriteBusy:  # a writer is at work; it settles any interrupted write itself before its own
         return None
 

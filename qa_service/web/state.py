@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import current_app, request
 from werkzeug.routing import Map
 
-from .. import articles
+from ..articles import JOURNAL, delete_article, put_article, recover_if_idle
 from ..config import Settings
 from ..errors import Overloaded, QAError
 from .schemas import AskRequestBase
@@ -121,9 +121,9 @@ class QAState:
         if now < self._next_check:
             return
         self._next_check = now + self.settings.reload_interval
-        if (Path(self.settings.index_dir) / articles.JOURNAL).exists():  # a writer died mid-write: settle it
+        if (Path(self.settings.index_dir) / JOURNAL).exists():  # a writer died mid-write: settle it
             try:
-                articles.recover_if_idle(self.settings.index_dir)
+                recover_if_idle(self.settings.index_dir)
             except Exception:
                 logger.exception("recovering an interrupted write failed")
         key, _ = self._pointer()
@@ -168,12 +168,12 @@ class QAState:
 
     # ------------------------------------------------------------------ writes
     def put_article(self, article_id: str, data: bytes):
-        result = articles.put_article(self.settings, article_id, data, embedder=self.write_embedder)
+        result = put_article(self.settings, article_id, data, embedder=self.write_embedder)
         self.reload()
         return result
 
     def delete_article(self, article_id: str):
-        result = articles.delete_article(self.settings, article_id, embedder=self.write_embedder)
+        result = delete_article(self.settings, article_id, embedder=self.write_embedder)
         self.reload()
         return result
 
