@@ -22,6 +22,7 @@ import gunicorn.workers.gthread as gthread
 from gunicorn.glogging import Logger as GunicornLogger
 
 from qa_service.cli import cli
+from qa_service.files import write_text_atomically
 from qa_service.tuning.keepalive import KeepAliveThreadWorker
 
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
@@ -110,9 +111,7 @@ def _install(trace_file: str) -> None:
         def save() -> None:
             while True:
                 time.sleep(0.5)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(records[:]), encoding="utf-8")
-                os.replace(tmp, path)
+                write_text_atomically(path, json.dumps(records[:]))
 
         threading.Thread(target=save, name="webtrace", daemon=True).start()
         return init_process(self)

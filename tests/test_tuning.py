@@ -156,7 +156,7 @@ def test_a_large_body_is_answered_with_connection_close(length, closes):
     assert ("Connection: close\r\n" in resp.default_headers()) is closes
 
 
-# --------------------------------------------------------------------------- encoder_cores (qa_service.tuning.encoder_cores)
+# --------------------------------------------------------------------------- encoder_cores (tuning/encoder_cores.py)
 
 def test_encoder_cores_wires_the_workers_activity_into_gunicorns_hooks(fake_index, monkeypatch):
     """The master makes the activity before any fork and hands a counter out before each fork (``assign``), the
