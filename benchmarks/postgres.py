@@ -1,87 +1,21 @@
-"""The ``postgres`` benchmark section: the PostgreSQL backend next to the FAISS folder on the same data.
+"""The ``postgres`` section: the PostgreSQL backend next to the FAISS folder on the same data, each served by a
+real ``qa-service serve`` (2 workers) against a private PostgreSQL + pgvector (``LocalPostgres``).
 
-Two data sets, each served twice by real ``qa-service serve`` processes (2 gunicorn workers), one on the
-FAISS folder and one on a private PostgreSQL 18 + pgvector (``LocalPostgres``) holding the same articles:
-
-* the seeds, indexed with the real model (``qa-service index``, ONNX question encoder on both);
-* a synthetic corpus of ``Sizes.pg_synthetic`` passages (one short article of one sentence each, Zipf-drawn
-  words of the seeds' vocabulary) whose vectors come from ``SyntheticEmbedder`` (real MiniLM sentence vectors mixed by word
-  hashes, so they cluster like real ones), indexed into both backends. Such an index has no ONNX export,
-  so both servers encode questions with sentence-transformers; the encoder's cost is the same on both.
-
-Figures, each PostgreSQL's against FAISS's measured in the same run: in-process ``Searcher.ask`` p50,
-``POST /api/ask`` p50 over loopback, and answers/s at 8 and 32 closed-loop clients.
+Two data sets: the seeds, indexed with the real model; and ``Sizes.pg_synthetic`` synthetic passages embedded by
+``SyntheticEmbedder`` into both backends. Figures, PostgreSQL's against FAISS's in the same run: in-process and
+HTTP p50, and answers/s at 8 and 32 clients. See docs/decisions/postgres-backend.md.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import load
-
-
-class SyntheticEmbedder:
-    """Deterministic vectors near real ones: a text is the normalised sum of its words' vectors, each word's
-    vector being one of ``basis`` (real sentence vectors) picked by the word's hash. No model, no torch."""
-
-    backend = "synthetic"
-
-    def __init__(self, basis: np.ndarray, name: str, max_seq_length: int = 256):
-        self.basis = np.asarray(basis, dtype=np.float32)
-        self.name = name
-        self.dimension = self.basis.shape[1]
-        self.max_seq_length = max_seq_length
-        self._ids: dict[str, int] = {}
-
-    def _word(self, word: str) -> int:
-        i = self._ids.get(word)
-        if i is None:
-            i = self._ids[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % len(self.basis)
-        return i
-
-    def encode(self, texts, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        for row, text in enumerate(texts):
-            ids = [self._word(w) for w in re.findall(r"\w+", text.lower())] or [0]
-            out[row] = self.basis[ids].sum(axis=0)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    def count_tokens(self, text: str) -> int:
-        return len(re.findall(r"\w+|[^\w\s]", text))
-
-
-def seed_vocabulary(searcher) -> list[str]:
-    """The alphabetic words of the indexed articles, sorted: what ``synthetic_articles`` draws from."""
-    from qa_service.retrieval.lexical import words
-
-    return sorted({w for a in searcher.articles() for w in words(a.text) if w.isalpha()})
-
-
-def synthetic_articles(words: list[str], passages: int, per_article: int = 10, seed: int = 7):
-    """``passages`` one-sentence paragraphs in articles of ``per_article``, Zipf-distributed words."""
-    from qa_service.types import Article
-
-    rng = np.random.default_rng(seed)
-    words = [words[i] for i in rng.permutation(len(words))]  # frequency rank unrelated to spelling
-    weights = 1.0 / np.arange(1, len(words) + 1)
-    weights /= weights.sum()
-    out = []
-    for a in range(0, passages, per_article):
-        paragraphs = []
-        for _ in range(min(per_article, passages - a)):
-            picked = rng.choice(len(words), size=int(rng.integers(12, 24)), p=weights)
-            sentence = " ".join(words[i] for i in picked)
-            paragraphs.append(sentence[:1].upper() + sentence[1:] + ".")
-        text = "\n\n".join(paragraphs)
-        day = 1 + a // per_article % 28
-        out.append(Article(f"syn-{a // per_article:06d}", f"syn-{a // per_article:06d}.txt", f"Synthetic {a}",
-                           f"2025-01-{day:02d}", text, hashlib.sha256(text.encode()).hexdigest()))
-    return out
+from .harness import Bench, Row, run_cli, time_calls
+from .synthetic import SyntheticEmbedder, seed_vocabulary, synthetic_articles
 
 
 def _database(pg, name: str) -> str:
@@ -93,11 +27,9 @@ def _database(pg, name: str) -> str:
     return pg.url.rsplit("/", 1)[0] + "/" + name
 
 
-def _compare(b, label: str, faiss_dir: Path, url: str, host_dir: Path, questions: list[str], embedder=None) -> None:
+def _compare(b: Bench, label: str, faiss_dir: Path, url: str, host_dir: Path, questions: list[str], embedder=None) -> None:
     from qa_service.config import Settings
     from qa_service.retrieval import Searcher
-
-    from .suite import Row, time_calls
 
     settings = {"faiss": Settings(index_dir=faiss_dir), "postgres": Settings(index_dir=host_dir, database_url=url)}
     p50 = {}
@@ -135,14 +67,12 @@ def _compare(b, label: str, faiss_dir: Path, url: str, host_dir: Path, questions
             s.stop()
 
 
-def section_postgres(b) -> None:
+def section_postgres(b: Bench) -> None:
     from qa_service.backends.local_postgres import LocalPostgres
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
     from qa_service.config import Settings
     from qa_service.embedding import canonical_model_name
     from qa_service.store import SENTENCE_VECTORS, build_index, read_manifest
-
-    from .suite import Row, run_cli
 
     started = time.perf_counter()
     pg = LocalPostgres().start()

@@ -2,12 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .config import Settings  # noqa: E402
-
 __all__ = ["Settings", "Searcher", "build_index", "load_articles", "__version__"]
 
 
-def __getattr__(name):  # lazy: importing the package must not load faiss or torch
+def __getattr__(name):  # lazy: importing the package must not load faiss, numpy or torch
+    if name == "Settings":
+        from .config import Settings
+
+        return Settings
     if name == "Searcher":
         from .retrieval.searcher import Searcher
 
@@ -20,4 +22,4 @@ def __getattr__(name):  # lazy: importing the package must not load faiss or tor
         from .ingest import load_articles
 
         return load_articles
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@ Half of the corpus's articles are indexed; questions about that half must be jud
 questions about the other half must be flagged. Articles, not paragraphs, are split (a SQuAD doc id
 is ``<article>-<paragraph>``), so an off-corpus question cannot be answered by a sibling paragraph.
 The figures: AUC of ``answer_confidence`` (threshold-free), the share of off-corpus questions
-flagged, and the share of answerable questions wrongly refused.
+flagged, and the share of answerable questions wrongly refused. ``refit_on_split`` gives the constants
+``answer.answerability`` holds (docs/decisions/no-answer-verdict.md).
 """
 
 from __future__ import annotations

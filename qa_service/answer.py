@@ -21,7 +21,8 @@ from .types import Hit
 if TYPE_CHECKING:  # pragma: no cover
     from .retrieval.searcher import Candidate, Searcher
 
-# Two answer sentences from different articles whose vectors are this close report the same fact.
+# Two answer sentences from different articles whose vectors are this close report the same fact
+# (docs/decisions/grouping.md).
 SAME_FACT_COSINE = 0.80
 _NUMBER = re.compile(r"\d[\d,.]*\d|\d")
 
@@ -44,11 +45,9 @@ def _terms(text: str) -> frozenset[str]:
 
 # The answering sentence of a passage maximises: cosine to the question + ANSWER_OVERLAP_W x the share of the
 # question's words it holds + ANSWER_TYPE_W if it holds what a when/who question asks for and the question does
-# not (a time; a name) + ANSWER_NOVELTY_W x the share of its own words the question does not hold. Measured as
-# "answer in sentence@1" (the sentence holds a gold answer, of questions whose first passage is relevant):
-# SQuAD dev 0.829 -> 0.865 (8,987 questions), news dev 5/9 -> 8/9, against cosine + 0.2 x shared words, which
-# often chose a sentence on the question's topic over the one that answers it. A typed answer for numbers
-# ("how many") measured worse (-1.4 points), so it is not used. See README "Retrieval quality".
+# not (a time; a name) + ANSWER_NOVELTY_W x the share of its own words the question does not hold. The type and
+# novelty terms keep a sentence on the question's topic from winning over the one that answers it; numbers get no
+# typed bonus (docs/decisions/answer-sentence.md).
 ANSWER_OVERLAP_W = 0.8
 ANSWER_TYPE_W = 0.2
 ANSWER_NOVELTY_W = 0.1
@@ -196,19 +195,15 @@ class Verdict:
 
 # Logistic model of P(answerable | evidence), fitted on an off-corpus SQuAD split (half the Wikipedia
 # articles indexed; questions about the other half are the unanswerable ones), never on the news dev
-# questions: z = COVERAGE_W * coverage + COSINE_W * answer-sentence cosine + BIAS. See README "No answer".
-# Refit whenever the evidence changes (sentence vectors embedded after their headline, 11-26; pooled from
-# the passage pass, 11-27; coverage's idf blended with English's, 11-27):
-# abstention.refit_on_split('../shared/benchmarks/squad_dev_v1.1', Settings(), 'index/beir').
+# questions: z = COVERAGE_W * coverage + COSINE_W * answer-sentence cosine + BIAS. Refit whenever the evidence
+# changes (how sentence vectors or coverage are computed) with ``abstention.refit_on_split``
+# (docs/decisions/no-answer-verdict.md).
 COVERAGE_W, COSINE_W, BIAS = 7.65, 9.78, -7.93
 # Refusing an answerable question costs more than showing passages for an unanswerable one (they are
 # listed either way), so the threshold refuses at most 1% of the split's answerable questions.
 THRESHOLD = 0.14
 # The answer type may come from a lower result only if it scores at least this share of the best one's: a
-# date in a passage about something else does not answer a when-question. Any of the top three results
-# (the rule until 11-26) let "When did Donald Trump first unveil his plan …?", which the articles do not
-# answer, pass on a third result's "October 9" about other talks; on the off-corpus split this rule refuses
-# 4.2% of answerable questions against 3.6% (flagged 79.3% against 78.9%).
+# date in a passage about something else does not answer a when-question (docs/decisions/no-answer-verdict.md).
 TYPE_SCORE_SHARE = 0.8
 
 
@@ -267,7 +262,8 @@ def unfamiliar_names(searcher: "Searcher", question: str) -> list[str]:
     Articles that never mention Turkey cannot say what the Turkish president said, however well a passage about
     another president covers the rest of the question (the verdict's model sees how many words are found, not
     which). A name counts as mentioned when any of its words is ("Binyamin Netanyahu" by "Netanyahu"); months and
-    weekdays (times, not names) and acronyms ("ICC", "TDs": a text may spell them out) are not checked.
+    weekdays (times, not names) and acronyms ("ICC", "TDs": a text may spell them out) are not checked
+    (docs/decisions/name-check.md).
     """
     spellings = searcher.spelling_variants(question)
     stop = _stopwords()

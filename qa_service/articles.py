@@ -1,37 +1,12 @@
 """Add, replace or remove one article: the seeds folder and the index change together or not at all.
 
-The seeds folder is the source of truth and the index is derived from it. One write (``put_article``,
-``delete_article``) is a small transaction whose single commit point is the atomic replacement of
-``index/CURRENT`` inside ``store.build_index``:
-
-1. **Lock.** Take ``index/write.lock`` (``fcntl.flock``): one writer at a time, across processes (web
-   workers and ``qa-service index``). The kernel drops the lock of a process that dies, so a crash never
-   leaves it held.
-2. **Recover** any write that an earlier crash interrupted (see below).
-3. **Stage.** Write the new file's bytes to ``seeds/.<id>.txt.<random>.staged`` and fsync it. The name does
-   not end in ``.txt``, so nothing ever reads it as an article.
-4. **Journal.** Write ``index/write-journal.json`` atomically (temporary file, fsync, ``os.replace``): the
-   operation, the article id, the staged file, the sha256 of the new bytes, and ``base_build``, the build
-   that was live before this write.
-5. **Build and publish.** ``build_index`` over the seeds folder's articles with this one added, replaced
-   or removed. Unchanged articles keep their vectors (same content hash), so only the new text is
-   embedded. Replacing ``CURRENT`` is the commit point.
-6. **Apply.** ``os.replace`` the staged file onto ``seeds/<id>.txt`` (or unlink it, for a removal) and
-   fsync the folder.
-7. **Forget.** Remove the journal. Only now does the client get its answer.
-
-``recover`` finishes or undoes an interrupted write from the journal alone. Writers are serialised by the
-lock, so ``CURRENT`` naming another build than ``base_build`` means this write's build was published:
-the write committed and step 6 is redone (idempotent). Otherwise it never committed: the staged file is
-deleted. Staged files that no journal names (a crash before step 4) are deleted too. A crash at any
-point therefore leaves the old seeds with the old index or the new seeds with the new index, never a
-mix, and an article whose write was acknowledged is never lost. ``recover`` runs before every write,
-in ``qa-service index``, at ``qa-service serve`` start-up, and in web workers that notice a journal
-while no writer holds the lock.
-
-Article ids come from a strict ASCII allow-list (``ARTICLE_ID``): no dots, slashes, NUL, or look-alike
-Unicode, so ``<id>.txt`` always names a file directly inside the seeds folder (checked again on the
-resolved path).
+The seeds folder is the source of truth and the index is derived from it. One write takes the writer lock
+(``fcntl.flock`` on ``index/write.lock``, dropped by the kernel if the process dies), settles any write a crash
+interrupted (``recover``), stages the new file beside its target, journals the operation, builds and publishes
+the index (replacing ``index/CURRENT`` is the single commit point), applies the staged file and forgets the
+journal; a crash at any point leaves the old seeds with the old index or the new with the new, never a mix:
+docs/decisions/write-protocol.md. Article ids come from a strict ASCII allow-list (``ARTICLE_ID``), so
+``<id>.txt`` always names a file directly inside the seeds folder.
 """
 
 from __future__ import annotations
@@ -51,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .files import fsync_dir
 from .config import Settings
 from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, SeedsOutOfSync, WriteBusy,
                      WritesUnavailable)
+from .files import fsync_dir, write_bytes_atomically, write_json_atomically
+from .manifest import CURRENT, read_manifest
 from .types import Article
 
 logger = logging.getLogger(__name__)
@@ -110,25 +86,7 @@ def _seeds_dir(settings: Settings) -> Path:
     return folder.resolve()
 
 
-# --------------------------------------------------------------------------- durable files
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_journal(index_dir: Path, journal: dict) -> None:
-    tmp = index_dir / f".{JOURNAL}.{uuid.uuid4().hex[:8]}"
-    _write_new_file(tmp, json.dumps(journal, indent=2, sort_keys=True).encode("utf-8"))
-    os.replace(tmp, index_dir / JOURNAL)
-    fsync_dir(index_dir)
-
+# --------------------------------------------------------------------------- the journal
 
 def _read_journal(index_dir: Path) -> dict | None:
     try:
@@ -139,7 +97,7 @@ def _read_journal(index_dir: Path) -> dict | None:
 
 def _current_build(index_dir: Path) -> str | None:
     try:
-        return (Path(index_dir) / "CURRENT").read_text(encoding="utf-8").strip() or None
+        return (Path(index_dir) / CURRENT).read_text(encoding="utf-8").strip() or None
     except FileNotFoundError:
         return None
 
@@ -180,7 +138,8 @@ def writer_lock(index_dir: Path, timeout: float | None = 30.0) -> Iterator[None]
 def _remove_stray_staged(folder: Path, keep: str | None) -> None:
     if not folder.is_dir():
         return
-    for path in folder.glob(f".*{STAGED_SUFFIX}"):
+    # staged files, and the temporary files a staged file is written through
+    for path in [*folder.glob(f".*{STAGED_SUFFIX}"), *folder.glob(f".*{STAGED_SUFFIX}.*.tmp")]:
         if path.name != keep:
             logger.info("removing %s, left by an interrupted write", path.name)
             path.unlink(missing_ok=True)
@@ -240,7 +199,7 @@ def recover_if_idle(index_dir: Path) -> str | None:
 def _build(settings: Settings, articles: list[Article], embedder):
     """Build and publish an index of ``articles``, embedding only what changed."""
     from .onnx_encoder import onnx_backend_is_used
-    from .store import build_index, read_manifest
+    from .store import build_index
 
     if embedder is not None:
         return build_index(articles, embedder, settings)
@@ -253,15 +212,13 @@ def _build(settings: Settings, articles: list[Article], embedder):
 
 
 def _live_articles(index_dir: Path) -> dict:
-    from .store import read_manifest
-
     return read_manifest(index_dir).get("articles", {})
 
 
-def _seed_articles(seeds: Path) -> dict[str, Article]:
+def _seed_articles(seeds: Path, index_dir: Path) -> dict[str, Article]:
     from .ingest import load_articles
 
-    return {a.id: a for a in load_articles(seeds).articles}
+    return {a.id: a for a in load_articles(seeds, exclude=[index_dir]).articles}
 
 
 def _check_in_sync(seeds: Path, current: dict[str, Article], live: dict, article_id: str) -> None:
@@ -277,7 +234,7 @@ def _check_in_sync(seeds: Path, current: dict[str, Article], live: dict, article
 def _commit(settings: Settings, journal: dict, articles: list[Article], embedder) -> str:
     """Journal, build and publish, apply to the seeds folder, forget the journal; return the new build id."""
     index_dir = Path(settings.index_dir)
-    _write_journal(index_dir, journal)
+    write_json_atomically(index_dir / JOURNAL, journal)
     _checkpoint("journaled")
     try:
         summary = _build(settings, articles, embedder)
@@ -326,8 +283,7 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
         if base is None:
             raise IndexNotBuilt(f"No index found in {index_dir}: build one before adding articles.")
         staged = seeds / f".{article_id}.txt.{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
-        _write_new_file(staged, data)
-        fsync_dir(seeds)
+        write_bytes_atomically(staged, data)  # durable, its folder entry too
         _checkpoint("staged")
         try:
             from .ingest import LoadReport, load_article
@@ -338,7 +294,7 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
                 reason = report.skipped[0][1] if report.skipped else "unusable"
                 raise InvalidArticle(f"The article text cannot be used: {reason}.")
             article = dataclasses.replace(article, id=article_id, source=target.name)
-            current = _seed_articles(seeds)
+            current = _seed_articles(seeds, index_dir)
             previous = current.get(article_id)
             live = _live_articles(index_dir)
             _check_in_sync(seeds, current, live, article_id)
@@ -377,7 +333,7 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
         live = _live_articles(index_dir)
         if not target.is_file() and article_id not in live:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
-        current = _seed_articles(seeds)
+        current = _seed_articles(seeds, index_dir)
         _check_in_sync(seeds, current, live, article_id)
         articles = [a for a in current.values() if a.id != article_id]
         if not articles:
@@ -414,7 +370,7 @@ def _put_in_database(settings: Settings, article_id: str, data: bytes, embedder,
     The database is the source of truth here (no seeds folder is written): the new text is embedded
     first, then its rows replace the old ones in a single transaction (``PostgresWriter.sync``).
     """
-    from .backends.postgres import PostgresWriter
+    from .backends.postgres_writer import PostgresWriter
 
     article = _parse_upload(article_id, data)
     with PostgresWriter(settings) as writer:
@@ -430,7 +386,7 @@ def _put_in_database(settings: Settings, article_id: str, data: bytes, embedder,
 
 
 def _delete_in_database(settings: Settings, article_id: str, started: float) -> WriteResult:
-    from .backends.postgres import PostgresWriter
+    from .backends.postgres_writer import PostgresWriter
 
     with PostgresWriter(settings) as writer:
         remaining = writer.delete(article_id)

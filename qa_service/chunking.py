@@ -1,18 +1,14 @@
-"""Split an article into sentence-aware, overlapping passages with exact character offsets.
+"""Split articles into sentence-aware, overlapping passages with exact character offsets.
 
-Sentences come from sentencex (Wikimedia's rule-based segmenter, compiled: handles "Oct. 7", "U.S.",
-decimals and quotes); a few news-specific merges are applied on top ("Jan.19" style dates). Offsets are
-located in the article text by search from a moving cursor, so ``article.text[start:end] == passage.text``
-holds by construction, whatever the segmenter does with whitespace.
+``split_article`` (one article) and ``split_articles`` (many, on forked workers when there are many) are the
+one way to cut an article; both give a ``Layout``: the article's sentence units and its passage windows.
 
-Until 11-27 the segmenter was pysbd, in pure Python: ~10 ms an abstract, the slowest step of a build after
-embedding. sentencex splits the same texts ~300 times faster and agrees on 98.6% of sentences (3,212 of 3,258
-over 200 SciFact abstracts, 300 SQuAD paragraphs and the seeds; every seed sentence); where they differ, each
-is sometimes the one that is right ("c. 1,300,000" kept whole, "… reduced to X. Thus …" cut, against "a function
-of n. Since …" left whole). Retrieval on SQuAD, SciFact and the news dev set is measured in the README
-("Retrieval quality"). Token counting is now most of cutting, so a build still cuts many articles at once on
-every core (``cut_many``: forked worker processes, the same result), and for the BERT family's tokenizers a
-window is measured by adding its sentences' counts (``pack_sentences``, ``additive``) instead of counting its text.
+Sentences come from sentencex (a compiled rule-based segmenter that handles "Oct. 7", "U.S.", decimals and
+quotes), with a few news-specific merges on top ("Jan.19" style dates) (docs/decisions/sentence-splitting.md).
+Offsets are located in the article text by search from a moving cursor, so ``article.text[start:end] ==
+passage.text`` holds by construction, whatever the segmenter does with whitespace. Token counting is most of
+cutting, so for tokenizers whose counts add up a window is measured by summing its sentences' counts
+(``pack_sentences``, ``additive``) (docs/decisions/chunking-token-counts.md).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import os
 import re
 import signal
 import threading
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from sentencex import segment
 
@@ -81,51 +77,74 @@ _PLAIN_GAP = re.compile(r"[ \t\n\r]+")
 PARALLEL_MIN_TEXTS = 32  # fewer texts than this are cut in this process: a pool would cost more than it saves
 _JOB: tuple | None = None  # (count_tokens, max_tokens, overlap, additive) for forked workers: inherited, never pickled
 _JOB_LOCK = threading.Lock()
+_FORKS_FORBIDDEN = False  # set by ``forbid_forks``: this process answers questions and never forks
 
 
-def cut(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int, additive: bool = False
-        ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Return a text's sentence units (``sentence_units``) and its passage windows over them (``pack_sentences``)."""
-    units, counts = counted_units(text, count_tokens, max_tokens, additive)
-    return units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)
+class Layout(NamedTuple):
+    """How one article is cut: its sentence units (character spans) and its passages, each a ``(first, last)``
+    pair of unit indices (inclusive)."""
+
+    sentences: list[tuple[int, int]]
+    windows: list[tuple[int, int]]
+
+    def passages(self, article: Article) -> list[Passage]:
+        """The passages of ``article`` (the article this layout was cut from)."""
+        units, text = self.sentences, article.text
+        return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]]) for i, j in self.windows]
 
 
-def _cut_in_worker(text: str):
-    count_tokens, max_tokens, overlap_sentences, additive = _JOB
-    return cut(text, count_tokens, max_tokens, overlap_sentences, additive)
+def split_article(article: Article, count_tokens: TokenCounter, max_tokens: int = 128, overlap_sentences: int = 1,
+                  additive: bool = False) -> Layout:
+    """Cut ``article`` into passages of whole sentences, each at most ``max_tokens`` tokens (``Layout.passages``
+    gives them as ``Passage`` records).
+
+    Args:
+        count_tokens: the embedding model's tokenizer, as text -> number of tokens (no specials).
+        overlap_sentences: how many trailing sentences of a passage start the next one.
+        additive: see ``pack_sentences``.
+    """
+    return _layout(article.text, count_tokens, max_tokens, overlap_sentences, additive)
 
 
-def cut_many(texts: Sequence[str], count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int,
-             processes: int | None = None, additive: bool = False
-             ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
-    """``cut`` each of ``texts``: on ``processes`` forked workers (default: one per core) when there are at
-    least ``PARALLEL_MIN_TEXTS`` of them, else here.
+def split_articles(articles: Sequence[Article], count_tokens: TokenCounter, max_tokens: int = 128,
+                   overlap_sentences: int = 1, *, additive: bool = False, processes: int | None = None
+                   ) -> list[Layout]:
+    """``split_article`` each of ``articles``: on ``processes`` forked workers (default: one per core) when there
+    are at least ``PARALLEL_MIN_TEXTS`` of them and this process may fork (``can_fork``), else here, one after
+    another. Either way the result is the same.
 
-    Token counting (the model's tokenizer, ~0.1 ms a call, once per sentence, and per candidate window unless
-    ``additive``) and sentence splitting are a build's slowest step after embedding, and they run before it: 200
-    SciFact abstracts took 0.43-0.53 s on one core and 0.26-0.28 s on two workers counting every window; with
-    windows and pieces summed, 0.14-0.15 s on one core and 0.12-0.16 s on two (11-28); the pool stays for larger
-    builds, where cutting still takes seconds on one core (3,000 SciFact documents: 2.1 s). Forked workers start
-    in milliseconds, inherit the token counter (it is not pickled) and run only the splitter and the tokenizer: no
-    model, and no thread pool of this process is used in them. Where fork is unavailable, or this process is itself
-    a pool's (daemonic) worker, the texts are cut here, one after another. Either way the result is the same.
-    ``additive``: see ``pack_sentences``.
+    Cutting is a build's slowest step after embedding and runs before it, so a large build cuts on every core.
+    Forked workers start in milliseconds, inherit the token counter (it is not pickled) and run only the splitter
+    and the tokenizer (docs/decisions/chunking-token-counts.md).
     """
     global _JOB
+    texts = [a.text for a in articles]
     n = min(processes or cores(), len(texts) // max(1, PARALLEL_MIN_TEXTS // 2) or 1)
     if n < 2 or len(texts) < PARALLEL_MIN_TEXTS or not can_fork():
-        return [cut(t, count_tokens, max_tokens, overlap_sentences, additive) for t in texts]
+        return [_layout(t, count_tokens, max_tokens, overlap_sentences, additive) for t in texts]
     with _JOB_LOCK:
         _JOB = (count_tokens, max_tokens, overlap_sentences, additive)
         pool = fork_pool(n)
         try:
-            cuts = pool.map(_cut_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
+            layouts = pool.map(_layout_in_worker, texts, chunksize=max(1, len(texts) // (n * 8)))
             pool.close()  # the workers finish and exit by themselves
             pool.join()
-            return cuts
+            return layouts
         finally:
             pool.terminate()  # after an error or Ctrl-C: stop them
             _JOB = None
+
+
+def _layout(text: str, count_tokens: TokenCounter, max_tokens: int, overlap_sentences: int, additive: bool
+            ) -> Layout:
+    """A text's sentence units (``counted_units``) and its passage windows over them (``pack_sentences``)."""
+    units, counts = counted_units(text, count_tokens, max_tokens, additive)
+    return Layout(units, pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive))
+
+
+def _layout_in_worker(text: str) -> Layout:
+    count_tokens, max_tokens, overlap_sentences, additive = _JOB
+    return _layout(text, count_tokens, max_tokens, overlap_sentences, additive)
 
 
 def cores() -> int:
@@ -133,9 +152,23 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def forbid_forks() -> None:
+    """Mark this process as one that answers questions (every ``Searcher`` does this): it never forks from now on.
+
+    Such a process (a web worker) has started the encoder's thread pools and may have other threads inside the
+    encoder, the tokenizer or FAISS at any moment. A forked child keeps only the forking thread: every lock the
+    others held stays held and their thread pools are gone, and a cut needs the tokenizer. So an upload there
+    cuts and writes its lexical files in this process, serially (docs/decisions/fork-after-model.md).
+    """
+    global _FORKS_FORBIDDEN
+    _FORKS_FORBIDDEN = True
+
+
 def can_fork() -> bool:
-    """Whether this process may start forked workers: fork exists here and this is not a pool's (daemonic) worker."""
-    return not multiprocessing.current_process().daemon and "fork" in multiprocessing.get_all_start_methods()
+    """Whether this process may start forked workers: fork exists here, this is not a pool's (daemonic) worker,
+    and it does not answer questions (``forbid_forks``)."""
+    return (not _FORKS_FORBIDDEN and not multiprocessing.current_process().daemon
+            and "fork" in multiprocessing.get_all_start_methods())
 
 
 def fork_pool(n: int):
@@ -143,6 +176,8 @@ def fork_pool(n: int):
 
     Callers check ``can_fork`` first, close and join the pool when done, and terminate it after an error.
     """
+    if not can_fork():
+        raise RuntimeError("this process may not fork (it answers questions, or is a pool's worker); check can_fork()")
     return multiprocessing.get_context("fork").Pool(n, initializer=_worker_signals)
 
 
@@ -158,8 +193,7 @@ def _split_long(text: str, start: int, end: int, max_tokens: int, count: TokenCo
     """Cut one over-long sentence into word-boundary pieces that fit ``max_tokens``; return them and their counts.
 
     ``additive`` (see ``pack_sentences``): each word is counted once and a piece is measured by their sum, instead
-    of counting the growing piece's text after every word it takes (a sentence of n words cost ~n counts of up to
-    ``max_tokens`` tokens each, 11-28)."""
+    of counting the growing piece's text after every word it takes (about one count per word of the sentence)."""
     words = [(m.start() + start, m.end() + start) for m in re.finditer(r"\S+", text[start:end])]
     joined = _joined_counter(text, words, count, [count(text[s:e]) for s, e in words] if additive else None)
     pieces: list[tuple[int, int]] = []
@@ -196,15 +230,10 @@ def _joined_counter(text: str, spans: Sequence[tuple[int, int]], count_tokens: T
     return joined
 
 
-def sentence_units(article: Article, count_tokens: TokenCounter, max_tokens: int = 128) -> list[tuple[int, int]]:
-    """Return the sentence spans passages are built from (over-long sentences cut to fit ``max_tokens``)."""
-    return counted_units(article.text, count_tokens, max_tokens)[0]
-
-
 def counted_units(text: str, count_tokens: TokenCounter, max_tokens: int = 128, additive: bool = False
                   ) -> tuple[list[tuple[int, int]], list[int]]:
-    """``sentence_units`` of a text, and each unit's token count (``pack_sentences`` starts from them).
-    ``additive``: see ``pack_sentences``."""
+    """Return the sentence spans passages are built from (over-long sentences cut to fit ``max_tokens``), and each
+    unit's token count (``pack_sentences`` starts from them). ``additive``: see ``pack_sentences``."""
     units: list[tuple[int, int]] = []
     counts: list[int] = []
     for start, end in split_sentences(text):
@@ -217,26 +246,6 @@ def counted_units(text: str, count_tokens: TokenCounter, max_tokens: int = 128, 
             units.append((start, end))
             counts.append(n)
     return units, counts
-
-
-def split_article(
-    article: Article,
-    count_tokens: TokenCounter,
-    max_tokens: int = 128,
-    overlap_sentences: int = 1,
-    additive: bool = False,
-) -> list[Passage]:
-    """Split ``article`` into passages of whole sentences, each at most ``max_tokens`` tokens.
-
-    Args:
-        count_tokens: the embedding model's tokenizer, as text -> number of tokens (no specials).
-        overlap_sentences: how many trailing sentences of a passage start the next one.
-        additive: see ``pack_sentences``.
-    """
-    text = article.text
-    units, counts = counted_units(text, count_tokens, max_tokens, additive)
-    return [Passage(article.id, units[i][0], units[j][1], text[units[i][0]:units[j][1]])
-            for i, j in pack_sentences(text, units, count_tokens, max_tokens, overlap_sentences, counts, additive)]
 
 
 def pack_sentences(
@@ -260,8 +269,8 @@ def pack_sentences(
     ``additive``: ``count_tokens`` is known to count two texts joined by whitespace as the sum of their counts
     (``embedding.token_counts_add_up``: a WordPiece tokenizer that splits words at whitespace). Then a window
     whose sentences are separated by plain whitespace (``_PLAIN_GAP``) is measured by that sum, the same number
-    its text would give, without counting its text: that was ~60% of cutting 200 SciFact abstracts (11-28).
-    Windows with anything else between their sentences are still counted on their text.
+    its text would give, without counting its text (docs/decisions/chunking-token-counts.md). Windows with
+    anything else between their sentences are still counted on their text.
     """
     n = len(sentences)
     if not n:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import click
 
+from . import indexing
 from .config import DEFAULT_MODEL, Settings
 from .errors import QAError
-from .types import is_blank
+from .types import MODES, is_blank
 
 logger = logging.getLogger("qa_service")
 
@@ -68,83 +69,13 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
 
 
+def _note(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progress: bool = True) -> str:
-    """Build the index from ``seeds_dir`` unless it is fresh; return a one-line summary.
-
-    Holds the index's writer lock meanwhile (``articles.writer_lock``), after settling any article upload
-    that a crash interrupted, so a build never races a write from a running service.
-    """
-    from .articles import recover, writer_lock
-
-    if settings.database_url:  # the database serialises its writers itself (an advisory lock)
-        return _ensure_database_index(settings, seeds_dir, force, progress)
-    with writer_lock(settings.index_dir, timeout=None):
-        recovered = recover(settings.index_dir, seeds_dir)
-        if recovered:
-            click.echo(recovered, err=True)
-        return _ensure_index(settings, seeds_dir, force, progress)
-
-
-def _ensure_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
-    from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, cached_export, remember_export, resolve_quantize, shareable_encoder
-    from .store import build_index, index_status, live_manifest
-
-    articles = _load_seeds(seeds_dir)
-    fresh, reason = index_status(settings, articles)
-    if fresh and not force:
-        return f"index is up to date: {len(articles)} articles"
-    click.echo(f"building index ({reason})", err=True)
-    live = live_manifest(settings.index_dir)
-    # Same model files as the live index's ONNX export, or as one this machine made for another index: embed
-    # with it, without loading torch or exporting (~15 s). Either is used only if its checksums still match.
-    quantize = resolve_quantize(settings.quantize, live)  # "auto": the live index's precision
-    shared = live if shareable_encoder(live, settings.model, quantize) else cached_export(settings.model, quantize)
-    if shared is not None:
-        summary = build_index(articles, None, settings, progress=progress, encoder_of=shared,
-                              encoder_threads=INDEXING_THREADS)
-    else:
-        summary = build_index(articles, load_embedder(settings.model), settings, progress=progress)
-    remember_export(live_manifest(settings.index_dir))  # for the next new index of this model on this machine
-    line = f"indexed {summary.articles} articles, {summary.passages} passages in {summary.seconds:.1f} s"
-    if summary.reused_articles:
-        line += f" ({summary.reused_articles} unchanged articles not re-embedded)"
-    return line
-
-
-def _load_seeds(seeds_dir: Path):
-    from .ingest import load_articles
-
-    report = load_articles(seeds_dir)
-    for name, reason in report.skipped:
-        click.echo(f"skipped {name}: {reason}", err=True)
-    for name, reason in report.warnings:
-        click.echo(f"warning {name}: {reason}", err=True)
-    if not report.articles:
-        raise click.ClickException(f"No usable articles in {seeds_dir}.")
-    return report.articles
-
-
-def _ensure_database_index(settings: Settings, seeds_dir: Path, force: bool, progress: bool) -> str:
-    from .backends.postgres import PostgresWriter
-    from .embedding import load_embedder
-    from .onnx_encoder import INDEXING_THREADS, shareable_encoder
-
-    articles = _load_seeds(seeds_dir)
-    with PostgresWriter(settings) as writer:
-        fresh, reason = writer.status(articles)
-        if fresh and not force:
-            return f"index is up to date: {len(articles)} articles (PostgreSQL)"
-        click.echo(f"building index in PostgreSQL ({reason})", err=True)
-        # Same model files as the database's ONNX export: embed with that (fetched and checksummed), no torch.
-        # --force loads the model and exports again, which is also how a damaged export is repaired.
-        shared = not force and shareable_encoder(writer.manifest(), settings.model, settings.quantize,
-                                                 check_files=False)
-        embedder = None if shared else load_embedder(settings.model)
-        summary = writer.sync(articles, embedder, progress=progress, force=force, encoder_threads=INDEXING_THREADS)
-    line = (f"indexed {summary['embedded']} new or changed articles ({summary.get('passages', 0)} passages), removed "
-            f"{summary['removed']}; the database holds {summary['articles']} articles ({summary['seconds']:.1f} s)")
-    return line + (" [re-indexed everything]" if summary["full"] else "")
+    """``indexing.ensure_index``, with its notes (skipped files, why it rebuilds) on stderr."""
+    return indexing.ensure_index(settings, seeds_dir, force=force, progress=progress, notes=_note)
 
 
 @cli.command()
@@ -204,7 +135,7 @@ def _print_hits(result: dict) -> None:
 @click.argument("question", required=False)
 @click.option("-k", type=click.IntRange(1, 50), default=5, show_default=True, help="How many passages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result structure.")
-@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="hybrid", show_default=True,
               help="Retrieval: fused dense + BM25, or one of them alone.")
 @_common
 def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: str) -> None:

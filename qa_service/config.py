@@ -22,12 +22,8 @@ class Settings:
     # trained on 128-token inputs, so shorter windows embed better), overlapping by whole sentences.
     max_tokens: int = 128
     overlap_sentences: int = 1
-    # Texts per encoder call when indexing (and evaluating). 8 by measurement on this 2-core machine, ONNX fp32,
-    # 884 SciFact passages with their headlines (11-28, medians of 3 interleaved runs in one process): 13.68 /
-    # 14.02 / 14.23 s with batches of 8 / 12 / 16 (4 and 6: 13.69 / 13.82 against 13.93 for 8 in another round);
-    # 32 was slower still (11-26: 49.9 against 54.7 passages/s for 16). Smaller batches keep each layer's
-    # activations in cache, and a build's first pass touches less fresh memory (~21.5k page faults against ~36.4k
-    # for 16; its first pass 13.9-14.1 s against 14.4-14.6 in a new process).
+    # Texts per encoder call when indexing (and evaluating): small batches keep each layer's activations in the
+    # CPU's cache and were faster than larger ones (docs/decisions/batch-size.md).
     batch_size: int = 8
     # Query/passage encoder precision: "none" keeps the fp32 ONNX export, "int8" quantises it (see onnx_encoder);
     # "auto" keeps the existing index's precision, fp32 for a new one (``onnx_encoder.resolve_quantize``).
@@ -40,8 +36,8 @@ class Settings:
     # The question encoder's two threads on two different CPUs (onnx_encoder.helper_placement): a question after
     # idleness 1.4-2.7 ms sooner over HTTP on this 2-core machine. QA_PIN_ENCODER_THREADS=0 leaves them to the kernel.
     pin_encoder_threads: bool = True
-    # Above this many passages the dense index is approximate (IVF, retrieval/dense.py); exact below (QA_ANN_THRESHOLD).
-    # Measured: an exact scan of 50k vectors costs about as much as encoding the question.
+    # Above this many passages the dense index is approximate (IVF, retrieval/dense.py); exact below, where a whole
+    # scan costs about as much as encoding the question (QA_ANN_THRESHOLD, docs/decisions/ann-index.md).
     ann_threshold: int = 50_000
     # Writes (POST/DELETE /api/articles) need this key; without one they are disabled (QA_API_KEY).
     api_key: str | None = field(default=None, repr=False)
@@ -62,7 +58,6 @@ class Settings:
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
-    extra: dict = field(default_factory=dict)
     tuning: frozenset[str] = frozenset()  # opt-in tuning by name (QA_TUNING; qa_service/tuning/)
 
     @classmethod

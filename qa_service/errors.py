@@ -39,11 +39,6 @@ class ModelNotFound(QAError):
     status = 500
 
 
-class NoArticles(QAError):
-    code = "no_articles"
-    status = 400
-
-
 class ArticleNotFound(QAError):
     code = "article_not_found"
     status = 404

@@ -1,11 +1,12 @@
-"""Records that cross module boundaries (articles, passages, filters, search hits) and ``is_blank``, the one test
-of a question's text that the API, the form and the CLI share."""
+"""Records that cross module boundaries (articles, passages, filters, search hits), the search ``MODES``, and
+``is_blank``, the one test of a question's text that the API, the form and the CLI share."""
 
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
 
+# The search modes every entry point offers (CLI, API, form): fused, vectors only, BM25 only.
 MODES = ("hybrid", "dense", "lexical")
 
 
@@ -27,7 +28,15 @@ class Article:
     title: str | None
     date: str | None  # ISO "YYYY-MM-DD"
     text: str
-    content_hash: str = ""  # sha256 of the raw file bytes, for staleness and upserts
+    content_hash: str = ""  # sha256 of the raw file bytes (of the record, in a file of many), for staleness and upserts
+    # Where the article came from, as the file or record said (each may be unknown); see ingest.
+    source_url: str | None = None  # the original page, not the local copy
+    outlet: str | None = None
+    author: str | None = None
+    story: str | None = None  # shared by syndicated copies of one story (ingest.syndication); None: its own
+    # "headline" (read from the text), "metadata" (given by the file or record) or "lead": no headline, so the
+    # title to show is the lead sentence shortened (ingest.lead_title) while ``title`` stays None.
+    title_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +23,14 @@ _CACHE = tempfile.mkdtemp(prefix="qa-service-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE
 os.environ.pop("QA_EXPORT_CACHE", None)
 atexit.register(shutil.rmtree, _CACHE, True)
+
+
+@pytest.fixture(autouse=True)
+def _no_searcher_yet(monkeypatch):
+    """Each test starts as a process that has made no ``Searcher``: its builds may fork (``chunking.forbid_forks``)."""
+    from qa_service import chunking
+
+    monkeypatch.setattr(chunking, "_FORKS_FORBIDDEN", False)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +116,7 @@ def postgres():
 @pytest.fixture(scope="session")
 def fake_pg_index(tmp_path_factory, postgres, seed_articles, fake_embedder) -> Settings:
     """Settings for the seeds indexed into PostgreSQL with the fake embedder."""
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
 
     root = tmp_path_factory.mktemp("fake-pg-index")
     settings = Settings(index_dir=root / "index", seeds_dir=root / "seeds", model=FakeEmbedder.name,

@@ -27,7 +27,8 @@ from qa_service.cli import cli
 from qa_service.errors import ArticleNotFound, InvalidArticle, WriteBusy
 from qa_service.ingest import load_articles
 from qa_service.retrieval import Searcher
-from qa_service.store import build_index, read_manifest
+from qa_service.manifest import read_manifest
+from qa_service.store import build_index
 from qa_service.web.server import recover_writes
 
 from .support.paths import REPO

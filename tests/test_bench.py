@@ -1,19 +1,19 @@
-"""`qa-service bench` runs on tiny inputs and writes its Markdown summary; a real serving worker never maps torch.
+"""`qa-service bench` runs on tiny inputs and writes its results; a real serving worker never maps torch.
 
 Benchmarks are not timed tests: these check that the code runs, not how fast anything is.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from qa_service.cli import _load_benchmarks, cli
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -25,34 +25,39 @@ def bench_work(tmp_path, real_index):
     return work
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_markdown_and_workers_have_no_torch(tmp_path, bench_work):
     suite = _load_benchmarks()
     lines = []
-    path = suite.run(tmp_path / "out", ["query", "throughput", "cold", "scale"], quick=True, work=bench_work,
-                     echo=lines.append)
+    out = tmp_path / "out"
+    path = suite.run(out, ["query", "throughput", "cold", "scale"], quick=True, work=bench_work, echo=lines.append)
     text = path.read_text(encoding="utf-8")
-    assert path.name.startswith("bench-") and (tmp_path / "out" / "latest-quick.md").read_text() == text
+    assert path.parent == out / "runs" and path.name.startswith("bench-") and path.name.endswith("-quick.md")
+    # a quick run's figures judge nothing: it writes its own files only, and leaves latest.md / latest.json alone
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     assert "| section | measure | value | floor | ratio | target | met | note |" in text
     for section in ("query", "throughput", "cold", "scale"):
         assert f"| {section} |" in text
     assert "POST /api/ask p50" in text and "recall@10" in text and "first 200 answer" in text
     assert "bound of the torch ratio" in text
-    rows = {r["measure"]: r for r in __import__("json").loads(path.with_suffix(".json").read_text())["rows"]}
+    rows = {r["measure"]: r for r in json.loads(path.with_suffix(".json").read_text())["rows"]}
     canned = next(r for m, r in rows.items() if "a server that answers at once" in m)
     stub = next(r for m, r in rows.items() if "gunicorn set up as served" in m)
     for row in (canned, stub):  # the in-process p50 plus a round trip: above the floor it shares with the POST rows
         assert row["floor"] == rows["POST /api/ask p50 vs in-process Searcher.ask (ONNX)"]["floor"] < row["value"]
     assert "its encode p50" in stub["note"] and "gunicorn's own part" in stub["note"]
-    facts = __import__("json").loads(path.with_suffix(".json").read_text())["facts"]
+    facts = json.loads(path.with_suffix(".json").read_text())["facts"]
     assert facts["worker_pids"] and facts["torch_in_workers"] is False  # /proc/<worker>/maps has no libtorch
     assert "index re-embedded: no" in text
 
 
+@pytest.mark.slow
 def test_web_section_times_each_stage_of_a_served_answer(tmp_path, bench_work):
     """A traced server's records line up with the client's requests (the section refuses them otherwise)."""
     suite = _load_benchmarks()
     path = suite.run(tmp_path / "out", ["web"], quick=True, work=bench_work, echo=lambda line: None)
-    rows = [r for r in __import__("json").loads(path.with_suffix(".json").read_text())["rows"] if r["section"] == "web"]
+    rows = [r for r in json.loads(path.with_suffix(".json").read_text())["rows"] if r["section"] == "web"]
     by_measure = {r["measure"]: r for r in rows}
     assert len(rows) == len(_webtrace().STAGES) + 1 and all(r["value"] is not None for r in rows)
     assert all(f"{label}, p50" in by_measure for _, _, label in _webtrace().STAGES)
@@ -68,6 +73,7 @@ def _webtrace():
     return importlib.import_module("qa_service_benchmarks.webtrace")
 
 
+@pytest.mark.slow
 def test_webtrace_lines_up_requests_and_refuses_a_shifted_record():
     webtrace = _webtrace()
     client = [(0.9999, 1.0, 1.010), (1.9999, 2.0, 2.012)]
@@ -83,6 +89,7 @@ def test_webtrace_lines_up_requests_and_refuses_a_shifted_record():
         webtrace.stage_times(client, [{k: 5.0 + v for k, v in record.items()}] * 2)
 
 
+@pytest.mark.slow
 def test_canned_server_replays_the_recorded_answer_to_every_request():
     """The bare round trip's server: each request (headers, then its body, sent apart) gets the recorded bytes."""
     import http.client
@@ -120,18 +127,25 @@ def test_canned_server_replays_the_recorded_answer_to_every_request():
             pass
 
 
+@pytest.mark.slow
 def test_build_and_peer_sections_run(tmp_path, bench_work):
     """The build section runs `qa-service index` on a tiny corpus; the peer section runs txtai or says why not."""
     suite = _load_benchmarks()
     sizes = suite.Sizes.quick()
     sizes.build_docs = 3
     sizes.latency_n = 3
-    path = suite.run(tmp_path / "out", ["build", "peer"], work=bench_work, sizes=sizes, echo=lambda _: None)
+    out = tmp_path / "out"
+    path = suite.run(out, ["build", "peer"], work=bench_work, sizes=sizes, echo=lambda _: None)
     text = path.read_text(encoding="utf-8")
+    # not a quick run: its files in runs/, and latest.md / latest.json are this run's
+    assert path.parent == out / "runs" and not path.name.endswith("-quick.md")
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json", "latest.md", "runs"]
+    assert (out / "latest.md").read_text(encoding="utf-8") == text
+    assert (out / "latest.json").read_text(encoding="utf-8") == path.with_suffix(".json").read_text(encoding="utf-8")
     assert "qa-service index, passages/s" in text
     # the re-index row: other articles into the same folder, sharing the first build's export (the section
     # itself raises if the export was not shared)
-    rows = __import__("json").loads(path.with_suffix(".json").read_text())["rows"]
+    rows = json.loads(path.with_suffix(".json").read_text())["rows"]
     reindex = [r for r in rows if r["measure"].startswith("qa-service index into that folder again")]
     assert len(reindex) == 1 and reindex[0]["value"] > 0 and reindex[0]["floor"] > 0
     # each row with a target is the median of the rounds (quick: 2, so the re-index also ran back into the
@@ -154,11 +168,12 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
         assert "txtai hybrid" in text
 
 
+@pytest.mark.slow
 def test_postgres_section_runs(tmp_path, bench_work):
     """Both backends served side by side on the seeds and a tiny synthetic corpus; every row has its FAISS floor."""
     suite = _load_benchmarks()
     path = suite.run(tmp_path / "out", ["postgres"], quick=True, work=bench_work, echo=lambda _: None)
-    rows = __import__("json").loads(path.with_suffix(".json").read_text())["rows"]
+    rows = json.loads(path.with_suffix(".json").read_text())["rows"]
     measures = {r["measure"]: r for r in rows if r["section"] == "postgres"}
     for label in ("seeds", "300 synthetic"):
         for what in ("in-process Searcher.ask p50", "POST /api/ask p50", "answers/s at 8 clients"):
@@ -167,6 +182,7 @@ def test_postgres_section_runs(tmp_path, bench_work):
     assert "failures 0 vs 0" in measures["seeds: answers/s at 8 clients, PostgreSQL vs FAISS"]["note"]
 
 
+@pytest.mark.slow
 def test_ray_section_is_skipped_without_ray(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # ``import ray`` now raises ImportError
     suite = _load_benchmarks()
@@ -174,6 +190,29 @@ def test_ray_section_is_skipped_without_ray(tmp_path, monkeypatch):
     assert "ray: skipped, Ray is not installed" in path.read_text(encoding="utf-8")
 
 
+def test_results_go_to_runs_and_each_full_run_replaces_latest(tmp_path, monkeypatch):
+    """Each run's Markdown and JSON land in runs/ (the default work folder inside it is removed afterwards); a
+    full-size run replaces latest.md and latest.json, a quick one does not; no temporary file stays behind."""
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # the ray section then only says it is skipped
+    suite = _load_benchmarks()
+    out = tmp_path / "results"
+    quick = suite.run(out, ["ray"], quick=True, echo=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]
+    first = suite.run(out, ["ray"], echo=lambda _: None)
+    time.sleep(1.1)  # run files are named by the second the run started
+    second = suite.run(out, ["ray"], echo=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json", "latest.md", "runs"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        p.name for run in (quick, first, second) for p in (run, run.with_suffix(".json")))
+    assert quick.name.endswith("-quick.md") and first.name != second.name
+    assert (out / "latest.md").read_text(encoding="utf-8") == second.read_text(encoding="utf-8") != ""
+    latest = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+    assert latest == json.loads(second.with_suffix(".json").read_text(encoding="utf-8"))
+    assert latest["quick"] is False and latest["rows"] == [] and "ray_skipped" in latest["facts"]
+    assert "ray: skipped, Ray is not installed" in (out / "latest.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
 def test_bench_command_rejects_unknown_sections():
     result = CliRunner().invoke(cli, ["bench", "--sections", "query,nonsense"])
     assert result.exit_code == 2 and "nonsense" in result.output

@@ -57,12 +57,12 @@ def check_passages(article, passages, max_tokens):
 @pytest.mark.parametrize("max_tokens", [16, 64, 128])
 def test_offsets_exact_for_every_seed_passage(seed_articles, max_tokens):
     for article in seed_articles:
-        check_passages(article, split_article(article, count, max_tokens, 1), max_tokens)
+        check_passages(article, split_article(article, count, max_tokens, 1).passages(article), max_tokens)
 
 
 def test_overlap_shares_a_sentence(seed_articles):
     article = seed_articles[0]
-    passages = split_article(article, count, 64, 1)
+    passages = split_article(article, count, 64, 1).passages(article)
     assert len(passages) > 2
     multi = 0
     for a, b in zip(passages, passages[1:]):
@@ -85,7 +85,7 @@ _text = st.lists(_paragraph, min_size=1, max_size=5).map("\n\n".join)
 @given(text=_text, max_tokens=st.sampled_from([8, 24, 128]), overlap=st.sampled_from([0, 1, 2]))
 def test_offsets_property_generated(text, max_tokens, overlap):
     article = Article("gen", "gen.txt", None, None, text)
-    check_passages(article, split_article(article, count, max_tokens, overlap), max_tokens)
+    check_passages(article, split_article(article, count, max_tokens, overlap).passages(article), max_tokens)
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_packing_equals_the_plain_rule_for_any_counter(lengths, max_tokens, over
         spans.append((at, at + len(w)))
         at += len(w) + 1
     counter = count if additive else _not_additive
-    # sentences longer than the limit are cut before packing (sentence_units); keep the spans that fit
+    # sentences longer than the limit are cut before packing (counted_units); keep the spans that fit
     spans = [s for s in spans if counter(text[s[0]:s[1]]) <= max_tokens] or spans[:1]
     expected = _greedy_windows(text, spans, counter, max_tokens, overlap)
     assert pack_sentences(text, spans, counter, max_tokens, overlap) == expected
@@ -141,19 +141,56 @@ def test_packing_equals_the_plain_rule_for_any_counter(lengths, max_tokens, over
     assert pack_sentences(text, spans, counter, max_tokens, overlap, own) == expected
 
 
-def test_cutting_many_articles_on_worker_processes_gives_the_same_cut(seed_articles):
+def test_cutting_many_articles_on_worker_processes_gives_the_same_cut(seed_articles, monkeypatch):
     from qa_service import chunking
 
-    texts = [a.text for a in seed_articles] * 8  # 40 texts: over the pool's threshold
-    assert len(texts) >= chunking.PARALLEL_MIN_TEXTS
-    alone = [chunking.cut(t, count, 60, 1) for t in texts]
-    assert chunking.cut_many(texts, count, 60, 1, processes=2) == alone
-    assert chunking.cut_many(texts, count, 60, 1, processes=1) == alone
+    pools = []
+    real_pool = chunking.fork_pool
+    monkeypatch.setattr(chunking, "fork_pool", lambda n: pools.append(n) or real_pool(n))
+    articles = list(seed_articles) * 8  # 40 articles: over the pool's threshold
+    assert len(articles) >= chunking.PARALLEL_MIN_TEXTS
+    alone = [split_article(a, count, 60, 1) for a in articles]
+    assert chunking.split_articles(articles, count, 60, 1, processes=2) == alone
+    assert pools == [2]  # the forked path ran
+    assert chunking.split_articles(articles, count, 60, 1, processes=1) == alone
     assert chunking._JOB is None  # nothing of the job is left behind for a later fork
-    for text, (units, windows) in zip(texts, alone):
-        assert units == chunking.sentence_units(Article("a", "s", None, None, text), count, 60)
+    for article, (units, windows) in zip(articles, alone):
+        assert units == chunking.counted_units(article.text, count, 60)[0]
         assert [(units[i][0], units[j][1]) for i, j in windows] == \
-            [(p.start, p.end) for p in split_article(Article("a", "s", None, None, text), count, 60, 1)]
+            [(p.start, p.end) for p in split_article(article, count, 60, 1).passages(article)]
+
+
+def test_a_process_that_answers_questions_never_forks(seed_articles, fake_index, tmp_path, monkeypatch):
+    """Once a ``Searcher`` exists (a web worker: encoder thread pools started, other threads in the tokenizer),
+    neither cutting nor a build's lexical files fork: they run here and give the same result."""
+    from qa_service import chunking, store
+    from qa_service.config import Settings
+    from qa_service.retrieval import Searcher
+
+    pools = []
+    real_pool = chunking.fork_pool
+    monkeypatch.setattr(chunking, "fork_pool", lambda n: pools.append(n) or real_pool(n))
+    monkeypatch.setattr(chunking, "cores", lambda: 2)
+    monkeypatch.setattr(store, "LEXICAL_PARALLEL_MIN", 1)  # the seeds stand in for a large archive
+    articles = list(seed_articles) * 8
+    assert chunking.can_fork()
+    forked = chunking.split_articles(articles, count, 60, 1, processes=2)
+    forked_build = Settings(index_dir=tmp_path / "forked", model="fake-hash-64")
+    store.build_index(seed_articles, FakeEmbedder(), forked_build)
+    assert len(pools) == 2  # a fresh process (a build, the CLI) forks for both
+    pools.clear()
+
+    Searcher(fake_index, embedder=FakeEmbedder())
+    assert not chunking.can_fork()
+    assert chunking.split_articles(articles, count, 60, 1, processes=2) == forked
+    here = Settings(index_dir=tmp_path / "here", model="fake-hash-64")
+    store.build_index(seed_articles, FakeEmbedder(), here)
+    assert pools == [], "a process that answers questions forked"
+    with pytest.raises(RuntimeError, match="may not fork"):
+        real_pool(2)
+    question = "Gaza ceasefire"
+    assert [h.citation.start for h in Searcher(here, embedder=FakeEmbedder()).search(question, mode="lexical")] == \
+        [h.citation.start for h in Searcher(forked_build, embedder=FakeEmbedder()).search(question, mode="lexical")]
 
 
 def test_cutting_on_workers_returns_in_a_process_that_only_notes_sigterm(seed_articles):
@@ -166,12 +203,12 @@ def test_cutting_on_workers_returns_in_a_process_that_only_notes_sigterm(seed_ar
 
     script = textwrap.dedent(f"""
         import signal
-        from qa_service.chunking import cut, cut_many
+        from qa_service.chunking import split_article, split_articles
         from qa_service.ingest import load_articles
         signal.signal(signal.SIGTERM, lambda *_: None)
-        texts = [a.text for a in load_articles({str(REPO / "seeds")!r}).articles] * 8
+        articles = load_articles({str(REPO / "seeds")!r}).articles * 8
         count = lambda t: len(t.split())
-        assert cut_many(texts, count, 60, 1, processes=2) == [cut(t, count, 60, 1) for t in texts]
+        assert split_articles(articles, count, 60, 1, processes=2) == [split_article(a, count, 60, 1) for a in articles]
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -247,7 +284,7 @@ def test_with_the_shipped_tokenizer_adding_counts_cuts_exactly_as_counting(seed_
     the same units and windows with sentence counts added as with every window counted."""
     from tokenizers import Tokenizer
 
-    from qa_service.chunking import cut
+    from qa_service.chunking import split_article
 
     tok = Tokenizer.from_str(_shipped_tokenizer_json())
     tok.no_truncation()
@@ -258,10 +295,11 @@ def test_with_the_shipped_tokenizer_adding_counts_cuts_exactly_as_counting(seed_
 
     odd = ("Prices rose in Doha.\x1cTalks went on.\u00a0Hamas said no. \u2003Qatar said yes!"
            "Then they met;\x0bagain.\r\nIt’s “done”. Über-café sales fell 3.5%. 東京 talks. [MASK] it.")
-    texts = [a.text for a in seed_articles] + [odd * 3]
+    articles = list(seed_articles) + [Article("odd", "odd.txt", None, None, odd * 3)]
     for max_tokens in (126, 40, 12):
-        for text in texts:
-            assert cut(text, real_count, max_tokens, 1, additive=True) == cut(text, real_count, max_tokens, 1)
+        for article in articles:
+            assert split_article(article, real_count, max_tokens, 1, additive=True) == \
+                split_article(article, real_count, max_tokens, 1)
 
 
 def test_embedders_say_whether_their_counts_add_up(real_embedder):

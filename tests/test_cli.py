@@ -80,3 +80,19 @@ def test_index_and_ask_json_end_to_end(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "built with model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_indexing_library_prints_nothing_and_hands_its_notes_over(tmp_path, capsys):
+    """``indexing.ensure_index`` (behind ``qa-service index`` and ``serve --build``) returns or raises; what a person
+    should read goes to its ``notes`` callback, never to the terminal."""
+    from qa_service.config import Settings
+    from qa_service.errors import QAError
+    from qa_service.indexing import ensure_index
+
+    (tmp_path / "empty.txt").write_text("")
+    notes = []
+    with pytest.raises(QAError, match="No usable articles") as raised:
+        ensure_index(Settings(index_dir=tmp_path / "idx"), tmp_path, notes=notes.append)
+    assert raised.value.code == "no_articles"
+    assert notes == ["skipped empty.txt: empty file"]
+    assert capsys.readouterr() == ("", "")

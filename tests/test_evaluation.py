@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -258,6 +259,29 @@ def test_several_modes_share_questions_and_report(tmp_path):
         ev.evaluate(ds, StubBackend(results, passages), modes=["dense", "sparse"])
     with pytest.raises(ev.UnknownMode, match="twice"):
         ev.evaluate(ds, StubBackend(results, passages), modes=["dense", "dense"])
+
+
+def test_without_the_eval_extra_scoring_and_the_chart_say_how_to_install_it(tmp_path, monkeypatch):
+    ds, results, passages = _question_case()
+    summaries = ev.evaluate(ds, StubBackend(results, passages))
+    monkeypatch.setitem(sys.modules, "ir_measures", None)  # ``import ir_measures`` now fails
+    with pytest.raises(ev.EvaluationError, match=r"Scoring needs ir-measures.*pip install -e '\.\[eval\]'"):
+        ev.evaluate(ds, StubBackend(results, passages))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ev.EvaluationError, match=r"chart needs matplotlib.*\[eval\]"):
+        ev.plot_recall_curves(summaries, tmp_path / "recall.png")
+    assert not (tmp_path / "recall.png").exists()
+
+
+def test_serving_and_importing_evaluation_load_none_of_the_eval_extra():
+    """The eval extra's packages are imported only when scoring or charting, never by the service."""
+    import subprocess
+
+    code = ("import sys, qa_service.web.server, qa_service.retrieval, qa_service.evaluation\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ir_measures', 'pytrec_eval', 'matplotlib', 'sklearn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_default_depth_gives_beir_runs_ten_documents():

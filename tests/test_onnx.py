@@ -644,7 +644,7 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     exactly what splitting them again gives; a changed article is split afresh."""
     from dataclasses import replace
 
-    from qa_service import store
+    from qa_service import reuse, store
 
     settings = _copy_index(real_index, tmp_path)
     old = read_manifest(settings.index_dir)
@@ -652,8 +652,9 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
                       content_hash="changed")
     articles = [changed] + list(seed_articles[1:])
     split = []
-    real_cut = store.cut_many
-    monkeypatch.setattr(store, "cut_many", lambda texts, *a, **k: split.extend(texts) or real_cut(texts, *a, **k))
+    real_cut = store.split_articles
+    monkeypatch.setattr(store, "split_articles",
+                        lambda arts, *a, **k: split.extend(x.text for x in arts) or real_cut(arts, *a, **k))
     reads = []  # the live build's SQLite file, opened read-only: once for both its cut and its vectors
     real_connect = store.sqlite3.connect
     monkeypatch.setattr(store.sqlite3, "connect", lambda target, *a, **k: (
@@ -665,7 +666,7 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     assert split == [changed.text]  # only the changed article was split
     assert new["counts"]["reused_layouts"] == len(articles) - 1
     assert new["counts"]["reused_articles"] == len(articles) - 1
-    monkeypatch.setattr(store, "cut_many", real_cut)
+    monkeypatch.setattr(store, "split_articles", real_cut)
     fresh = chunk_articles(articles, OnnxEmbedder.from_manifest(new), settings)
     con = sqlite3.connect(Path(new["_build_dir"]) / "passages.sqlite")
     stored_p = con.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence FROM passages '
@@ -676,5 +677,5 @@ def test_a_rebuild_with_the_live_encoder_keeps_the_cut_of_unchanged_articles(tmp
     assert stored_p == [(p.article_id, p.start, p.end, p.text, *fresh.passage_sentences[i])
                         for i, p in enumerate(fresh.passages)]
     # another encoder (here: none shared, so it may export afresh) splits everything again
-    assert store._previous_layouts(new, OnnxEmbedder.from_manifest(new), {"backend": "onnx", "sha256": "x"},
+    assert reuse.previous_layouts(new, OnnxEmbedder.from_manifest(new), {"backend": "onnx", "sha256": "x"},
                                    settings, articles) == {}

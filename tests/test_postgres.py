@@ -19,15 +19,16 @@ import numpy as np
 import psycopg
 import pytest
 
-from qa_service.backends.postgres import (MIGRATIONS, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, PostgresBackend,
-                                          PostgresWriter, migrate)
+from qa_service.backends.postgres import PostgresBackend
+from qa_service.backends.postgres_schema import MIGRATIONS, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, migrate
+from qa_service.backends.postgres_writer import PostgresWriter
 from qa_service.config import Settings
 from qa_service.errors import ArticleNotFound, InvalidRequest, LastArticle
 from qa_service.retrieval import Searcher
 from qa_service.types import Article, ArticleInfo, Filters
 
 from .support.fakes import FakeEmbedder
-from .support.paths import REPO, SHARED
+from .support.paths import REPO
 from .support.postgres import QUESTIONS, cited, new_database
 
 
@@ -176,8 +177,9 @@ def test_writes_are_seen_by_running_readers_at_once_and_only_whole(postgres, tmp
 
 def test_an_article_without_a_headline_gives_every_passage_its_lead_and_takes_it_back(postgres, tmp_path,
                                                                                     seed_articles, fake_embedder):
-    """BM25 reads each later window with the lead (``store.lexical_text``); a delete takes those words back."""
-    from qa_service.store import chunk_articles, lexical_texts
+    """BM25 reads each later window with the lead (``index_texts.lexical_text``); a delete takes those words back."""
+    from qa_service.index_texts import lexical_texts
+    from qa_service.store import chunk_articles
 
     settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name, max_tokens=24, overlap_sentences=0,
                         database_url=new_database(postgres, "leads"))

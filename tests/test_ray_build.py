@@ -171,7 +171,7 @@ def test_ray_build_into_postgres_equals_the_folder_build(tmp_path, postgres, see
     """`qa-service index --ray --database-url ...`: the Ray pool fills PostgreSQL, which then answers exactly
     as the single-process FAISS index of the same articles (fake embedder, pickled to the actors)."""
     from qa_service import distributed
-    from qa_service.backends.postgres import PostgresWriter
+    from qa_service.backends.postgres_writer import PostgresWriter
     from qa_service.retrieval import Searcher
 
     from .support.postgres import new_database

@@ -16,7 +16,7 @@ import pytest
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
 from qa_service.retrieval import Searcher
-from qa_service.store import BUILDS, CURRENT, index_status, read_manifest
+from qa_service.manifest import BUILDS, CURRENT, index_status, read_manifest
 
 from .support.paths import REPO, SEEDS
 from .support.fakes import FakeEmbedder
@@ -289,7 +289,8 @@ def test_incremental_build_reembeds_only_changed_articles(tmp_path, seed_article
 
 def test_passage_vectors_see_the_headline_or_lead_but_spans_stay_on_the_article(seed_articles):
     """embedding_texts: headline (else lead sentence) before each later window; the passages themselves unchanged."""
-    from qa_service.store import CONTEXT_CHARS, chunk_articles, embedding_texts
+    from qa_service.index_texts import CONTEXT_CHARS, embedding_texts
+    from qa_service.store import chunk_articles
     from qa_service.types import Article
 
     embedder = FakeEmbedder()
@@ -331,7 +332,8 @@ def _headline_lead_and_both():
 
 def test_bm25_reads_each_passage_with_its_headline_or_lead():
     """lexical_texts: the headline, else the lead sentence, before every passage (even one holding it)."""
-    from qa_service.store import chunk_articles, embedding_texts, lexical_texts
+    from qa_service.index_texts import embedding_texts, lexical_texts
+    from qa_service.store import chunk_articles
 
     lead, articles = _headline_lead_and_both()
     chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=0))
@@ -350,7 +352,8 @@ def test_bm25_reads_each_passage_with_its_headline_or_lead():
 
 def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
     """sentence_embedding_texts: the same context as the passages, per sentence; the lead itself stays bare."""
-    from qa_service.store import chunk_articles, sentence_embedding_texts
+    from qa_service.index_texts import sentence_embedding_texts
+    from qa_service.store import chunk_articles
     from qa_service.types import Article
 
     lead = "The minister met the delegation in Doha on Thursday."
@@ -372,7 +375,8 @@ def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
 
 def test_sentence_groups_cover_each_sentence_and_its_headline_or_lead_in_the_passage_text():
     """sentence_groups: ranges into embedding_texts' text: the sentence, and the headline or lead as that text has it."""
-    from qa_service.store import chunk_articles, embedding_texts, sentence_groups
+    from qa_service.index_texts import embedding_texts, sentence_groups
+    from qa_service.store import chunk_articles
 
     lead, articles = _headline_lead_and_both()
     chunks = chunk_articles(articles, FakeEmbedder(), Settings(max_tokens=24, overlap_sentences=1))
@@ -406,7 +410,7 @@ def test_pool_groups_is_the_mean_of_the_chosen_tokens_and_the_special_ones():
 
 
 def _lexical_files(settings) -> dict[str, str]:
-    from qa_service.store import LEXICAL, VOCABULARY
+    from qa_service.manifest import LEXICAL, VOCABULARY
 
     files = read_manifest(settings.index_dir)["files"]
     return {name: entry["sha256"] for name, entry in files.items() if name.startswith(LEXICAL) or name == VOCABULARY}

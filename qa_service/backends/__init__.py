@@ -1,100 +1,18 @@
-"""Index backends: where articles, passages, sentences and their vectors live, behind one interface.
+"""Index backends: where articles, passages, sentences and their vectors live; this package picks one.
 
-The ``Searcher`` (``retrieval/searcher.py``) holds the question encoder and does everything that is
-the same whatever the storage: spelling variants, fusing dense and lexical evidence, date preference,
-reranking, answer sentences and grouping. A backend does the part that depends on the storage:
+- ``FaissBackend`` (``faiss.py``, the default): one immutable build of an index directory, loaded into the
+  serving process;
+- ``PostgresBackend`` (``postgres.py``, ``--database-url``): rows of a PostgreSQL database with pgvector,
+  shared by any number of service processes (docs/decisions/postgres-backend.md).
 
-- ``FaissBackend`` (``backends/faiss.py``, the default): one immutable build folder of an index
-  directory, loaded into the serving process (FAISS for vectors, bm25s for BM25, SQLite for text);
-- ``PostgresBackend`` (``backends/postgres.py``, ``--database-url``): articles, passages and
-  sentences are rows of a PostgreSQL database with pgvector, shared by any number of service
-  processes on any number of hosts; a write is one transaction and is visible to all of them at once.
-
-Both answer the same questions (``IndexBackend`` below). ``candidates`` is the heart of it: for one
-question vector and its lexical text, the union of the best dense and the best lexical candidates,
-each with every piece of evidence the fusion needs (passage cosine, the cosine of each of its
-sentences, its raw lexical score and a 0..1 lexical mix), so fusion stays one piece of code above.
+Both implement ``base.IndexBackend``.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol, Sequence
-
-import numpy as np
-
 from ..config import Settings
-from ..types import Article, ArticleInfo, Filters
-
-ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
-
-
-@dataclass
-class Evidence:
-    """What a backend knows about candidate passages for one question (parallel arrays over ``pids``)."""
-
-    pids: np.ndarray  # int64 passage ids
-    passage_cosine: np.ndarray  # float32 cosine of the question and the passage vector
-    sentence_cosines: list[np.ndarray]  # per passage, the cosine of each of its sentences, in order
-    lexical: np.ndarray  # float32 raw lexical score of the passage (0 when no term matches)
-    lexical_mix: np.ndarray | None  # float32 0..1 lexical evidence for convex fusion (None unless asked)
-    dates: list[str | None]  # the date of each passage's article
-
-    @classmethod
-    def empty(cls) -> "Evidence":
-        z = np.zeros(0, dtype=np.float32)
-        return cls(np.zeros(0, dtype=np.int64), z, [], z, z, [])
-
-
-class IndexBackend(Protocol):
-    """The storage side of a ``Searcher``; see the module docstring."""
-
-    manifest: dict  # model, dimension, build_id, encoder ... (what was indexed and how)
-
-    def describe(self) -> str: ...  # where the index lives, for messages (never a password)
-
-    def rebuild_hint(self) -> str: ...  # the command that (re)builds it
-
-    @property
-    def passage_count(self) -> int: ...
-
-    @property
-    def vocabulary(self): ...  # lexical.Vocabulary of the indexed words (spelling variants, answerability)
-
-    def load_encoder(self): ...  # the index's torch-free question encoder, or None
-
-    def snapshot(self) -> AbstractContextManager: ...  # one consistent view for the queries inside it
-
-    @property
-    def article_count(self) -> int: ...
-
-    def articles(self) -> list[Article]: ...  # every article, with its text (read on demand: may be slow)
-
-    def catalog(self) -> list[ArticleInfo]: ...  # every article's id, source, title and date (no text), by id
-
-    def article(self, article_id: str) -> Article: ...  # raises ArticleNotFound
-
-    def article_info(self, article_id: str) -> ArticleInfo: ...  # the same without the text (citations)
-
-    def passage_count_for(self, article_id: str) -> int: ...
-
-    def lead(self, article_id: str) -> str: ...  # its first sentence (BM25's context when it has no headline)
-
-    def selection(self, filters: Filters | None): ...  # opaque; None: everything (raises unknown_source)
-
-    def candidates(self, qvec: np.ndarray, lexical_text: str, pool: int, mode: str, selection,
-                   lexical_mix: bool, weights: tuple[float, float],
-                   background_docs: float = 0.0) -> Evidence: ...  # hybrid's idf blend (lexical.blended_idf)
-
-    def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]: ...
-
-    # (sentence id, start, end) of each sentence of passage ``pid``, in order; offsets into the article's text
-    def passage_sentences(self, pid: int) -> list[tuple[int, int, int]]: ...
-
-    def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray: ...  # float32 [len(sids), d]
-
-    def close(self) -> None: ...
+from ..manifest import read_manifest
+from .base import Evidence, IndexBackend
 
 
 def open_backend(settings: Settings) -> IndexBackend:
@@ -114,8 +32,6 @@ def read_index_manifest(settings: Settings) -> tuple[dict, str]:
         from .postgres import read_database_manifest
 
         return read_database_manifest(settings.database_url)
-    from ..store import read_manifest
-
     return read_manifest(settings.index_dir), str(settings.index_dir)
 
 

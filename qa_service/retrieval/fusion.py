@@ -36,13 +36,7 @@ def reciprocal_rank_fusion(score_lists: list[np.ndarray], weights: list[float], 
 def convex_fusion(dense: np.ndarray, lexical: np.ndarray, alpha: float) -> np.ndarray:
     """Return ``alpha * dense + (1 - alpha) * lexical`` per candidate.
 
-    Both must be on a fixed scale: cosines are; BM25 is brought to 0..1 by dividing by the query's
-    best BM25 score (see ``scale_by_max``).
+    Both must be on a fixed scale: cosines are; the backends bring BM25 to 0..1 by dividing by the question's
+    best BM25 score over the whole index (``Evidence.lexical_mix``).
     """
     return alpha * dense.astype(np.float64) + (1.0 - alpha) * lexical.astype(np.float64)
-
-
-def scale_by_max(scores: np.ndarray) -> np.ndarray:
-    """Return ``scores / max(scores)`` (all zeros when nothing scored)."""
-    top = float(scores.max()) if len(scores) else 0.0
-    return scores / top if top > 0 else np.zeros_like(scores)

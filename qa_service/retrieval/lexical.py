@@ -4,13 +4,14 @@ Words are folded before anything else (Unicode compatibility forms, accents, cur
 "Iran’s" and "Iran's" are one word. Names spelled differently by different outlets (Araqchi / Araghchi,
 Haniya / Haniyeh, al-Hayyah / al-Hayya) are matched by ``Vocabulary.correct``: a query word that no
 passage contains is replaced by the closest word that passages do contain, compared on a transliteration
-key (gh→q, j→y, doubled letters and a final "h" dropped) with rapidfuzz similarity. Measured on the dev
-questions, this rewrite also helps the dense side, so the searcher embeds the corrected question.
+key (gh→q, j→y, doubled letters and a final "h" dropped) with rapidfuzz similarity. The rewrite also helps the
+dense side, so the searcher embeds the corrected question (docs/decisions/name-variants.md).
 
 A small index knows little about which words are rare. In five news articles "met" or "leadership" occur
 in a passage or two and weigh more than "Haniyeh", which most passages name. Hybrid search therefore blends
 each query term's idf with a background idf from general English word frequencies (wordfreq), weighted
-as if the background were ``BACKGROUND_DOCS`` more texts (``blended_idf``); a large index barely moves.
+as if the background were ``BACKGROUND_DOCS`` more texts (``blended_idf``); a large index barely moves
+(docs/decisions/background-idf.md).
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ import numpy as np
 _WORD = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
 _QUOTES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "“": '"', "”": '"', "„": '"', "–": "-", "—": "-"})
 
+# BM25's term-frequency saturation and length normalisation (docs/decisions/bm25-parameters.md).
 BM25_K1 = 0.9
 BM25_B = 0.4
 # Hybrid search's background idf (see the module docstring), for passage and sentence BM25 (word pairs keep
 # their own idf: English has no frequency for a pair): it counts as this many texts beside the index's own,
-# and a word's chance to occur in a text is its frequency in English times BACKGROUND_WORDS. Measured (11-27)
-# against plain BM25 inside hybrid: news dev success@1 0.769 -> 0.846, MRR@10 0.835 -> 0.872; SQuAD R@1
-# 0.8507 -> 0.8515; SciFact nDCG@10 0.7368 -> 0.7372 (README "Retrieval quality"); 100 to 10,000 texts all
-# gave the same dev figures.
+# and a word's chance to occur in a text is its frequency in English times BACKGROUND_WORDS
+# (docs/decisions/background-idf.md).
 BACKGROUND_DOCS = 1000.0
 BACKGROUND_WORDS = 100
 
@@ -44,7 +44,7 @@ BACKGROUND_WORDS = 100
 def fold(text: str) -> str:
     """Return ``text`` lower-cased, without accents and with straight quotes."""
     text = text.translate(_QUOTES)
-    if text.isascii():  # nothing to decompose (the common case, and 20x faster)
+    if text.isascii():  # nothing to decompose (the common case, and far cheaper)
         return text.lower()
     text = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
@@ -281,10 +281,10 @@ class LexicalIndex:
         import bm25s
 
         # Memory-mapped: the score matrices are read from the page cache, shared by every worker, instead of
-        # copied into each (100k passages: 39 MiB less per worker at load; question latency the same).
+        # copied into each (docs/decisions/bm25-parameters.md).
         bm25 = bm25s.BM25.load(str(folder), mmap=True)
-        # Plain array views of the same mapped memory: indexing an ``np.memmap`` costs ~3.5 us more a call (its
-        # subclass hooks), and a question indexes these matrices some 50 times.
+        # Plain array views of the same mapped memory: indexing an ``np.memmap`` runs its subclass hooks on every
+        # call, and a question indexes these matrices dozens of times.
         bm25.scores = {k: v.view(np.ndarray) if isinstance(v, np.memmap) else v for k, v in bm25.scores.items()}
         return cls(bm25, size, analyzer)
 
@@ -312,7 +312,7 @@ class LexicalIndex:
             values.append(np.float32(blended_idf(idf, background.get(term), self.size, background_docs) / idf)
                           * data[start:end])
         out = np.zeros(self.size, dtype=np.float32)
-        np.add.at(out, np.concatenate(rows), np.concatenate(values))  # as bm25s sums (0.9 vs 0.7 ms at 100k)
+        np.add.at(out, np.concatenate(rows), np.concatenate(values))  # summed as bm25s sums
         return out
 
     def search(self, question: str, k: int, allowed: np.ndarray | None = None,
@@ -333,8 +333,8 @@ TOP_BLOCK = 64  # ``top_positive``: texts per block whose maximum bounds the k-t
 def top_positive(scores: np.ndarray, k: int) -> np.ndarray:
     """Return the ids of the ``k`` highest positive ``scores``, best first; equal scores by id.
 
-    On a large index most texts share some frequent term with a question (at 300k passages, 131k of them), and
-    selecting among all of them was the costliest step of a lexical search (1.6 ms). Instead: the k-th largest of
+    On a large index most texts share some frequent term with a question, and selecting among all of them was the
+    costliest step of a lexical search (docs/decisions/bm25-parameters.md). Instead: the k-th largest of
     the maxima of blocks of ``TOP_BLOCK`` texts is a lower bound of the k-th best score (k blocks reach it, each
     through at least one text), so every text of the top k, ties at the k-th score included, scores at least
     that much; only those few are ranked.

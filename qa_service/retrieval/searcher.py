@@ -28,34 +28,25 @@ import numpy as np
 
 from ..config import Settings
 from ..backends import IndexBackend, open_backend
+from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
-from ..store import check_model
-from ..types import Article, ArticleInfo, Citation, Filters, Hit
+from ..manifest import check_model
+from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
 from .dates import date_preference
 from .lexical import BACKGROUND_DOCS, analyze, fold
 
 logger = logging.getLogger(__name__)
 
-MODES = ("hybrid", "dense", "lexical")
-
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     """How candidates are found and fused.
 
-    Defaults were chosen on SQuAD dev (10,570 questions) and checked on SciFact and the news dev
-    questions, one configuration for all (see README "Retrieval quality"): a convex combination of
-    scores beat reciprocal rank fusion at every constant and weight tried. ``alpha`` was re-measured when
-    passage vectors gained their headline/lead context: SQuAD R@1 is flat between 0.6 and 0.7
-    (0.8493 / 0.8502 / 0.8496 at 0.60 / 0.65 / 0.70), SciFact nDCG@10 0.7354 at 0.65 vs 0.7360 at 0.70; and
-    with ``sentence_weight`` when sentences gained their headline (11-26): flat within 0.002 on SQuAD, 0.003 on
-    SciFact for weights 0.4-0.7 and alpha 0.6-0.7. Once sentence vectors were pooled from their passage's
-    token vectors (11-27, ``store.embed_chunks``), they carry the passage's context and the best sentence
-    deserves more of the dense score: SQuAD R@1 / nDCG@10 0.8464 / 0.9216 at 0.5, 0.8492 / 0.9224 at 0.7,
-    0.8500 / 0.9223 at 0.85; SciFact nDCG@10 0.737 / 0.738 / 0.737; news dev MRR@10 0.831 at 0.5, 0.835 at
-    0.7 and 0.85. A plateau from 0.7 on; 0.85 by SQuAD R@1, as for ``alpha``.
+    One configuration for every corpus: a convex combination of scores (it beat reciprocal rank fusion), and a
+    dense score led by the best sentence, whose vector carries its passage's context
+    (docs/decisions/fusion-weights.md).
     """
 
     fusion: str = "convex"  # "convex" or "rrf"
@@ -114,6 +105,7 @@ class Searcher:
             raise IndexMismatch(f"The index in {where} holds {manifest.get('dimension')}-d vectors but the model "
                                 f"makes {embedder.dimension}-d ones. {hint}")
         self.embedder = embedder
+        forbid_forks()  # a process that answers questions never forks (chunking.forbid_forks says why)
         self._prepared: tuple | None = None  # (vocabulary, {question: prepare(question)})
         self.reranker = None
         if self.config.reranker:
@@ -164,9 +156,10 @@ class Searcher:
     def prepare(self, question: str) -> tuple[str, str]:
         """Return ``(dense_text, lexical_text)``: the question in the corpus's spellings, and with all variants.
 
-        One answer needs this three times (search, answer sentences, the no-answer verdict) and each costs
-        ~0.9 ms of regular expressions, so results are remembered for the current vocabulary; a new
-        vocabulary object (a reload, another PostgreSQL generation) starts a new memory.
+        One answer needs this three times (search, answer sentences, the no-answer verdict) and each is a pass of
+        regular expressions over the question, so results are remembered for the current vocabulary; a new
+        vocabulary object (a reload, another PostgreSQL generation) starts a new memory
+        (docs/decisions/hot-path-caches.md).
         """
         return self._prepared_entry(question)[:2]
 

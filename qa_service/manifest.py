@@ -1,0 +1,119 @@
+"""What an index directory holds and how to read it: file names, format version, the live build's manifest.
+
+The searcher, the backends and the builder all read the index through this module, so none of them needs the
+builder (``store.py``) to know where things are. Layout and write protocol: docs/architecture.md.
+
+    index/CURRENT            name of the live build (replaced atomically)
+    index/builds/<id>/       one complete, immutable build: manifest.json, passages.sqlite, vectors.faiss,
+                             sentences.npy, model/ (ONNX query encoder), lexical/ (bm25s), vocabulary.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .config import Settings
+from .embedding import canonical_model_name
+from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
+from .onnx_encoder import encoder_status
+from .types import Article
+
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+BUILDS = "builds"
+MANIFEST = "manifest.json"
+PASSAGES_DB = "passages.sqlite"
+VECTORS = "vectors.faiss"
+SENTENCE_VECTORS = "sentences.npy"
+LEXICAL = "lexical"
+VOCABULARY = "vocabulary.json"
+
+# Versions of what is put before a passage or sentence when it is embedded (``index_texts``); recorded in the
+# manifest, so changing how that text is made rebuilds the index.
+PASSAGE_CONTEXT = "headline-or-lead-v1"
+SENTENCE_CONTEXT = "headline-or-lead-pooled-v2"
+LEXICAL_VERSION = "bm25s-lucene-k0.9-b0.4-snowball-v2-sentences-bigrams-headline-or-lead-v2"
+
+
+def rebuild_hint(index_dir: Path) -> str:
+    return f"Rebuild it with: qa-service index SEEDS_DIR --index-dir {index_dir}"
+
+
+def chunking_settings(settings: Settings) -> dict:
+    """The manifest's ``chunking`` entry: everything that decides how articles are cut and what is indexed."""
+    return {"max_tokens": settings.max_tokens, "overlap_sentences": settings.overlap_sentences,
+            "splitter": "sentencex+news-abbrev-v1", "passage_context": PASSAGE_CONTEXT,
+            "sentence_context": SENTENCE_CONTEXT, "lexical": LEXICAL_VERSION}
+
+
+def current_build_dir(index_dir: Path) -> Path:
+    """Return the live build folder, or raise ``IndexNotBuilt``."""
+    index_dir = Path(index_dir)
+    pointer = index_dir / CURRENT
+    if not pointer.is_file():
+        raise IndexNotBuilt(f"No index found in {index_dir}. {rebuild_hint(index_dir)}")
+    name = pointer.read_text(encoding="utf-8").strip()
+    build = index_dir / BUILDS / name
+    if not name or "/" in name or not build.is_dir():
+        raise IndexCorrupt(f"The index in {index_dir} points to a missing build ({name!r}). {rebuild_hint(index_dir)}")
+    return build
+
+
+def read_manifest(index_dir: Path) -> dict:
+    """Return the live manifest after checking its files are whole; raise a clear error otherwise."""
+    index_dir = Path(index_dir)
+    build = current_build_dir(index_dir)
+    try:
+        manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. {rebuild_hint(index_dir)}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexMismatch(
+            f"The index in {index_dir} has format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
+            f"this qa-service reads version {FORMAT_VERSION}. {rebuild_hint(index_dir)}"
+        )
+    for name, meta in manifest.get("files", {}).items():
+        path = build / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. {rebuild_hint(index_dir)}")
+    manifest["_build_dir"] = str(build)
+    return manifest
+
+
+def live_manifest(index_dir: Path) -> dict | None:
+    """Return the live build's manifest, or None when there is no usable index (not built, damaged, other format)."""
+    try:
+        return read_manifest(index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch):
+        return None
+
+
+def check_model(manifest: dict, model: str, index_dir: Path) -> None:
+    """Raise ``IndexMismatch`` when the index was built with another model than ``model``."""
+    wanted = canonical_model_name(model)
+    if manifest.get("model") != wanted:
+        raise IndexMismatch(
+            f"The index in {index_dir} was built with model {manifest.get('model')!r}, not {wanted!r}. "
+            f"Rebuild it with: qa-service index SEEDS_DIR --index-dir {index_dir} --model {model}, "
+            f"or ask with --model {manifest.get('model')}."
+        )
+
+
+def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool, str]:
+    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings?"""
+    try:
+        manifest = read_manifest(settings.index_dir)
+    except (IndexNotBuilt, IndexCorrupt, IndexMismatch) as exc:
+        return False, exc.message
+    if manifest.get("model") != canonical_model_name(settings.model):
+        return False, "the model changed"
+    if manifest.get("chunking") != chunking_settings(settings):
+        return False, "the chunking settings changed"
+    if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
+        return False, "the articles changed"
+    reason = encoder_status(manifest, settings.quantize)
+    if reason:
+        return False, reason
+    return True, "up to date"
