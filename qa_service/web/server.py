@@ -35,6 +35,7 @@ from gunicorn.workers.base import Worker
 from ..articles import recover, writer_lock
 from ..config import Settings
 from ..errors import ConfigError, QAError, WriteBusy
+from ..indexing import ensure_index
 from ..tuning import fast_path, keepalive, one_write
 from . import create_app, warm_up
 from .errors import ERROR_CODES, error_body
@@ -241,10 +242,13 @@ def debug_requested() -> bool:
     return os.environ.get("FLASK_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _build(settings: Settings, seeds_dir: Path) -> str:
-    from ..indexing import ensure_index  # in the spawned process only: this one never loads the encoder
+def _note(line: str) -> None:
+    """A build's notes (why it rebuilds, files skipped) on stderr, where ``qa-service index`` shows them."""
+    print(line, file=sys.stderr, flush=True)
 
-    return ensure_index(settings, seeds_dir, progress=False)
+
+def _build(settings: Settings, seeds_dir: Path) -> str:
+    return ensure_index(settings, seeds_dir, progress=False, notes=_note)
 
 
 def build_in_subprocess(settings: Settings, seeds_dir: Path) -> str:
