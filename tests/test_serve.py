@@ -16,7 +16,10 @@ import requests
 from click.testing import CliRunner
 
 from qa_service.cli import cli
-from qa_service.web.server import KeepAliveThreadWorker, QAServer, WorkerActivity, gunicorn_options, is_loopback
+from qa_service.config import Settings
+from qa_service.tuning import parse_tuning
+from qa_service.tuning.keepalive import KeepAliveThreadWorker
+from qa_service.web.server import QAServer, gunicorn_options, is_loopback
 
 SEEDS = Path(__file__).resolve().parent.parent / "seeds"
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
@@ -58,34 +61,27 @@ def test_gunicorn_configuration(fake_index, monkeypatch):
     server = QAServer(fake_index, gunicorn_options("127.0.0.1", 8123, workers=3))
     cfg = server.cfg
     assert cfg.bind == ["127.0.0.1:8123"] and cfg.workers == 3
-    # gunicorn's gthread worker, which keeps an idle worker's connection on its thread (KeepAliveThreadWorker)
+    # gunicorn's stock gthread worker unless QA_TUNING names keepalive
     from gunicorn.workers.gthread import ThreadWorker
 
-    assert cfg.worker_class is KeepAliveThreadWorker and issubclass(cfg.worker_class, ThreadWorker)
+    assert cfg.worker_class is ThreadWorker
     assert cfg.threads == 4 and cfg.timeout == 30 and not cfg.preload_app
     assert cfg.limit_request_line == 8190
     assert gunicorn_options("::1", 80, 1)["bind"] == ["[::1]:80"]
-    # The workers' activity counters: one for each of 3 workers, twice over, plus 2; handed out by the master's
-    # hooks before each fork, taken up after it (besides the heartbeat hook), and freed when a worker exits.
-    activity = server.activity
-    assert len(activity._counts) == 8
-    worker = _Worker()
-    cfg.pre_fork(None, worker)
-    assert worker.qa_activity_slot == 0
+    tuned = QAServer(fake_index, gunicorn_options("127.0.0.1", 8123, workers=3, tuning=parse_tuning("keepalive")))
+    assert tuned.cfg.worker_class is KeepAliveThreadWorker and issubclass(KeepAliveThreadWorker, ThreadWorker)
+    assert server.activity is None  # no worker activity counters unless QA_TUNING names encoder_cores
     import gunicorn.util
 
     from qa_service.web import server as server_module
 
-    # post_fork still runs the heartbeat hook, which remembers the worker and patches gunicorn's error page:
-    # restored after the test.
+    # post_fork remembers the worker (the heartbeat) and patches gunicorn's error page: restored after the test.
     monkeypatch.setattr(server_module, "_worker", None)
     monkeypatch.setattr(gunicorn.util, "write_error", gunicorn.util.write_error)
+    worker = _Worker()
     cfg.post_fork(None, worker)
-    assert activity._slot == worker.qa_activity_slot and server_module._worker is worker
-    activity._counts[worker.qa_activity_slot] = 1
-    server.cfg.child_exit(None, worker)
-    assert activity._counts[worker.qa_activity_slot] == 0 and worker.qa_activity_slot in activity._free
-
+    assert server_module._worker is worker and gunicorn.util.write_error is server_module.write_error_body
+    assert cfg.pre_request is not None and cfg.pre_request.__name__ == "close_after_large_body"
 
 
 class _Worker:  # what gunicorn hands its hooks: an object the master can tag before the fork
@@ -136,7 +132,7 @@ def test_one_write_responses_send_what_gunicorn_sends(tmp_path, monkeypatch):
     import gunicorn.http.wsgi as gw
     import gunicorn.util
 
-    from qa_service.web.server import OneWriteResponse, QAServer, gunicorn_options
+    from qa_service.tuning.one_write import OneWriteResponse
 
     monkeypatch.setattr(gunicorn.util, "http_date", lambda *a: "Fri, 27 Nov 2026 21:00:00 GMT")
     stock = OneWriteResponse.__bases__[0]
@@ -177,165 +173,38 @@ def test_one_write_responses_send_what_gunicorn_sends(tmp_path, monkeypatch):
         assert ours[0].startswith(b"HTTP/1.1 ")  # nothing before the header block
     assert len(_serve_once(stock, cases[0][0], get)) == 2  # what it replaces: two writes
 
-    from qa_service.config import Settings
-
     monkeypatch.setattr(gw, "Response", stock)  # put back after the test
     QAServer(Settings(), gunicorn_options("127.0.0.1", 8000, 1))
-    assert gw.Response is OneWriteResponse  # what gunicorn's workers build
+    assert gw.Response is stock  # off by default
+    QAServer(Settings(tuning=parse_tuning("one_write")), gunicorn_options("127.0.0.1", 8000, 1))
+    assert gw.Response is OneWriteResponse  # QA_TUNING=one_write: what gunicorn's workers build
 
 
-@pytest.mark.parametrize("environ_extra, status, sent", [
-    ({}, "200 OK", 5821),
-    ({"HTTP_USER_AGENT": 'curl/8 "quoted"', "HTTP_REFERER": "http://127.0.0.1:8000/?q=a%22b"}, "404 NOT FOUND", 0),
-    ({"HTTP_AUTHORIZATION": "Basic " + __import__("base64").b64encode(b'ann"e:secret').decode()}, 413, None),
-    ({"RAW_URI": '/api/ask?q="x"', "REMOTE_ADDR": "::1"}, "400 BAD REQUEST", 87),
-])
-def test_the_access_line_is_gunicorns_own(environ_extra, status, sent, monkeypatch):
-    """The cheaper access log writes exactly the line gunicorn's would, quotes escaped as gunicorn does."""
+def test_the_access_log_is_gunicorns_own_on_stderr(monkeypatch):
+    """gunicorn's own logger and access line (Apache's combined format), sent to stderr instead of stdout."""
     import datetime
     import io
-    import logging
+    import sys
 
     from gunicorn.config import Config
     from gunicorn.glogging import Logger as GunicornLogger
 
-    from qa_service.web.server import StderrLogger
+    from qa_service.web.server import StderrAccessLogger
 
+    assert StderrAccessLogger.access is GunicornLogger.access  # the line is gunicorn's business
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
     cfg = Config()
     cfg.set("accesslog", "-")
-    log = StderrLogger(cfg)
-    monkeypatch.setattr(log, "now", lambda: "[27/Nov/2026:18:00:00 +0000]")
-    stream = io.StringIO()
-    for handler in log.access_log.handlers:
-        if getattr(handler, "_gunicorn", False):  # gunicorn's own handler (not a test runner's)
-            handler.setStream(stream)
+    log = StderrAccessLogger(cfg)
 
     class Response:
-        headers = [("Content-Type", "application/json"), ("X-Frame-Options", "DENY")]
+        status, sent, headers = "200 OK", 5821, [("Content-Type", "application/json")]
 
-    class Request:
-        headers = [("HOST", "127.0.0.1:8000"), ("CONTENT-TYPE", "application/json")]
-
-    response = Response()
-    response.status = status
-    if sent is not None:
-        response.sent = sent
     environ = {"REQUEST_METHOD": "POST", "RAW_URI": "/api/ask", "SERVER_PROTOCOL": "HTTP/1.1",
-               "REMOTE_ADDR": "127.0.0.1", "PATH_INFO": "/api/ask", "QUERY_STRING": "", **environ_extra}
-    took = datetime.timedelta(microseconds=6543)
-    log.access(response, Request(), environ, took)
-    ours = stream.getvalue()
-    stream.seek(0)
-    stream.truncate()
-    GunicornLogger.access(log, response, Request(), environ, took)
-    assert ours == stream.getvalue() and ours.count("\n") == 1 and '"POST ' in ours
-    # A custom format is gunicorn's business: its own atoms, such as the request time in microseconds.
-    cfg.set("access_log_format", "%(r)s %(D)s")
-    stream.seek(0)
-    stream.truncate()
-    log.access(response, Request(), environ, took)
-    assert stream.getvalue().endswith(" 6543\n")
-    assert logging.getLevelName(log.access_log.level) == "INFO"
-
-
-def test_workers_see_each_other_answering_through_shared_memory():
-    """``WorkerActivity``: counters in memory shared across the fork; each worker sees the others', not its own."""
-    import multiprocessing
-
-    activity = WorkerActivity(workers=2)
-    a, b = _Worker(), _Worker()
-    activity.assign(a)
-    activity.assign(b)
-    assert a.qa_activity_slot != b.qa_activity_slot
-    seen = multiprocessing.get_context("fork").Queue()
-    started, release = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
-
-    def worker_b():
-        activity.adopt(b)
-        seen.put(activity.others_answering())
-        with activity.answering():
-            started.set()
-            release.wait(30)
-
-    child = multiprocessing.get_context("fork").Process(target=worker_b)
-    child.start()
-    activity.adopt(a)  # this process plays worker a
-    assert started.wait(30)
-    assert seen.get(timeout=30) is False  # b alone
-    assert activity.others_answering()  # a sees b answering
-    with activity.answering(), activity.answering():  # two questions of this worker's threads
-        assert activity._counts[a.qa_activity_slot] == 2
-        assert activity.others_answering()  # its own count does not matter
-    assert activity._counts[a.qa_activity_slot] == 0
-    release.set()
-    child.join(30)
-    assert not activity.others_answering()
-
-    # A worker killed mid-answer: the master clears its flag when it reaps it, and re-uses the slot.
-    dead = _Worker()
-    activity.assign(dead)
-    activity._counts[dead.qa_activity_slot] = 1
-    assert activity.others_answering()
-    activity.release(dead)
-    assert not activity.others_answering()
-
-    # More workers than flags (a reload overlapping old and new workers): the extra one just does not publish.
-    extra = [_Worker() for _ in range(len(activity._counts) + 1)]
-    for w in extra:
-        activity.assign(w)
-    assert extra[-1].qa_activity_slot is None
-    lone = WorkerActivity(workers=1)
-    lone.adopt(extra[-1])
-    with lone.answering():
-        assert not any(lone._counts)
-    with pytest.raises(RuntimeError):
-        with activity.answering():  # a failed answer still lowers the count
-            raise RuntimeError("boom")
-    assert activity._counts[activity._slot] == 0
-
-
-def test_the_app_marks_its_answers_and_shares_cores_with_other_workers(fake_searcher):
-    """``create_app(activity=...)`` hands the encoder the "others answering" signal, at start and after a reload,
-    and counts the question in this worker's counter while the worker holds it."""
-    from qa_service.web import create_app
-
-    activity = WorkerActivity(workers=2)
-    me = _Worker()
-    activity.assign(me)
-    activity.adopt(me)
-
-    class Embedder:
-        def __init__(self, inner):
-            self.inner, self.shared = inner, None
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def share_cores(self, contended):
-            self.shared = contended
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner, self.embedder, self.flags = inner, Embedder(inner.embedder), []
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def ask(self, question, k=5, filters=None, mode="hybrid"):
-            self.flags.append(activity._counts[me.qa_activity_slot])
-            return self.inner.ask(question, k=k, filters=filters, mode=mode)
-
-    searcher = Recording(fake_searcher)
-    app = create_app(fake_searcher.settings, searcher, activity=activity)
-    assert searcher.embedder.shared == activity.others_answering
-    response = app.test_client().post("/api/ask", json={"question": "Who leads Hamas?"})
-    assert response.status_code == 200
-    assert searcher.flags == [1] and activity._counts[me.qa_activity_slot] == 0
-
-    fresh = Recording(fake_searcher)
-    state = app.extensions["qa_service"]
-    state._share_cores(fresh)
-    assert fresh.embedder.shared == activity.others_answering
+               "REMOTE_ADDR": "127.0.0.1", "PATH_INFO": "/api/ask", "QUERY_STRING": ""}
+    log.access(Response(), type("Request", (), {"headers": []})(), environ, datetime.timedelta(microseconds=6543))
+    assert stderr.getvalue().startswith('127.0.0.1 - - [') and '"POST /api/ask HTTP/1.1" 200 5821' in stderr.getvalue()
 
 
 # --------------------------------------------------------------------------- a real server
@@ -473,9 +342,11 @@ def test_the_worker_keeps_a_connection_only_while_it_has_nothing_else():
     assert worker._linger_on(conn())
 
 
-def _keepalive_server(threads: int, *keepalive: str) -> tuple[subprocess.Popen, int]:
+def _keepalive_server(threads: int, *keepalive: str, tuning: str = "keepalive") -> tuple[subprocess.Popen, int]:
+    """The test server of tests/support/keepalive_server.py, with ``QA_TUNING=tuning``."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QA_")}
+    env["QA_TUNING"] = tuning
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "support" / "keepalive_server.py"), str(port),
                              str(threads), *keepalive], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -564,10 +435,12 @@ def test_a_kept_connection_is_closed_when_its_keep_alive_runs_out():
         _stop(proc)
 
 
-def test_a_body_refused_unread_closes_the_connection_it_cannot_keep():
+@pytest.mark.parametrize("tuning", ["", "keepalive,one_write"])
+def test_a_body_refused_unread_closes_the_connection_it_cannot_keep(tuning):
     """An answer given with more of the body unread than gunicorn drains (64 KiB) says ``Connection: close`` (gunicorn
-    would close the connection after promising keep-alive); a smaller unread body is drained and the connection kept."""
-    proc, port = _keepalive_server(4)
+    would close the connection after promising keep-alive); a smaller unread body is drained and the connection kept.
+    By default and with the gunicorn tunings."""
+    proc, port = _keepalive_server(4, tuning=tuning)
     try:
         for size, kept in ((10_000, True), (65_535, True), (65_536, False), (70_000, False), (2_000_000, False)):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:

@@ -10,6 +10,8 @@ import re
 import pytest
 
 from qa_service.errors import IndexCorrupt, Overloaded
+from qa_service.tuning import parse_tuning
+from qa_service.tuning.fast_path import AskFastPath
 from qa_service.web import create_app
 from qa_service.web.errors import ERROR_CODES
 
@@ -17,6 +19,7 @@ from .support.errors import WALKED_IN_WRITE_TESTS, assert_error_shape
 from .support.web_apps import FailingSearcher, ModeSearcher, NoModeSearcher
 
 QUESTION = "What did Pezeshkian say about rebuilding Gaza?"
+FAST = parse_tuning("fast_path")  # QA_TUNING=fast_path: the opt-in tuning of the fast-path tests
 
 
 @pytest.fixture(scope="module", params=["faiss", "postgres"])
@@ -45,6 +48,16 @@ def client(app):
 @pytest.fixture(scope="module")
 def mode_app(fake_index, fake_searcher):
     return create_app(fake_index, searcher=ModeSearcher(fake_searcher))
+
+
+@pytest.fixture(scope="module")
+def fast_app(fake_index, fake_searcher):
+    return create_app(fake_index.with_(tuning=FAST), searcher=NoModeSearcher(fake_searcher))
+
+
+@pytest.fixture(scope="module")
+def fast_mode_app(fake_index, fake_searcher):
+    return create_app(fake_index.with_(tuning=FAST), searcher=ModeSearcher(fake_searcher))
 
 
 # --------------------------------------------------------------------------- answers
@@ -128,7 +141,13 @@ def test_mode_is_not_passed_to_a_searcher_without_modes(app, client):
     assert "mode" not in app.extensions["qa_service"].searcher.calls[-1]
 
 
-# --------------------------------------------------------------------------- the fast path (web/fastpath.py)
+# --------------------------------------------------------------------------- the fast_path tuning (tuning/fast_path.py)
+
+def test_the_fast_path_is_off_unless_named(app, fast_app):
+    """By default Flask answers every request itself; ``QA_TUNING=fast_path`` puts the middleware in front."""
+    assert not isinstance(app.wsgi_app, AskFastPath) and app.wsgi_app.__func__ is type(app).wsgi_app
+    assert isinstance(fast_app.wsgi_app, AskFastPath)
+
 
 def _wsgi(app_callable, body: bytes | None = None, path: str = "/api/ask", method: str = "POST",
           content_type: str = "application/json", **builder):
@@ -156,12 +175,10 @@ def _counting_view(app, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("which", ["app", "mode_app"])
+@pytest.mark.parametrize("which", ["fast_app", "fast_mode_app"])
 def test_the_fast_path_answers_exactly_as_flask_does(which, request, fake_searcher, monkeypatch):
     """Every body, answered or refused, gives the same status, headers (in order) and bytes through the fast path
     as through Flask alone; the answerable ones never reach Flask's view, the others all do."""
-    from qa_service.web.fastpath import AskFastPath
-
     app = request.getfixturevalue(which)
     fast = app.wsgi_app
     assert isinstance(fast, AskFastPath)
@@ -199,7 +216,7 @@ def test_the_fast_path_answers_exactly_as_flask_does(which, request, fake_search
                          ids=["unexpected", "index_corrupt", "overloaded"])
 def test_the_fast_path_renders_errors_from_the_searcher_as_flask_does(exc, fake_index, fake_searcher, caplog):
     """An error raised while answering goes through the app's own handlers: the same status, headers and body."""
-    fast = create_app(fake_index, searcher=FailingSearcher(fake_searcher, exc)).wsgi_app
+    fast = create_app(fake_index.with_(tuning=FAST), searcher=FailingSearcher(fake_searcher, exc)).wsgi_app
     raw = json.dumps({"question": QUESTION}).encode()
     with caplog.at_level(logging.ERROR):
         got, want = _wsgi(fast, raw), _wsgi(fast.wsgi_app, raw)
@@ -208,10 +225,11 @@ def test_the_fast_path_renders_errors_from_the_searcher_as_flask_does(exc, fake_
     assert isinstance(exc, Overloaded) == (("Retry-After", "1") in got[1])
 
 
-def test_the_fast_path_leaves_other_requests_to_flask(app, client, monkeypatch):
+def test_the_fast_path_leaves_other_requests_to_flask(fast_app, monkeypatch):
     """Requests it does not take are Flask's: they answer as before, through the view (counted)."""
     import io
 
+    app, client = fast_app, fast_app.test_client()
     calls = _counting_view(app, monkeypatch)
     raw = json.dumps({"question": QUESTION, "k": 2}).encode()
     for kwargs in ({"data": raw, "content_type": "application/vnd.api+json"},  # JSON to Flask, not "application/json"
@@ -226,7 +244,7 @@ def test_the_fast_path_leaves_other_requests_to_flask(app, client, monkeypatch):
 
 def test_the_fast_path_steps_aside_when_the_app_changes(fake_index, fake_searcher, monkeypatch):
     """A hook added after ``create_app`` runs on every request: the fast path hands all of them to Flask."""
-    fresh = create_app(fake_index, searcher=NoModeSearcher(fake_searcher))
+    fresh = create_app(fake_index.with_(tuning=FAST), searcher=NoModeSearcher(fake_searcher))
     calls = _counting_view(fresh, monkeypatch)
     client = fresh.test_client()
     assert client.post("/api/ask", json={"question": QUESTION}).status_code == 200 and not calls

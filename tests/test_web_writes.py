@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from qa_service.articles import put_article, writer_lock
 from qa_service.errors import ConfigError
+from qa_service.files import write_text_atomically
 from qa_service.ingest import load_articles
 from qa_service.retrieval import Searcher
 from qa_service.store import read_manifest
 from qa_service.web import DebugRefused, create_app
 
+from .support.errors import WALKED_IN_WRITE_TESTS, assert_error_shape
 from .support.fakes import FakeEmbedder
 from .support.live_server import API_KEY, link_copy
-from .support.errors import WALKED_IN_WRITE_TESTS, assert_error_shape
-from .support.web_apps import WrappedSearcher
+from .support.web_apps import WrappedSearcher, serve_in_thread
 
 KEY = {"X-API-Key": API_KEY}
 ARTICLE = "date 2025-03-01 The flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n\n" \
@@ -337,9 +338,6 @@ class SlowSearcher(WrappedSearcher):
 
 
 def _burst(app, n: int) -> list:
-    from .support.web_apps import serve_in_thread
-    import requests
-
     results = []
     with serve_in_thread(app) as url:
         def one():
@@ -436,9 +434,7 @@ def test_a_broken_new_build_is_not_swapped_in(settings, caplog):
     broken = settings.index_dir / "builds" / "broken-build"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
-    tmp = settings.index_dir / ".CURRENT.test"
-    tmp.write_text("broken-build\n")
-    os.replace(tmp, settings.index_dir / "CURRENT")
+    write_text_atomically(settings.index_dir / "CURRENT", "broken-build\n")
     with caplog.at_level(logging.ERROR):
         assert state.reload() is False
     assert "not switching to index build broken-build" in caplog.text

@@ -51,7 +51,7 @@ class FaissBackend:
         manifest = read_manifest(index_dir)
         self.manifest = manifest
         self.index_dir = index_dir
-        self._pin_encoder_threads = "encoder_cores" in getattr(settings, "tuning", ())
+        self._pin_encoder_threads = "encoder_cores" in settings.tuning
         build = Path(manifest["_build_dir"])
         try:
             self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))

@@ -129,7 +129,7 @@ class PostgresBackend:
 
         folder = fetch_encoder(self._conn(), entry, Path(self.settings.index_dir) / ENCODER_CACHE)
         return load_index_encoder({**self.manifest, "_build_dir": str(folder)},
-                                  pin_threads="encoder_cores" in getattr(self.settings, "tuning", ()))
+                                  pin_threads="encoder_cores" in self.settings.tuning)
 
     @property
     def article_count(self) -> int:

@@ -6,11 +6,12 @@ from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import InvalidRequest
-from . import article_url, get_state
 from .auth import require_key
 from .openapi import build_openapi, operation
 from .schemas import (ArticleDetail, ArticleList, ArticleUpload, ArticleWritten, AskResponse, Health,
                       parse_json_body, parse_query)
+from .state import get_state
+from .urls import article_url
 
 bp = Blueprint("api", __name__)
 

@@ -15,6 +15,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from ..errors import QAError
+from ..types import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "date_range_inverted": (400, "date_from is after date_to."),
     "too_many_sources": (400, "The sources filter lists too many sources."),
     "unknown_source": (400, "A source in the filter is not in the index."),
-    "mode_unknown": (400, "The search mode is not one of hybrid, dense or lexical."),
+    "mode_unknown": (400, f"The search mode is not one of {', '.join(MODES[:-1])} or {MODES[-1]}."),
     "invalid_request": (400, "The request is not valid."),
     "bad_request": (400, "The request could not be understood."),
     "duplicate_key": (400, "A key appears twice in the same JSON object."),

@@ -1,15 +1,8 @@
-"""The OpenAPI 3.1 document, generated from the routes and the pydantic models that validate requests.
+"""The OpenAPI 3.1 document, assembled from what the running code already uses so that it cannot drift.
 
-Why not spectree or flask-openapi3: both would validate for us, but each has its own error body and
-request hooks, and our one error shape (``errors.py``) would need patching around them. The document is
-small, so it is assembled here from three sources that the running code already uses, which keeps it
-from drifting:
-
-* every view carries an ``Operation`` (``@operation(...)``), read back from ``app.url_map``;
-* request and response schemas come from the pydantic models (``schemas.py``), the request model being
-  the very one, with the configured limits, that validates requests;
-* query parameters come from ``schemas.QUERY_PARAMS``, the table the query parser itself uses;
-* error responses come from ``errors.ERROR_CODES``.
+Each view's ``@operation``, the pydantic models that validate requests (with the configured limits),
+``schemas.QUERY_PARAMS`` and ``errors.ERROR_CODES``. Not spectree or flask-openapi3: each brings its own error body
+and request hooks, around which the service's one error shape would need patching.
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from .auth import OPEN_ENDPOINTS
 from .errors import ERROR_CODES, error_body
 from .schemas import QUERY_PARAMS, ErrorResponse
 
@@ -150,8 +144,6 @@ def build_openapi(app: Flask) -> dict[str, Any]:
                   for name in sorted(rule.arguments)]
         codes = list(op.errors)
         settings = app.extensions["qa_service"].settings
-        from .auth import OPEN_ENDPOINTS
-
         if op.security or (settings.require_key_for_read and rule.endpoint not in OPEN_ENDPOINTS):
             entry["security"] = [{"apiKey": []}, {"bearer": []}]
             codes += ["unauthorized"]

@@ -14,9 +14,10 @@ from flask import Blueprint, render_template, request
 
 from ..errors import QAError
 from ..types import MODES
-from . import get_state, passage_anchor
 from .openapi import operation
 from .schemas import parse_query
+from .state import get_state
+from .urls import passage_anchor
 
 bp = Blueprint("pages", __name__)
 

@@ -1,17 +1,21 @@
-"""A gunicorn server set up as ``qa-service serve`` (``gunicorn_options``, ``KeepAliveThreadWorker``) around a tiny
-app, for the worker's tests: ``python tests/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the
+"""A gunicorn server set up as ``qa-service serve`` (``gunicorn_options`` and ``QA_TUNING``) around a tiny app, for
+the worker's tests: ``python tests/support/keepalive_server.py PORT THREADS [KEEPALIVE]``. Each answer names the
 thread that wrote it; ``/slow`` takes 0.3 s; ``/refuse`` answers 413 without reading the body."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 
 from gunicorn.app.base import BaseApplication
 
-from qa_service.web.server import apply_options, gunicorn_options, use_one_write_responses
+from qa_service.tuning import parse_tuning
+from qa_service.web.server import apply_options, check_gunicorn, gunicorn_options, install_tuning
+
+TUNING = parse_tuning(os.environ.get("QA_TUNING", ""))
 
 
 def app(environ, start_response):
@@ -30,7 +34,7 @@ def app(environ, start_response):
 
 class Server(BaseApplication):
     def __init__(self, port: int, threads: int, keepalive: int | None = None):
-        self.options = gunicorn_options("127.0.0.1", port, workers=1, threads=threads)
+        self.options = gunicorn_options("127.0.0.1", port, workers=1, threads=threads, tuning=TUNING)
         if keepalive is not None:
             self.options["keepalive"] = keepalive
         super().__init__()
@@ -43,5 +47,6 @@ class Server(BaseApplication):
 
 
 if __name__ == "__main__":
-    use_one_write_responses()
+    check_gunicorn()
+    install_tuning(TUNING)
     Server(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None).run()

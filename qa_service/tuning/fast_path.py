@@ -1,54 +1,58 @@
-"""``POST /api/ask``'s common case answered without Flask's per-request machinery (WSGI middleware).
+"""The ``fast_path`` tuning: ``POST /api/ask``'s common case answered by WSGI middleware in front of Flask.
 
-Why. After the question encoder has streamed its ~43 MB of weights through a 32 MB L3 cache, everything else a
-request touches is a cache miss. Flask's request handling (request and app contexts, routing, the view's
-proxies, the response object and its header bookkeeping, the hooks) costs 0.12 ms warm but 0.51 ms after such
-a flush, against 0.02 and 0.19 ms for the same request validated, answered and encoded here (searcher stubbed). Over HTTP, paired with the
-Flask path inside one server, this answers 0.43-0.53 ms sooner (11-27, benchmarks/HISTORY.md).
-
-What it takes. Only a request Flask would answer with 200 from ``api.ask_post`` with nothing else on the way:
-``POST`` to ``/api/ask`` at the application's root, ``Content-Type: application/json`` (parameters allowed), a
-``Content-Length`` within the body limit, a body that validates, no key needed for reading, and the app's hooks
-still the ones ``create_app`` installed. Everything else (other routes and methods, chunked bodies, invalid
-bodies, keys) goes to Flask unchanged, with the body handed on if it was read, so errors are rendered in one
-place. An error raised while answering is rendered by the app's own error handlers inside a request context.
-
-What it does is what Flask does for that request: the app's ``before_request`` work (``QAState.maybe_reload``),
-``QAState.ask``, the app's JSON encoding (``OrjsonProvider.encode``) and the same headers in the same order
-(``Content-Type``, ``Content-Length``, then ``SECURITY_HEADERS`` from the ``after_request`` hook). A test sends
-the same requests both ways and compares status, headers and body.
-
-This is standard Flask WSGI middleware (``app.wsgi_app = Middleware(app.wsgi_app)``, as ProxyFix is installed),
-so ``app.test_client()`` and gunicorn both go through it, and middleware a deployment adds later (ProxyFix with a
-path prefix, say) wraps this one. Flask's request signals (``request_started``, ``request_finished``) are not sent
-for the requests answered here; the app connects none.
+It answers only a request Flask would answer with 200 from ``api.ask_post`` with nothing else on the way (JSON
+body within the limit that validates, no key needed, the app's hooks unchanged), with the same status, headers
+and body; everything else goes to Flask unchanged, and errors are rendered by the app's own handlers. It skips
+Flask's per-request machinery, which is cheap warm but costly in the caches the encoder leaves
+(docs/decisions/post-fast-path.md). Flask's request signals are not sent for the requests answered here.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 from typing import Any, Callable, Iterable
 
 from ..errors import InvalidRequest
-from .schemas import parse_json_body
+from . import missing_hook
 
 ASK_PATH = "/api/ask"
 JSON_TYPE = "application/json"
+# The Flask app methods this middleware calls, with the parameters it passes.
+FLASK_HOOKS = {"request_context": ("environ",), "handle_user_exception": ("e",), "handle_exception": ("e",),
+               "finalize_request": ("rv",)}
+HOOK_REGISTRIES = ("before_request_funcs", "after_request_funcs", "teardown_request_funcs", "url_value_preprocessors")
+
+
+def check_hooks(app) -> None:
+    """Raise ``TuningUnavailable`` unless the Flask app has every method and hook registry this middleware uses."""
+    for name, params in FLASK_HOOKS.items():
+        method = getattr(app, name, None)
+        if not callable(method):
+            raise missing_hook("fast_path", f"Flask apps have no {name}()")
+        if tuple(inspect.signature(method).parameters)[:len(params)] != params:
+            raise missing_hook("fast_path", f"Flask's {name}() no longer takes {', '.join(params)}")
+    for name in HOOK_REGISTRIES:
+        if not isinstance(getattr(app, name, None), dict):
+            raise missing_hook("fast_path", f"Flask apps have no {name} registry")
 
 
 def _hooks(app) -> tuple:
     """The app's request hooks, to notice one added after the fast path was set up (it would not run them)."""
-    return tuple({key: tuple(funcs) for key, funcs in registry.items()}
-                 for registry in (app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs,
-                                  app.url_value_preprocessors))
+    return tuple({key: tuple(funcs) for key, funcs in getattr(app, registry).items()} for registry in HOOK_REGISTRIES)
 
 
 class AskFastPath:
-    """WSGI middleware: answers ``POST /api/ask``'s common case itself, hands everything else to ``wsgi_app``."""
+    """WSGI middleware: answers ``POST /api/ask``'s common case itself, hands everything else to ``wsgi_app``.
 
-    def __init__(self, app, state, security_headers: dict[str, str]):
+    ``parse``: ``(model, body) -> request``, raising ``InvalidRequest`` (``web.schemas.parse_json_body``).
+    """
+
+    def __init__(self, app, state, security_headers: dict[str, str], parse: Callable[[Any, bytes], Any]):
+        check_hooks(app)
         self.app = app
         self.state = state
+        self.parse = parse
         self.wsgi_app = app.wsgi_app  # Flask's own, which this wraps
         self.headers = [(name, value) for name, value in security_headers.items()]
         encode = getattr(app.json, "encode", None)
@@ -86,7 +90,7 @@ class AskFastPath:
         if len(body) != length:  # a short body: Flask's own error
             return self.wsgi_app(environ, start_response)
         try:
-            req = parse_json_body(self.state.ask_model, body)
+            req = self.parse(self.state.ask_model, body)
         except InvalidRequest:  # Flask validates it again and renders the error
             return self.wsgi_app(environ, start_response)
         try:
