@@ -47,6 +47,11 @@ class ArticleInfo:
     source: str
     title: str | None
     date: str | None
+    source_url: str | None = None
+    outlet: str | None = None
+    author: str | None = None
+    story: str | None = None
+    title_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class Citation:
     date: str | None
     start: int
     end: int
+    source_url: str | None = None  # the original page; the service's own page with the passage is the hit's url
+    outlet: str | None = None
 
 
 @dataclass
