@@ -127,7 +127,8 @@ class Bench:
         qs = list(SEED_QUESTIONS)
         dev = self.shared / "eval" / "dev.jsonl"
         if dev.is_file():
-            qs += [json.loads(line)["question"] for line in dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+            qs += [json.loads(line)["question"] for line in dev.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
         return qs
 
     @property

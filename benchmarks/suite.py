@@ -35,7 +35,7 @@ SECTIONS = tuple(_SECTIONS)
 
 def run(out: Path, sections: list[str] | None = None, quick: bool = False, work: Path | None = None,
         echo: Callable[[str], None] = print, sizes: Sizes | None = None) -> Path:
-    """Run the chosen sections; write the results under ``out`` (``harness.write_results``); return the run's Markdown."""
+    """Run the chosen sections; write the results under ``out`` (``harness.write_results``); return its Markdown."""
     sections = list(sections or SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

@@ -139,7 +139,7 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
 
     hits: list[Hit] = []
     chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
-    for (cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid), vec in prepared_blocks():
+    for (cand, article_id, start, end, text, s, e, answer_text, answer_cosine, _best_sid), vec in prepared_blocks():
 
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):

@@ -68,16 +68,19 @@ def read_manifest(index_dir: Path) -> dict:
     try:
         manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. {rebuild_hint(index_dir)}") from exc
+        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. "
+                           f"{rebuild_hint(index_dir)}") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise IndexMismatch(
-            f"The index in {index_dir} has format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
+            f"The index in {index_dir} has format version "
+            f"{manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
             f"this qa-service reads version {FORMAT_VERSION}. {rebuild_hint(index_dir)}"
         )
     for name, meta in manifest.get("files", {}).items():
         path = build / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
-            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. {rebuild_hint(index_dir)}")
+            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. "
+                               f"{rebuild_hint(index_dir)}")
     manifest["_build_dir"] = str(build)
     return manifest
 
