@@ -246,7 +246,7 @@ def test_serve_real_model_over_http(tmp_path):
             try:
                 if requests.get(base + "/healthz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or no worker booted yet
                 pass
             assert time.monotonic() < deadline, "server did not become healthy"
             time.sleep(0.5)
