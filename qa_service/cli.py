@@ -32,8 +32,8 @@ def _common(func):
                   "FAISS folder; every service pointed at it shares it.")
     @functools.wraps(func)
     def wrapper(*args, index_dir, model, reranker, database_url, **kwargs):
-        settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker, database_url=database_url)
         try:
+            settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker, database_url=database_url)
             return func(settings, *args, **kwargs)
         except QAError as exc:
             raise click.ClickException(exc.message) from None

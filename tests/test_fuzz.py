@@ -137,8 +137,8 @@ HOSTILE = [
     ("nul-in-article-id", "GET", "/api/articles/abc%00def", {}, 404, "article_not_found"),
     ("ten-mb-ask", "POST", "/api/ask", {"data": TEN_MB, "headers": JSON}, 413, "body_too_large"),
     ("ten-mb-ask-chunked", "POST", "/api/ask",
-     {"data": iter([TEN_MB[i:i + (1 << 20)] for i in range(0, len(TEN_MB), 1 << 20)]), "headers": JSON},
-     413, "body_too_large"),
+     {"data": iter([TEN_MB[i:i + (1 << 20)] for i in range(0, len(TEN_MB), 1 << 20)]), "headers": JSON}, 413,
+     "body_too_large"),
     ("ten-mb-upload-with-key", "POST", "/api/articles", {"data": TEN_MB, "headers": {**JSON, **KEY}}, 413,
      "body_too_large"),
     ("ten-mb-upload-without-key", "POST", "/api/articles", {"data": TEN_MB, "headers": JSON}, 401, "unauthorized"),
@@ -228,8 +228,8 @@ def test_hostile_requests_get_documented_answers(live_service, openapi_doc, name
         body = r.json()
         assert body["ok"] is True
         for hit in body["results"]:  # citations still slice the article text exactly
-            article = requests.get(live_service.url + f"/api/articles/{hit['citation']['article_id']}",
-                                   timeout=10).json()
+            url = live_service.url + f"/api/articles/{hit['citation']['article_id']}"
+            article = requests.get(url, timeout=10).json()
             assert article["text"][hit["citation"]["start"]:hit["citation"]["end"]] == hit["text"]
 
 

@@ -8,8 +8,16 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..errors import InvalidRequest
 from .auth import require_key
 from .openapi import build_openapi, operation
-from .schemas import (ArticleDetail, ArticleList, ArticleUpload, ArticleWritten, AskResponse, Health,
-                      parse_json_body, parse_query)
+from .schemas import (
+    ArticleDetail,
+    ArticleList,
+    ArticleUpload,
+    ArticleWritten,
+    AskResponse,
+    Health,
+    parse_json_body,
+    parse_query,
+)
 from .state import get_state
 from .urls import article_url
 

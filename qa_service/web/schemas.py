@@ -320,8 +320,8 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
         return InvalidRequest(f"The question is too long: at most {limit} characters.", code="question_too_long")
     if last == "k" and kind in ("greater_than_equal", "less_than_equal"):
         props = model.model_json_schema()["properties"]["k"]
-        return InvalidRequest(f"The number of passages ({field}) must be between {props['minimum']} "
-                              f"and {props['maximum']}.", code="k_out_of_range")
+        return InvalidRequest(f"The number of passages ({field}) must be between {props['minimum']} and "
+                              f"{props['maximum']}.", code="k_out_of_range")
     if last in ("date_from", "date_to") and kind == "string_pattern_mismatch":
         return InvalidRequest(f"The date {field} must be written YYYY-MM-DD.", code="date_malformed")
     if last == "sources" and kind == "too_long":
