@@ -31,6 +31,7 @@ from ..backends import IndexBackend, open_backend
 from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
+from ..ingest import lead_title
 from ..manifest import check_model
 from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
@@ -38,6 +39,8 @@ from .dates import date_preference
 from .lexical import BACKGROUND_DOCS, analyze, fold
 
 logger = logging.getLogger(__name__)
+
+UNTITLED = "Untitled article"  # what ``display_title`` shows for an article with neither title nor lead
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class Searcher:
         self.embedder = embedder
         forbid_forks()  # a process that answers questions never forks (chunking.forbid_forks says why)
         self._prepared: tuple | None = None  # (vocabulary, {question: prepare(question)})
+        self._titles: tuple | None = None  # (vocabulary, {article id: display_title})
         self.reranker = None
         if self.config.reranker:
             from .rerank import CrossEncoderReranker
@@ -143,6 +147,35 @@ class Searcher:
 
     def article(self, article_id: str) -> Article:
         return self.backend.article(article_id)
+
+    def article_info(self, article_id: str) -> ArticleInfo:
+        """One article's entry without its text (title, date, story, ...): what citations and folding read."""
+        return self.backend.article_info(article_id)
+
+    TITLE_CACHE = 4096  # display titles remembered (per vocabulary, like ``prepare``)
+
+    def display_title(self, article: Article | ArticleInfo | str) -> str:
+        """The title to show for an article: its own, else its lead sentence shortened (``ingest.lead_title``).
+
+        Never its file name or id: a list of hex file names tells a reader nothing. The lead is read from the
+        index and remembered for the current vocabulary (a write or reload starts afresh), since lists show the
+        same articles page after page.
+        """
+        info = self.article_info(article) if isinstance(article, str) else article
+        if info.title and info.title.strip():
+            return info.title
+        vocabulary = self.vocabulary
+        memo = self._titles
+        if memo is None or memo[0] is not vocabulary:
+            memo = self._titles = (vocabulary, {})
+        title = memo[1].get(info.id)
+        if title is None:
+            text = info.text if isinstance(info, Article) else self.backend.lead(info.id)
+            title = lead_title(text) or UNTITLED
+            if len(memo[1]) >= self.TITLE_CACHE:
+                memo[1].clear()
+            memo[1][info.id] = title
+        return title
 
     def passage_count_for(self, article_id: str) -> int:
         return self.backend.passage_count_for(article_id)
