@@ -31,7 +31,7 @@ from ..backends import IndexBackend, open_backend
 from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
-from ..ingest import lead_title
+from ..ingest import UNTITLED, lead_title
 from ..manifest import check_model
 from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
@@ -39,8 +39,6 @@ from .dates import date_preference
 from .lexical import BACKGROUND_DOCS, analyze, fold
 
 logger = logging.getLogger(__name__)
-
-UNTITLED = "Untitled article"  # what ``display_title`` shows for an article with neither title nor lead
 
 
 @dataclass(frozen=True)
