@@ -156,7 +156,8 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
     chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
     by_story: dict[str, list[Hit]] = {}  # story -> its results, best first
     seen = -1  # the last candidate looked at before ``k`` results were found
-    for seen, p, vec in prepared_blocks():
+    for index, p, vec in prepared_blocks():
+        seen = index
         cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid = p
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):
