@@ -1,5 +1,5 @@
-"""From ranked passages to results: the answering sentence, same-fact grouping across outlets, and
-whether the articles answer the question at all.
+"""From ranked passages to results: the answering sentence, syndicated copies folded into one result, same-fact
+grouping across outlets, and whether the articles answer the question at all.
 
 All of it works from what the index stored (sentence vectors, BM25 vocabulary); nothing is embedded here.
 """

@@ -13,8 +13,9 @@ re-embeds passages or sentences; the question vector is computed once and shared
    score weighs words by how rare they are in the index and in English (``lexical.blended_idf``), and the
    two are fused (reciprocal rank fusion or a score-normalised convex combination, see ``fusion``);
 4. a date named in the question gently prefers articles from that time;
-5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article and
-   groups passages from different articles that report the same fact.
+5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article, folds the
+   copies of one syndicated story (articles sharing a ``story``) into one result and groups passages from
+   different articles that report the same fact.
 """
 
 from __future__ import annotations
@@ -281,8 +282,8 @@ class Searcher:
         """Search several questions at once (embedded in one batch).
 
         Args:
-            group: fold overlapping windows and same-fact passages of other outlets into one result
-                (the API's behaviour); evaluation of raw passage ranking may turn it off.
+            group: fold overlapping windows, copies of one story and same-fact passages of other outlets into
+                one result (the API's behaviour); evaluation of raw passage ranking may turn it off.
         """
         from ..answer import build_hits
 
