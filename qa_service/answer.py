@@ -177,7 +177,7 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
             if same is not None:
                 other = same[0]
                 other.extra.setdefault("also_reported_by", []).append(
-                    reported_by(article_id, start, end, text, s, e, answer_text, cand.score))
+                    {**reported_by(article_id, start, end, text, s, e, answer_text, cand.score), "same_story": False})
                 figures = _numbers(answer_text)
                 if figures and same[5] and figures != same[5]:
                     other.extra["figures_differ"] = True

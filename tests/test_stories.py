@@ -142,3 +142,14 @@ def test_seeds_alone_fold_nothing(fake_searcher, seed_articles, monkeypatch):
                         lambda aid: dataclasses.replace(plain_info(aid), story=stories.get(aid)))
     after = [h.to_dict() for h in fake_searcher.search("Araghchi met Hamas in Doha", k=5)]
     assert after == before
+
+
+def test_each_entry_says_whether_it_is_a_copy_or_the_same_fact(with_stories):
+    """With the same-fact grouping on, the copy is listed as a copy; any other outlet listed is the same fact."""
+    searcher, stories, carry = with_stories
+    carry(stories)
+    for hit in searcher.search(QUESTION, k=5):
+        for entry in hit.extra["also_reported_by"]:
+            copy = (stories[entry["article_id"]] or entry["article_id"]) == \
+                (stories[hit.citation.article_id] or hit.citation.article_id)
+            assert entry["same_story"] is copy
