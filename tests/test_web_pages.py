@@ -157,7 +157,8 @@ def test_article_title_falls_back_to_the_lead_sentence(client, fake_searcher):
     assert f"<h1>{escape(titled.title)}</h1>" in client.get(
         f"/articles/{titled.id}", headers=HTML).get_data(as_text=True)
     page = client.get(f"/articles/{untitled.id}", headers=HTML).get_data(as_text=True)
-    assert f"<h1>{escape(lead_title(untitled.text))}</h1>" in page
+    # and it says so: the title is the lead sentence because there is no headline
+    assert f'<h1 title="No headline: its first sentence">{escape(lead_title(untitled.text))}</h1>' in page
     assert f"<title>{escape(lead_title(untitled.text)[:40])}" in page
 
 

@@ -118,7 +118,8 @@ def index():
         c = hit["citation"]
         others = [{**o, "label": _cited_label(searcher, o)} if isinstance(o, dict) else {"label": str(o)}
                   for o in hit.get("also_reported_by") or []]
-        hits.append({**hit, "label": _cited_label(searcher, c), "parts": passage_parts(hit), "others": others})
+        hits.append({**hit, "label": _cited_label(searcher, c), "lead": not c.get("title"), "parts": passage_parts(hit),
+                     "others": others})
     k_choices = set(K_CHOICES)
     if form["k"].isdigit() and 1 <= int(form["k"]) <= state.settings.max_k:
         k_choices.add(int(form["k"]))
@@ -145,8 +146,9 @@ def articles():
     raw = request.args.get("page", "1")
     page = min(int(raw), pages) if raw.isdigit() and int(raw) >= 1 else 1
     first = (page - 1) * ARTICLES_PER_PAGE
-    items = [{"id": a.id, "label": _label(searcher, a), "source": a.source, "outlet": a.outlet, "date": a.date,
-              "passages": searcher.passage_count_for(a.id)} for a in catalog[first:first + ARTICLES_PER_PAGE]]
+    items = [{"id": a.id, "label": _label(searcher, a), "lead": not a.title, "source": a.source, "outlet": a.outlet,
+              "date": a.date, "passages": searcher.passage_count_for(a.id)}
+             for a in catalog[first:first + ARTICLES_PER_PAGE]]
     return render_template("articles.html", articles=items, total=len(catalog), page=page, pages=pages,
                            first=first + 1, last=first + len(items))
 
@@ -172,5 +174,5 @@ def article(article_id: str):
                  "anchor": passage_anchor(s, e), "start": s, "end": e}
     else:
         parts = None
-    return render_template("article.html", article=found, label=_label(searcher, found),
+    return render_template("article.html", article=found, label=_label(searcher, found), lead=not found.title,
                            parts=parts, passages=searcher.passage_count_for(found.id))
