@@ -163,6 +163,9 @@ class Searcher:
         info = self.article_info(article) if isinstance(article, str) else article
         if info.title and info.title.strip():
             return info.title
+        stored = getattr(info, "lead_title", None)  # kept by indexes that store it, so nothing is read here
+        if stored:
+            return stored
         vocabulary = self.vocabulary
         memo = self._titles
         if memo is None or memo[0] is not vocabulary:
