@@ -193,7 +193,7 @@ def test_no_page_shows_a_file_name_as_a_title(client, fake_searcher):
 
 
 def test_also_reported_by_shows_titles_not_file_names(fake_index, fake_searcher):
-    """A copy without a title is named by its lead sentence, linked to its page, with its outlet when known."""
+    """A copy without a title is named by its lead sentence, linked to its passage, with its outlet when known."""
     class CopySearcher(NoModeSearcher):
         def ask(self, question, k=5, filters=None):
             result = super().ask(question, k=k, filters=filters)
@@ -206,7 +206,8 @@ def test_also_reported_by_shows_titles_not_file_names(fake_index, fake_searcher)
     client = create_app(fake_index, searcher=CopySearcher(fake_searcher)).test_client()
     page = client.get("/", query_string={"q": QUESTION}, headers=HTML).get_data(as_text=True)
     untitled = next(a for a in fake_searcher.articles() if not a.title)
-    assert f'<a href="/articles/{untitled.id}">{escape(lead_title(untitled.text))}</a> (Wire &lt;Desk&gt;)' in page
+    href = escape(f"/articles/{untitled.id}?start=0&end=10#p-0-10")  # the copy's own passage, highlighted
+    assert f'<a href="{href}">{escape(lead_title(untitled.text))}</a> (Wire &lt;Desk&gt;)' in page
     assert f">{untitled.source}<" not in page.split('class="also"', 1)[1].split("</p>", 1)[0]
 
 

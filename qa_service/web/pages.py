@@ -18,7 +18,7 @@ from ..types import MODES
 from .openapi import operation
 from .schemas import parse_query
 from .state import get_state
-from .urls import passage_anchor
+from .urls import article_url, passage_anchor
 
 bp = Blueprint("pages", __name__)
 
@@ -96,6 +96,18 @@ def _cited_label(searcher, cited: dict) -> str:
     return _label(searcher, cited["article_id"]) if isinstance(cited.get("article_id"), str) else UNTITLED
 
 
+def _other(searcher, entry) -> dict:
+    """An ``also_reported_by`` entry for the template: its title and a link to its own passage, highlighted."""
+    if not isinstance(entry, dict):
+        return {"label": str(entry)}
+    out = {**entry, "label": _cited_label(searcher, entry), "href": None}
+    if isinstance(entry.get("article_id"), str):
+        start, end = entry.get("start"), entry.get("end")
+        spanned = isinstance(start, int) and isinstance(end, int)
+        out["href"] = article_url(entry["article_id"], start if spanned else None, end if spanned else None)
+    return out
+
+
 @bp.get("/")
 @operation(summary="The question form; with ?q=, the answers", tag="pages", html=True, query=True,
            errors=FORM_ERRORS)
@@ -116,8 +128,7 @@ def index():
     hits = []
     for hit in (result or {}).get("results", []):
         c = hit["citation"]
-        others = [{**o, "label": _cited_label(searcher, o)} if isinstance(o, dict) else {"label": str(o)}
-                  for o in hit.get("also_reported_by") or []]
+        others = [_other(searcher, o) for o in hit.get("also_reported_by") or []]
         hits.append({**hit, "label": _cited_label(searcher, c), "lead": not c.get("title"), "parts": passage_parts(hit),
                      "others": others})
     k_choices = set(K_CHOICES)
