@@ -153,3 +153,30 @@ def test_each_entry_says_whether_it_is_a_copy_or_the_same_fact(with_stories):
             copy = (stories[entry["article_id"]] or entry["article_id"]) == \
                 (stories[hit.citation.article_id] or hit.citation.article_id)
             assert entry["same_story"] is copy
+
+
+@pytest.mark.slow
+def test_with_the_real_model_the_copy_folds_at_k1(wire_folder, real_embedder, monkeypatch):
+    """The shipped model ranks the two copies side by side; the result is one, the copy under it, sliced exactly."""
+    articles = load_articles(wire_folder / "articles").articles
+    stories = {a.id: a.story for a in articles}
+    settings = Settings(index_dir=wire_folder / "real-index", seeds_dir=wire_folder / "articles")
+    build_index(articles, real_embedder, settings)
+    searcher = Searcher(settings, embedder=real_embedder)
+    plain = searcher.backend.article_info
+    monkeypatch.setattr(searcher.backend, "article_info",
+                        lambda aid: dataclasses.replace(plain(aid), story=stories.get(aid)))
+    for k in (1, 5):
+        result = searcher.ask("Who led the Hamas delegation that met Araghchi in Doha?", k=k)
+        hits = result["results"]
+        assert len(hits) <= k
+        ids = {hits[0]["citation"]["article_id"], *(o["article_id"] for o in hits[0]["also_reported_by"]
+                                                    if o["same_story"])}
+        assert ids == {"000_13c1da738e689733", "copy_of_000"}
+        assert len({stories[h["citation"]["article_id"]] for h in hits}) == len(
+            {h["citation"]["article_id"] for h in hits})  # no two articles of one story among the results
+        for entry in (o for h in hits for o in h["also_reported_by"]):
+            text = searcher.article(entry["article_id"]).text
+            assert text[entry["start"]:entry["end"]] == entry["text"]
+            # 004 reports the same meeting in its own words: never a copy (at most the same fact)
+            assert not (entry["article_id"] == "004_9aeb4bd2e5102b83" and entry["same_story"])
