@@ -110,7 +110,13 @@ def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_a
         click.echo(ensure_index(settings, seeds_dir, force=force))
 
 
-def _print_hits(result: dict) -> None:
+def _print_hits(result: dict, title_of) -> None:
+    """Print a result for people: each hit under its article's title (``title_of(article_id)`` when the citation
+    has none: the lead sentence, never the file name), then where it is and its answer sentence."""
+
+    def title(cited: dict) -> str:
+        return cited.get("title") or title_of(cited["article_id"])
+
     if not result["results"]:
         click.echo("No passages found.")
     elif result.get("answerable") is False:
@@ -119,15 +125,16 @@ def _print_hits(result: dict) -> None:
         click.echo(click.style(f"The articles do not seem to answer this{why}; the closest passages:", fg="yellow"))
     for hit in result["results"]:
         c = hit["citation"]
-        head = f"{hit['rank']}. [{hit['score']:.3f}] {c['title'] or c['source']}"
+        head = f"{hit['rank']}. [{hit['score']:.3f}] {title(c)}"
         click.echo(click.style(head, bold=True))
-        click.echo(f"   {c['article_id']} · {c['date'] or 'undated'} · chars {c['start']}-{c['end']}")
+        outlet = f"{c['outlet']} · " if c.get("outlet") else ""
+        click.echo(f"   {outlet}{c['article_id']} · {c['date'] or 'undated'} · chars {c['start']}-{c['end']}")
         click.echo("   " + hit["text"].replace("\n", "\n   "))
         if hit.get("answer"):
             click.echo(click.style("   → " + hit["answer"]["text"], fg="green"))
         for other in hit.get("also_reported_by", []):
-            click.echo(f"   also reported by {other['title'] or other['source']} ({other['date'] or 'undated'}): "
-                       f"{other['answer']['text']}")
+            by = f"{title(other)}, {other['outlet']}" if other.get("outlet") else title(other)
+            click.echo(f"   also reported by {by} ({other['date'] or 'undated'}): {other['answer']['text']}")
         click.echo()
 
 
@@ -165,7 +172,7 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
             result.pop("took_ms", None)
             click.echo(json.dumps(result, ensure_ascii=False, indent=2))
         else:
-            _print_hits(result)
+            _print_hits(result, searcher.display_title)
 
 
 @cli.command("eval")
