@@ -306,15 +306,14 @@ def _load_benchmarks():
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Tiny inputs (seconds, not minutes): checks that the suite runs.")
-@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer", "web", "ray",
-                                              "postgres")),
-              show_default=True, help="Comma-separated sections to run.")
+@click.option("--sections", default=None, help="Comma-separated sections to run [default: every section].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the dated Markdown summary goes [default: benchmarks/results/ of this checkout].")
-def bench(quick: bool, sections: str, out_dir: Path | None) -> None:
-    """Measure latency, throughput, build, cold start, scale and a peer, each as a ratio to its floor."""
+              help="Where results go: each run under runs/, the latest full run as latest.md and latest.json "
+                   "[default: benchmarks/results/ of this checkout].")
+def bench(quick: bool, sections: str | None, out_dir: Path | None) -> None:
+    """Measure latency, throughput, build, cold start, scale, reading and a peer, each as a ratio to its floor."""
     suite = _load_benchmarks()
-    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    chosen = [s.strip() for s in sections.split(",") if s.strip()] if sections else list(suite.SECTIONS)
     unknown = [s for s in chosen if s not in suite.SECTIONS]
     if unknown:
         raise click.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(suite.SECTIONS)}",
