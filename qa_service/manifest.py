@@ -20,7 +20,9 @@ from .embedding.onnx_encoder import encoder_status
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
 from .types import Article
 
-FORMAT_VERSION = 1
+# The layout of a build's files. 2: the articles table keeps each article's provenance (source_url, outlet,
+# author, story, title_from) and the lead title shown for an article without a headline.
+FORMAT_VERSION = 2
 CURRENT = "CURRENT"
 BUILDS = "builds"
 MANIFEST = "manifest.json"
@@ -69,10 +71,14 @@ def read_manifest(index_dir: Path) -> dict:
         manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. {rebuild_hint(index_dir)}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if found != FORMAT_VERSION:
+        age = ("an older" if isinstance(found, int) and found < FORMAT_VERSION
+               else "a newer" if isinstance(found, int) else "another")
         raise IndexMismatch(
-            f"The index in {index_dir} has format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
-            f"this qa-service reads version {FORMAT_VERSION}. {rebuild_hint(index_dir)}"
+            f"The index in {index_dir} was built by {age} qa-service (index format {found if found is not None else '?'}; "
+            f"this one reads format {FORMAT_VERSION}), so it must be rebuilt once; the articles folder is unchanged. "
+            f"{rebuild_hint(index_dir)}"
         )
     for name, meta in manifest.get("files", {}).items():
         path = build / name

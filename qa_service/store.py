@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .backends.base import article_row
 from .chunking import Layout, split_articles
 from .config import Settings
 from .embedding import Embedder, normalize_rows
@@ -75,7 +76,8 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
         con.executescript(
             """
             CREATE TABLE articles (id TEXT PRIMARY KEY, source TEXT NOT NULL, title TEXT, date TEXT,
-                                   text TEXT NOT NULL, content_hash TEXT NOT NULL);
+                                   text TEXT NOT NULL, content_hash TEXT NOT NULL, source_url TEXT, outlet TEXT,
+                                   author TEXT, story TEXT, title_from TEXT, lead_title TEXT);
             CREATE TABLE passages (id INTEGER PRIMARY KEY, article_id TEXT NOT NULL REFERENCES articles(id),
                                    start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
                                    first_sentence INTEGER NOT NULL, last_sentence INTEGER NOT NULL);
@@ -84,8 +86,7 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
             CREATE INDEX passages_article ON passages(article_id);
             """
         )
-        con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?)",
-                        [(a.id, a.source, a.title, a.date, a.text, a.content_hash) for a in articles])
+        con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [article_row(a) for a in articles])
         con.executemany("INSERT INTO passages VALUES (?,?,?,?,?,?,?)",
                         [(i, p.article_id, p.start, p.end, p.text, *chunks.passage_sentences[i])
                          for i, p in enumerate(chunks.passages)])

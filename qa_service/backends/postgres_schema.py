@@ -54,6 +54,12 @@ MIGRATIONS: list[tuple[int, str]] = [
                                 PRIMARY KEY (kind, term));
     INSERT INTO qa_term_stats (kind, term, df) SELECT kind, term, count(*) FROM qa_postings GROUP BY kind, term;
     """),
+    # Where each article came from and the title shown without a headline (``backends.base.INFO_COLUMNS``);
+    # rows written before stay NULL until the folder is indexed again (``PostgresWriter.sync`` fills them).
+    (3, """
+    ALTER TABLE qa_articles ADD COLUMN source_url text, ADD COLUMN outlet text, ADD COLUMN author text,
+        ADD COLUMN story text, ADD COLUMN title_from text, ADD COLUMN lead_title text;
+    """),
 ]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from ..backends.base import info_of
 from ..errors import InvalidRequest
+from ..types import ArticleInfo
 from .auth import require_key
 from .openapi import build_openapi, operation
 from .schemas import (ArticleDetail, ArticleList, ArticleUpload, ArticleWritten, AskResponse, Health,
@@ -62,9 +64,14 @@ def ask_get():
     return jsonify(state.ask(parse_query(state.ask_model, request.args)))
 
 
-def _summary(searcher, article) -> dict:
-    return {"id": article.id, "source": article.source, "title": article.title, "date": article.date,
-            "passage_count": searcher.passage_count_for(article.id), "url": article_url(article.id)}
+def _summary(searcher, info: ArticleInfo) -> dict:
+    """An article as lists show it. Without a headline, ``title`` is its lead sentence shortened and
+    ``title_from`` says "lead" (the stored headline stays null: passages are embedded with the lead then)."""
+    title = info.shown_title
+    title_from = info.title_from if info.title else ("lead" if title else None)
+    return {"id": info.id, "source": info.source, "title": title, "title_from": title_from, "date": info.date,
+            "source_url": info.source_url, "outlet": info.outlet, "author": info.author, "story": info.story,
+            "passage_count": searcher.passage_count_for(info.id), "url": article_url(info.id)}
 
 
 @bp.get("/api/articles")
@@ -82,7 +89,7 @@ def articles():
 def article(article_id: str):
     searcher = get_state().searcher
     found = searcher.article(article_id)  # a dict lookup: ids never reach the filesystem
-    return jsonify({"ok": True, **_summary(searcher, found), "text": found.text})
+    return jsonify({"ok": True, **_summary(searcher, info_of(found)), "text": found.text})
 
 
 WRITE_ERRORS = ("unauthorized", "writes_disabled", "write_busy", "writes_unavailable", "seeds_out_of_sync",

@@ -117,6 +117,9 @@ class Citation(BaseModel):
     start: int = Field(description="Character offset of the passage in the article's text.")
     end: int = Field(description="End offset (exclusive): text[start:end] is the passage.")
     url: str = Field(description="The article page, with the passage highlighted and scrolled to.")
+    source_url: str | None = Field(None, description="The original page the article came from (its canonical "
+                                                     "URL, link or `url` field), or null when unknown.")
+    outlet: str | None = Field(None, description="The outlet that published it, or null when unknown.")
 
 
 class Result(BaseModel):
@@ -151,9 +154,18 @@ class AskResponse(BaseModel):
 
 class ArticleSummary(BaseModel):
     id: str
-    source: str
-    title: str | None
-    date: str | None
+    source: str = Field(description="The file the article came from (with its record, in a file of many).")
+    title: str | None = Field(description="The headline; for an article without one, its lead sentence shortened "
+                                          "(then `title_from` is `lead`).")
+    title_from: Literal["headline", "metadata", "lead"] | None = Field(
+        None, description="Where the title comes from: a headline in the text, the file's or record's metadata, "
+                          "or the lead sentence (no headline).")
+    date: str | None = Field(description="YYYY-MM-DD, or null when the article is undated.")
+    source_url: str | None = Field(None, description="The original page, or null when unknown.")
+    outlet: str | None = Field(None, description="The outlet that published it, or null when unknown.")
+    author: str | None = Field(None, description="The author, or null when unknown.")
+    story: str | None = Field(None, description="Shared by syndicated copies of one story (the same wire story "
+                                                "carried by several outlets); an article alone has its own.")
     passage_count: int
     url: str = Field(description="The article's page.")
 
