@@ -57,8 +57,9 @@ MIGRATIONS: list[tuple[int, str]] = [
     # Where each article came from and the title shown without a headline (``backends.base.INFO_COLUMNS``);
     # rows written before stay NULL until the folder is indexed again (``PostgresWriter.sync`` fills them).
     (3, """
-    ALTER TABLE qa_articles ADD COLUMN source_url text, ADD COLUMN outlet text, ADD COLUMN author text,
-        ADD COLUMN story text, ADD COLUMN title_from text, ADD COLUMN lead_title text;
+    ALTER TABLE qa_articles ADD COLUMN IF NOT EXISTS source_url text, ADD COLUMN IF NOT EXISTS outlet text,
+        ADD COLUMN IF NOT EXISTS author text, ADD COLUMN IF NOT EXISTS story text,
+        ADD COLUMN IF NOT EXISTS title_from text, ADD COLUMN IF NOT EXISTS lead_title text;
     """),
 ]
 
