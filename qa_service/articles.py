@@ -30,7 +30,7 @@ from .config import Settings
 from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, SeedsOutOfSync, WriteBusy,
                      WritesUnavailable)
 from .files import fsync_dir, write_bytes_atomically, write_json_atomically
-from .manifest import CURRENT, read_manifest
+from .manifest import CURRENT, live_manifest, read_manifest
 from .types import Article
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,13 @@ def article_path(seeds_dir: Path, article_id: str) -> Path:
 
 
 def _seeds_dir(settings: Settings) -> Path:
-    folder = Path(settings.seeds_dir)
+    """The folder writes go to: ``settings.seeds_dir``, else the one the live index was built from."""
+    if settings.seeds_dir is not None:
+        folder = Path(settings.seeds_dir)
+    else:
+        manifest = live_manifest(settings.index_dir)
+        recorded = (manifest or {}).get("articles_dir")
+        folder = Path(recorded) if recorded else Path("seeds")
     if not folder.is_dir():
         raise WritesUnavailable(f"The articles folder {folder} does not exist, so articles cannot be written.")
     return folder.resolve()
@@ -196,19 +202,19 @@ def recover_if_idle(index_dir: Path) -> str | None:
 
 # --------------------------------------------------------------------------- writes
 
-def _build(settings: Settings, articles: list[Article], embedder):
-    """Build and publish an index of ``articles``, embedding only what changed."""
+def _build(settings: Settings, articles: list[Article], embedder, seeds: Path):
+    """Build and publish an index of ``articles`` read from ``seeds``, embedding only what changed."""
     from .embedding.onnx_encoder import onnx_backend_is_used
     from .store import build_index
 
     if embedder is not None:
-        return build_index(articles, embedder, settings)
+        return build_index(articles, embedder, settings, articles_dir=seeds)
     manifest = read_manifest(settings.index_dir)
     if onnx_backend_is_used(manifest):  # the index's own encoder: no torch in a web worker
-        return build_index(articles, None, settings, encoder_of=manifest)
+        return build_index(articles, None, settings, encoder_of=manifest, articles_dir=seeds)
     from .embedding import load_embedder
 
-    return build_index(articles, load_embedder(settings.model), settings)
+    return build_index(articles, load_embedder(settings.model), settings, articles_dir=seeds)
 
 
 def _live_articles(index_dir: Path) -> dict:
@@ -237,7 +243,7 @@ def _commit(settings: Settings, journal: dict, articles: list[Article], embedder
     write_json_atomically(index_dir / JOURNAL, journal)
     _checkpoint("journaled")
     try:
-        summary = _build(settings, articles, embedder)
+        summary = _build(settings, articles, embedder, Path(journal["seeds_dir"]))
     except BaseException:
         recover(index_dir)  # the build failed before or after publishing: settle it either way
         raise

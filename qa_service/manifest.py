@@ -107,8 +107,21 @@ def check_model(manifest: dict, model: str, index_dir: Path) -> None:
         )
 
 
-def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool, str]:
-    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings?"""
+def folder_status(manifest: dict, articles_dir: Path | None) -> str | None:
+    """Why an index whose manifest is ``manifest`` does not stand for the folder ``articles_dir`` (None: it does,
+    or no folder is asked about): the manifest records the absolute folder it was built from."""
+    if articles_dir is None:
+        return None
+    recorded = manifest.get("articles_dir")
+    if recorded == str(Path(articles_dir).resolve()):
+        return None
+    return f"it was built from another folder, {recorded}" if recorded else "it does not record its articles folder"
+
+
+def index_status(settings: Settings, articles: Sequence[Article],
+                 articles_dir: Path | None = None) -> tuple[bool, str]:
+    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings (and from the
+    folder ``articles_dir``, when given)?"""
     try:
         manifest = read_manifest(settings.index_dir)
     except (IndexNotBuilt, IndexCorrupt, IndexMismatch) as exc:
@@ -119,7 +132,7 @@ def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool,
         return False, "the chunking settings changed"
     if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
         return False, "the articles changed"
-    reason = encoder_status(manifest, settings.quantize)
+    reason = encoder_status(manifest, settings.quantize) or folder_status(manifest, articles_dir)
     if reason:
         return False, reason
     return True, "up to date"

@@ -252,7 +252,7 @@ def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embed
 
 def build_index(
     articles: Sequence[Article], embedder: Embedder | None, settings: Settings, progress: bool = False,
-    encoder_of: dict | None = None, encoder_threads: int = SERVING_THREADS,
+    encoder_of: dict | None = None, encoder_threads: int = SERVING_THREADS, articles_dir: Path | None = None,
 ) -> BuildSummary:
     """Chunk, embed and store ``articles`` as a new build, then publish it atomically.
 
@@ -263,6 +263,8 @@ def build_index(
             (docs/decisions/export-cache.md).
         encoder_threads: onnxruntime threads of that shared encoder (a web worker uses its serving threads;
             the CLI uses both cores).
+        articles_dir: the folder the articles were read from, recorded (absolute) in the manifest so that later
+            commands and writes find it from any working directory; None keeps the live build's.
     """
     import faiss
 
@@ -352,6 +354,7 @@ def build_index(
             "encoder": encoder,
             "faiss": dense_entry,
             "articles": {a.id: a.content_hash for a in articles},
+            "articles_dir": str(Path(articles_dir).resolve()) if articles_dir else (old or {}).get("articles_dir"),
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
                        "reused_articles": reused, "reused_layouts": len(previous)},
             "sentence_vectors": sentence_method,

@@ -24,7 +24,7 @@ from ..embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_stat
 from ..files import publish_folder, write_json_atomically
 from ..errors import ArticleNotFound, IndexMismatch, LastArticle, WriteBusy
 from ..index_texts import lexical_text, lexical_texts
-from ..manifest import FORMAT_VERSION, chunking_settings
+from ..manifest import FORMAT_VERSION, chunking_settings, folder_status
 from ..retrieval.lexical import _hyphenated, analyze, bigrams, words
 from ..store import chunk_articles, embed_chunks
 from ..types import Article, ArticleInfo
@@ -101,7 +101,7 @@ class PostgresWriter:
             self.conn.execute("UPDATE qa_passages SET date = %s WHERE article_id = %s AND date IS DISTINCT FROM %s",
                               (i.date, i.id, i.date))
 
-    def status(self, articles: Sequence[Article]) -> tuple[bool, str]:
+    def status(self, articles: Sequence[Article], articles_dir: Path | None = None) -> tuple[bool, str]:
         """``(fresh, reason)`` as ``manifest.index_status``, for the database."""
         manifest = self.manifest()
         if manifest is None:
@@ -118,16 +118,20 @@ class PostgresWriter:
             return False, "the articles changed"
         if self._stale_infos(articles, indexed):
             return False, "the articles' metadata changed"
+        if reason := folder_status(manifest, articles_dir):
+            return False, reason
         return (False, reason) if (reason := encoder_status(manifest, self.settings.quantize)) else (True, "up to date")
 
     # ------------------------------------------------------------------ writes
     def sync(self, articles: Sequence[Article], embedder, progress: bool = False, force: bool = False,
-             remove_missing: bool = True, encoder_threads: int | None = None) -> dict:
+             remove_missing: bool = True, encoder_threads: int | None = None,
+             articles_dir: Path | None = None) -> dict:
         """Make the database hold exactly ``articles`` (or add/replace them, without ``remove_missing``).
 
         Only new or changed articles are embedded. A changed model, chunking or encoder re-indexes all.
         ``embedder`` None embeds with the database's own ONNX encoder (``encoder_threads`` onnxruntime threads;
         default the serving count), so no torch is loaded.
+        ``articles_dir``: the folder they were read from, recorded in the manifest (None keeps the recorded one).
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         started = time.perf_counter()
@@ -147,12 +151,14 @@ class PostgresWriter:
         wanted = {a.id for a in articles}
         removed = sorted(set(indexed) - wanted) if remove_missing else []
         relabel = [] if full else self._stale_infos(articles, indexed)
+        source_dir = str(Path(articles_dir).resolve()) if articles_dir else (manifest or {}).get("articles_dir")
         if not changed and not removed and not full:
-            if relabel or manifest.get("format_version") != FORMAT_VERSION:
+            if (relabel or manifest.get("format_version") != FORMAT_VERSION
+                    or manifest.get("articles_dir") != source_dir):
                 with self.conn.transaction():
                     self._lock()
                     self._update_infos(relabel)
-                    self._publish({**manifest, "format_version": FORMAT_VERSION})
+                    self._publish({**manifest, "format_version": FORMAT_VERSION, "articles_dir": source_dir})
             return {"articles": len(indexed), "embedded": 0, "removed": 0, "full": False,
                     "relabelled": len(relabel), "seconds": time.perf_counter() - started}
         chunks = chunk_articles(changed, embedder, self.settings)
@@ -167,6 +173,7 @@ class PostgresWriter:
         new_manifest = {
             "format_version": FORMAT_VERSION, "backend": "postgres", "model": canonical_model_name(embedder.name),
             "dimension": embedder.dimension, "chunking": chunking_settings(self.settings), "encoder": entry,
+            "articles_dir": source_dir,
         }
         with self.conn.transaction():
             self._lock()
