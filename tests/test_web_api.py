@@ -550,3 +550,20 @@ def test_responses_match_the_documented_models(client, fake_searcher):
     ArticleDetail.model_validate(client.get(f"/api/articles/{fake_searcher.articles()[0].id}").get_json())
     Health.model_validate(client.get("/healthz").get_json())
     ErrorResponse.model_validate(client.get("/api/ask").get_json())
+
+
+def test_openapi_describes_article_provenance_and_the_upload_metadata(client):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert {"source_url", "outlet"} <= set(schemas["Citation"]["properties"])
+    summary = schemas["ArticleSummary"]["properties"]
+    assert {"title", "title_from", "source_url", "outlet", "author", "story"} <= set(summary)
+    assert "lead" in str(summary["title_from"]) and "lead sentence" in summary["title"]["description"]
+    upload = schemas["ArticleUpload"]["properties"]
+    assert {"id", "text", "title", "date", "url", "source_url", "outlet", "author"} == set(upload)
+    assert "YYYY-MM-DD" in upload["date"]["description"] and "http" in upload["url"]["description"]
+    written = schemas["ArticleWritten"]["properties"]
+    assert "article" in written and "source_url" in schemas["ArticleStored"]["properties"]
+    post = client.get("/openapi.json").get_json()["paths"]["/api/articles"]["post"]
+    codes = str(post["responses"])
+    for code in ("date_malformed", "url_invalid", "article_field_invalid", "article_not_writable"):
+        assert code in codes
