@@ -492,3 +492,42 @@ def test_without_the_postgres_extra_the_error_says_how_to_install_it(monkeypatch
     with pytest.raises(ConfigError) as err:
         Searcher(settings, embedder=FakeEmbedder())
     assert "qa-service[postgres]" in err.value.message
+
+
+def test_the_database_records_its_folder_and_takes_metadata_writes(postgres, tmp_path, seed_articles, monkeypatch):
+    """Indexing another folder into the database says what it removes and adds; an article written with metadata
+    is stored with it (the database is the source of truth there) and cited with its original URL."""
+    import qa_service.embedding as embedding
+    from qa_service.articles import put_article
+    from qa_service.indexing import articles_folder, index_folder
+
+    from .support.formats import write_formats_folder
+
+    monkeypatch.setattr(embedding, "load_embedder", lambda name: FakeEmbedder())
+    first = tmp_path / "a"
+    shutil.copytree(REPO / "seeds", first)
+    second = write_formats_folder(tmp_path / "b")
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "folders"))
+    index_folder(settings, first, progress=False)
+    assert articles_folder(settings) == first.resolve()
+    notes = []
+    report = index_folder(settings, second, progress=False, notes=notes.append)
+    assert (f"index: replacing 5 articles from {first.resolve()} with 4 from {second.resolve()} "
+            "(5 removed, 4 added)") in notes
+    assert (report.removed, report.added, report.articles) == (5, 4, 4)
+    assert articles_folder(settings) == second.resolve()
+    assert index_folder(settings, second, progress=False).fresh
+
+    result = put_article(settings, "zebras", b"Ten thousand zebras walked through the city on Sunday, police said.",
+                         embedder=FakeEmbedder(), metadata={"title": "Zebras in the city", "date": "2025-03-01",
+                                                            "url": "https://news.example.com/zebras",
+                                                            "outlet": "Example News"})
+    assert result.action == "created" and result.article.source == "zebras.md"
+    searcher = Searcher(settings, embedder=FakeEmbedder())
+    info = searcher.backend.article_info("zebras")
+    assert (info.title, info.date, info.source_url, info.outlet, info.title_from) == (
+        "Zebras in the city", "2025-03-01", "https://news.example.com/zebras", "Example News", "metadata")
+    hit = searcher.ask("zebras walked through the city", k=1)["results"][0]
+    assert hit["citation"]["source_url"] == "https://news.example.com/zebras"
+    assert searcher.article("zebras").text[hit["citation"]["start"]:hit["citation"]["end"]] == hit["text"]
