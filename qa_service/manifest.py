@@ -10,6 +10,7 @@ builder (``store.py``) to know where things are. Layout and write protocol: docs
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -107,6 +108,14 @@ def check_model(manifest: dict, model: str, index_dir: Path) -> None:
         )
 
 
+def metadata_digest(articles: Sequence[Article]) -> str:
+    """A checksum of every article's metadata (file, title, date, provenance, story) in id order: an index is
+    stale when it changes though no text did (a story regrouped, a feed's channel renamed)."""
+    rows = sorted((a.id, a.source, a.title, a.date, a.source_url, a.outlet, a.author, a.story, a.title_from)
+                  for a in articles)
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def folder_status(manifest: dict, articles_dir: Path | None) -> str | None:
     """Why an index whose manifest is ``manifest`` does not stand for the folder ``articles_dir`` (None: it does,
     or no folder is asked about): the manifest records the absolute folder it was built from."""
@@ -132,6 +141,8 @@ def index_status(settings: Settings, articles: Sequence[Article],
         return False, "the chunking settings changed"
     if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
         return False, "the articles changed"
+    if manifest.get("metadata") != metadata_digest(articles):
+        return False, "the articles' metadata changed"
     reason = encoder_status(manifest, settings.quantize) or folder_status(manifest, articles_dir)
     if reason:
         return False, reason

@@ -30,7 +30,8 @@ from .embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, resolve_quant
 from .files import link_or_copy, publish_folder, sha256_file, write_json_atomically, write_text_atomically
 from .index_texts import Chunks, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
 from .manifest import (BUILDS, CURRENT, FORMAT_VERSION, LEXICAL, MANIFEST, PASSAGES_DB, SENTENCE_VECTORS, VECTORS,
-                       VOCABULARY, check_model, chunking_settings, index_status, live_manifest, read_manifest)
+                       VOCABULARY, check_model, chunking_settings, index_status, live_manifest, metadata_digest,
+                       read_manifest)
 from .reuse import LiveRows, previous_layouts, previous_vectors
 from .types import Article, Passage
 
@@ -355,6 +356,7 @@ def build_index(
             "faiss": dense_entry,
             "articles": {a.id: a.content_hash for a in articles},
             "articles_dir": str(Path(articles_dir).resolve()) if articles_dir else (old or {}).get("articles_dir"),
+            "metadata": metadata_digest(articles),
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
                        "reused_articles": reused, "reused_layouts": len(previous)},
             "sentence_vectors": sentence_method,

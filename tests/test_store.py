@@ -527,3 +527,16 @@ def test_an_index_of_an_older_format_says_it_must_be_rebuilt(tmp_path, seed_arti
     assert "qa-service index" in message and str(settings.index_dir) in message
     fresh, reason = index_status(settings, seed_articles[:2])
     assert fresh is False and "older qa-service" in reason
+
+
+def test_a_change_of_metadata_alone_makes_the_index_stale(tmp_path, seed_articles, fake_embedder):
+    from dataclasses import replace
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles, fake_embedder)
+    assert index_status(settings, seed_articles) == (True, "up to date")
+    regrouped = [replace(a, story="shared") if i < 2 else a for i, a in enumerate(seed_articles)]
+    assert index_status(settings, regrouped) == (False, "the articles' metadata changed")
+    _build(settings, regrouped, fake_embedder)
+    assert index_status(settings, regrouped) == (True, "up to date")
+    assert {i.story for i in Searcher(settings, embedder=fake_embedder).catalog()[:2]} == {"shared"}
