@@ -1,1 +1,1 @@
-"""Benchmarks of qa-service, run by ``qa-service bench``: each figure is printed next to a floor measured in the same run."""
+"""Benchmarks of qa-service (``qa-service bench``): each figure is printed next to a floor measured in the same run."""

@@ -45,7 +45,7 @@ def _build_corpus(b: Bench, name: str = "build-corpus", skip: int = 0) -> tuple[
 
 
 def _built_texts(index_dir: Path, corpus: Path):
-    """Return the live build's manifest, its ONNX encoder, and the texts its passage and sentence vectors were made from.
+    """Return the live build's manifest, its ONNX encoder, and the texts its passage and sentence vectors came from.
 
     The texts are rebuilt by chunking ``corpus`` again (each passage and sentence after its headline or lead
     sentence, as the build embedded them), after checking the chunks are exactly the build's.
@@ -245,7 +245,7 @@ def _ray_processes() -> list[int]:
 
 
 def section_ray(b: Bench) -> None:
-    """The build's ONNX encoder on a local Ray actor pool (1, 2 actors) against single-process encode of the same passages.
+    """The build's ONNX encoder on a local Ray actor pool (1, 2 actors) vs. single-process encode of the same passages.
 
     The floor is the build's own encode without ``--ray``, timed before and after the Ray runs (their mean); each pool
     run includes starting its actors, a fixed cost also measured on its own. See docs/decisions/ray-indexing.md.

@@ -65,6 +65,7 @@ class Sizes:
     basis_titles: int = 2_000  # SciFact titles embedded as the basis of synthetic vectors (``scale._basis``)
     web_n: int = 300  # questions through the traced server of ``web``
     web_gap: float = 0.005  # seconds between them (the client sleeps)
+    reading_articles: int = 200  # articles of each format read in ``ingest``
 
     @classmethod
     def quick(cls) -> "Sizes":
@@ -73,7 +74,7 @@ class Sizes:
                    scale_queries=20,
                    flat_timing_queries=5, peer_scifact_queries=0, peer_scifact_distractors=0, ray_passages=24,
                    pg_latency_n=5, pg_clients=(8,), pg_synthetic=300,
-                   served_scale=300, basis_titles=200, web_n=10)
+                   served_scale=300, basis_titles=200, web_n=10, reading_articles=12)
 
 
 @dataclass
@@ -127,7 +128,8 @@ class Bench:
         qs = list(SEED_QUESTIONS)
         dev = self.shared / "eval" / "dev.jsonl"
         if dev.is_file():
-            qs += [json.loads(line)["question"] for line in dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+            qs += [json.loads(line)["question"] for line in dev.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
         return qs
 
     @property

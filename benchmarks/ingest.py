@@ -5,6 +5,9 @@ headline, a date, a URL and an outlet, written as plain text, Markdown, saved pa
 RSS feed. Each format is read from its own folder, end to end (walk, decode, extract, ids, syndication), after an
 untimed pass that imports every reader's libraries, so the figure is what a build spends before embedding. A last
 row times syndication alone over the JSON Lines articles.
+
+``section_ingest`` is the bench's ``ingest`` section: those rows, and reading the plain-text folder against
+``qa-service index`` of the same folder, since reading must never be what a build waits for.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ import time
 from html import escape
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from qa_service.ingest import assign_stories, load_articles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .harness import Bench
 
 _WORDS = ("government minister officials said report city council port workers strike rain floods river camps "
           "water aid agencies health ministry talks union pay rise ships cargo exporters coffee fruit prices "
@@ -107,6 +115,47 @@ def reading_speed(tmp_dir: Path | str, articles: int = 200, formats: tuple[str, 
         rows.append({"format": "syndication", "articles": len(read), "seconds": round(seconds, 4),
                      "articles_per_s": round(len(read) / max(seconds, 1e-9), 1)})
     return rows
+
+
+# Reading the plain-text folder may take at most this share of the build's own steps over the same articles.
+READING_SHARE_OF_BUILD = 0.2
+_WHAT = {"txt": "plain text", "md": "Markdown with front matter", "html": "saved news pages", "jsonl": "JSON Lines",
+         "json": "a JSON array", "csv": "CSV", "rss": "an RSS feed", "syndication": "syndication alone (MinHash)"}
+
+
+def section_ingest(b: "Bench") -> None:
+    """Articles read per second for each format, then the plain-text folder's reading time against a build of it.
+
+    The build is ``qa-service index`` with the ONNX encoder, as the ``build`` section runs it; its share counts the
+    build's own steps (chunk, embed, write, checksum: the manifest's ``build_seconds``) without loading or exporting
+    the encoder, a cost per build and not per article, so the comparison is the strict one.
+    """
+    import shutil
+
+    from qa_service.embedding.export_cache import remember_export
+    from qa_service.manifest import live_manifest, read_manifest
+
+    from .harness import Row, run_cli  # here, so that this file also runs as a script (see the end)
+
+    folder = b.work / "reading"
+    shutil.rmtree(folder, ignore_errors=True)
+    rows = reading_speed(folder, b.sizes.reading_articles)
+    for r in rows:
+        what = _WHAT[r["format"]] if r["format"] == "syndication" else f"reading {_WHAT[r['format']]} ({r['format']})"
+        b.add(Row("ingest", f"{what}, {r['articles']} articles", r["articles_per_s"], "articles/s",
+                  note=f"{r['seconds']:.3f} s"))
+    txt = next(r for r in rows if r["format"] == "txt")
+    remember_export(live_manifest(b.seed_index))  # the seeds' export serves this build too: no second export
+    index_dir = b.work / "reading-index"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    wall = run_cli(["index", str(folder / "reading-txt"), "--index-dir", str(index_dir)], b.work / "reading-index.log")
+    phases = read_manifest(index_dir).get("build_seconds") or {}
+    steps = sum(v for k, v in phases.items() if k != "encoder")
+    b.add(Row("ingest", f"reading {txt['articles']} plain-text articles vs building them (the build's own steps)",
+              txt["seconds"], "s", floor=steps or None, floor_label="chunk + embed + write",
+              target=f"<= {READING_SHARE_OF_BUILD}",
+              note=f"reading is {100 * txt['seconds'] / steps if steps else 0:.1f}% of the build's own steps; "
+                   f"qa-service index took {wall:.1f} s in all, with start-up, reading and the encoder"))
 
 
 if __name__ == "__main__":

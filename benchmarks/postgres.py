@@ -27,7 +27,8 @@ def _database(pg, name: str) -> str:
     return pg.url.rsplit("/", 1)[0] + "/" + name
 
 
-def _compare(b: Bench, label: str, faiss_dir: Path, url: str, host_dir: Path, questions: list[str], embedder=None) -> None:
+def _compare(b: Bench, label: str, faiss_dir: Path, url: str, host_dir: Path, questions: list[str],
+             embedder=None) -> None:
     from qa_service.config import Settings
     from qa_service.retrieval import Searcher
 

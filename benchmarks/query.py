@@ -35,7 +35,8 @@ def section_query(b: Bench) -> None:
 
     qs = b.questions
     searcher = b.searcher()
-    torch_searcher = Searcher(Settings(index_dir=b.seed_index), embedder=SentenceTransformerEmbedder("all-MiniLM-L6-v2"))
+    torch_searcher = Searcher(Settings(index_dir=b.seed_index),
+                              embedder=SentenceTransformerEmbedder("all-MiniLM-L6-v2"))
     server = b.server()
     conn = http.client.HTTPConnection(load.HOST, server.port, timeout=30)
     for q in qs[:4]:  # warm-up: both workers, both encoders

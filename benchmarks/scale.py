@@ -120,8 +120,8 @@ def section_scale(b: Bench) -> None:
         rng = np.random.default_rng(n)
         for share in FILTER_SHARES:
             allowed = np.sort(rng.choice(n, max(1, int(share * n)), replace=False)).astype(np.int64)
-            lat, _ = time_calls(lambda q, ids=allowed, index=dense: index.search(q.reshape(1, -1), 50, ids), list(qvecs),
-                                min(len(qvecs), 50))
+            lat, _ = time_calls(lambda q, ids=allowed, index=dense: index.search(q.reshape(1, -1), 50, ids),
+                                list(qvecs), min(len(qvecs), 50))
             filtered[share] = float(np.median(lat))
         kind = entry["type"] + (f" nlist={entry['nlist']} nprobe={entry['nprobe']}" if "nlist" in entry else "")
         label = f"{n:,} passages"

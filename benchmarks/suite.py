@@ -2,9 +2,10 @@
 floor measured in the same run (docs/decisions/benchmark-floors.md).
 
 Sections (``--sections``, in this order): ``query``, ``throughput`` and ``web`` (``query.py``), ``build``, ``cold``
-and ``ray`` (``build.py``; ``ray`` needs the ``ray`` extra), ``scale`` (``scale.py``), ``peer`` (``peer.py``, needs
-the ``peer`` extra) and ``postgres`` (``postgres.py``, needs the ``postgres`` extra). Each run's files go to
-``<out>/runs/``; a full-size run also replaces ``<out>/latest.md`` and ``<out>/latest.json``.
+and ``ray`` (``build.py``; ``ray`` needs the ``ray`` extra), ``ingest`` (reading speed per format, ``ingest.py``),
+``scale`` (``scale.py``), ``peer`` (``peer.py``, needs the ``peer`` extra) and ``postgres`` (``postgres.py``, needs
+the ``postgres`` extra). Each run's files go to ``<out>/runs/``; a full-size run also replaces ``<out>/latest.md``
+and ``<out>/latest.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 from .build import section_build, section_cold, section_ray
 from .harness import REPO, RUNS, Bench, Sizes, write_results
+from .ingest import section_ingest
 from .peer import section_peer
 from .postgres import section_postgres
 from .query import section_query, section_throughput, section_web
@@ -27,7 +29,7 @@ __all__ = ["REPO", "SECTIONS", "Sizes", "run"]
 
 _SECTIONS: dict[str, Callable[[Bench], None]] = {
     "query": section_query, "throughput": section_throughput, "build": section_build, "cold": section_cold,
-    "scale": section_scale, "peer": section_peer, "web": section_web, "ray": section_ray,
+    "ingest": section_ingest, "scale": section_scale, "peer": section_peer, "web": section_web, "ray": section_ray,
     "postgres": section_postgres,
 }
 SECTIONS = tuple(_SECTIONS)
@@ -35,7 +37,7 @@ SECTIONS = tuple(_SECTIONS)
 
 def run(out: Path, sections: list[str] | None = None, quick: bool = False, work: Path | None = None,
         echo: Callable[[str], None] = print, sizes: Sizes | None = None) -> Path:
-    """Run the chosen sections; write the results under ``out`` (``harness.write_results``); return the run's Markdown."""
+    """Run the chosen sections; write the results under ``out`` (``harness.write_results``); return its Markdown."""
     sections = list(sections or SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

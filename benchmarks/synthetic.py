@@ -25,7 +25,8 @@ class SyntheticEmbedder:
     def _word(self, word: str) -> int:
         i = self._ids.get(word)
         if i is None:
-            i = self._ids[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % len(self.basis)
+            i = self._ids[word] = (int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
+                                   % len(self.basis))
         return i
 
     def encode(self, texts, batch_size: int = 32, progress: bool = False) -> np.ndarray:

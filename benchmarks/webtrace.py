@@ -1,4 +1,4 @@
-"""Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench section ``web``).
+"""Where an answer over HTTP spends its time outside the searcher: ``qa-service serve`` with timers (bench ``web``).
 
 ``python benchmarks/webtrace.py TRACE_FILE serve ARGS...`` runs ``qa-service serve ARGS...`` with timers wrapped
 around gunicorn's threaded worker, the app's WSGI entry, the access log and the searcher (``QA_TUNING`` applies as

@@ -1,5 +1,5 @@
-"""From ranked passages to results: the answering sentence, same-fact grouping across outlets, and
-whether the articles answer the question at all.
+"""From ranked passages to results: the answering sentence, syndicated copies folded into one result, same-fact
+grouping across outlets, and whether the articles answer the question at all.
 
 All of it works from what the index stored (sentence vectors, BM25 vocabulary); nothing is embedded here.
 """
@@ -101,11 +101,19 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
 
     Candidates are prepared (passage row, answering sentence, its vector) ``k`` at a time, as the loop below
     reaches them: most questions fill their ``k`` results from the first few, so the rest are never scored.
+    With ``group``, copies of one syndicated story fold into the result of its best passage, also once ``k``
+    results are found: the remaining candidates are looked through for copies only (``fold_story``).
     """
     qterms = set(searcher.question_terms(question))
     asked = asked_for(question)
     considered = cands[: max(4 * k, 20)]  # enough for k results after dropping overlaps and grouping
     rows = searcher._passages([c.pid for c in considered])
+    stories: dict[str, str] = {}  # article id -> its story (its own id when it has none)
+
+    def story_of(article_id: str) -> str:
+        if article_id not in stories:
+            stories[article_id] = searcher.article_info(article_id).story or article_id
+        return stories[article_id]
 
     def prepare(cand: "Candidate"):
         article_id, start, end, text = rows[cand.pid]
@@ -125,25 +133,41 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
         answer_cosine = cosines[best] if cosines else cand.dense
         return cand, article_id, start, end, text, s, e, text[s - start:e - start], answer_cosine, sid
 
+    # Only candidates with a row, in order: a missing row (deleted meanwhile) ends the list, as it always has.
+    ready = list(itertools.takewhile(lambda c: c.pid in rows, considered))
+
     def prepared_blocks():
-        # Only candidates with a row, in order: a missing row (deleted meanwhile) ends the list, as it always has.
-        ready = list(itertools.takewhile(lambda c: c.pid in rows, considered))
         step = max(1, k)
         for first in range(0, len(ready), step):
             block = [prepare(cand) for cand in ready[first:first + step]]
             # The block's answer sentences' vectors (for grouping), fetched together: one lookup per block.
             wanted = [p[9] for p in block if p[9] is not None]
             vectors = dict(zip(wanted, searcher.sentence_vectors(wanted))) if group and wanted else {}
-            for p in block:
-                yield p, vectors.get(p[9])
+            for i, p in enumerate(block):
+                yield first + i, p, vectors.get(p[9])
+
+    def reported_by(article_id, start, end, text, s, e, answer_text, score) -> dict:
+        citation = searcher.citation(article_id, start, end).__dict__.copy()
+        citation.update({"text": text, "answer": {"text": answer_text, "start": s, "end": e},
+                         "score": round(score, 6)})
+        return citation
 
     hits: list[Hit] = []
     chosen: list[tuple[Hit, str, int, int, np.ndarray, set[str]]] = []  # hit, article, start, end, vec, numbers
-    for (cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid), vec in prepared_blocks():
-
+    by_story: dict[str, list[Hit]] = {}  # story -> its results, best first
+    seen = -1  # the last candidate looked at before ``k`` results were found
+    for index, p, vec in prepared_blocks():
+        seen = index
+        cand, article_id, start, end, text, s, e, answer_text, answer_cosine, best_sid = p
         if group:
             if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):
                 continue  # an overlapping window of a passage already shown
+            story = story_of(article_id)
+            if story in by_story:
+                folded = fold_story(by_story[story], article_id,
+                                    lambda: reported_by(article_id, start, end, text, s, e, answer_text, cand.score))
+                if folded is not False:
+                    continue
             same = None
             for entry in chosen:
                 if entry[1] != article_id and vec is not None and entry[4] is not None \
@@ -152,10 +176,8 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
                     break
             if same is not None:
                 other = same[0]
-                citation = searcher.citation(article_id, start, end).__dict__.copy()
-                citation.update({"text": text, "answer": {"text": answer_text, "start": s, "end": e},
-                                 "score": round(cand.score, 6)})
-                other.extra.setdefault("also_reported_by", []).append(citation)
+                other.extra.setdefault("also_reported_by", []).append(
+                    {**reported_by(article_id, start, end, text, s, e, answer_text, cand.score), "same_story": False})
                 figures = _numbers(answer_text)
                 if figures and same[5] and figures != same[5]:
                     other.extra["figures_differ"] = True
@@ -167,11 +189,44 @@ def build_hits(searcher: "Searcher", question: str, cands: list["Candidate"], si
         hit.extra["also_reported_by"] = []
         hits.append(hit)
         chosen.append((hit, article_id, start, end, vec, _numbers(answer_text)))
+        if group:
+            by_story.setdefault(story_of(article_id), []).append(hit)
         if len(hits) >= k:
             break
+    if group and by_story:
+        # The results are found; copies of their stories further down still belong under them.
+        for cand in ready[seen + 1:]:
+            article_id = rows[cand.pid][0]
+            results = by_story.get(story_of(article_id))
+            if results is None or all(h.citation.article_id == article_id for h in results):
+                continue  # not a copy of a story shown (a passage of a shown article itself stays out)
+            _, article_id, start, end, text, s, e, answer_text, _, _ = prepare(cand)
+            if any(a == article_id and start < ce and cs < end for _, a, cs, ce, _, _ in chosen):
+                continue
+            fold_story(results, article_id,
+                       lambda: reported_by(article_id, start, end, text, s, e, answer_text, cand.score))
     for hit in hits:
         hit.extra.setdefault("figures_differ", False)
     return hits
+
+
+def fold_story(results: list[Hit], article_id: str, citation) -> bool | None:
+    """Put a passage of ``article_id`` under a result of its story, as a copy: True when listed, None when that
+    copy is already listed everywhere it could go (the passage is dropped), False when ``results`` are all of
+    ``article_id`` itself (its own further passages stay results, as they always have).
+
+    Copies of one syndicated story are one result, whatever their score: the first result of the story that
+    comes from another article and does not list this one yet takes it (``citation()`` makes its entry).
+    """
+    others = [h for h in results if h.citation.article_id != article_id]
+    if not others:
+        return False
+    for hit in others:
+        listed = hit.extra.setdefault("also_reported_by", [])
+        if not any(c.get("article_id") == article_id and c.get("same_story") for c in listed):
+            listed.append({**citation(), "same_story": True})
+            return True
+    return None
 
 
 # --------------------------------------------------------------------------- answerability

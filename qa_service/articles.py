@@ -278,7 +278,8 @@ def _check_in_sync(seeds: Path, current: dict[str, Article], live: dict, article
     on_disk = {i: a.content_hash for i, a in current.items() if i != article_id}
     indexed = {i: h for i, h in live.items() if i != article_id}
     if on_disk != indexed:
-        differ = sorted(set(on_disk) ^ set(indexed) | {i for i in set(on_disk) & set(indexed) if on_disk[i] != indexed[i]})
+        differ = sorted(set(on_disk) ^ set(indexed)
+                        | {i for i in set(on_disk) & set(indexed) if on_disk[i] != indexed[i]})
         raise SeedsOutOfSync(f"The articles folder and the index disagree about {len(differ)} other article(s) "
                              f"(e.g. {differ[0]!r}); rebuild the index from the folder first (qa-service index).")
 

@@ -32,8 +32,8 @@ def _common(func):
                   "FAISS folder; every service pointed at it shares it.")
     @functools.wraps(func)
     def wrapper(*args, index_dir, model, reranker, database_url, **kwargs):
-        settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker, database_url=database_url)
         try:
+            settings = Settings.from_env(index_dir=index_dir, model=model, reranker=reranker, database_url=database_url)
             return func(settings, *args, **kwargs)
         except QAError as exc:
             raise click.ClickException(exc.message) from None
@@ -130,7 +130,13 @@ def _with_skipped(report: indexing.IndexReport) -> str:
     return "\n".join(lines)
 
 
-def _print_hits(result: dict) -> None:
+def _print_hits(result: dict, title_of) -> None:
+    """Print a result for people: each hit under its article's title (``title_of(article_id)`` when the citation
+    has none: the lead sentence, never the file name), then where it is and its answer sentence."""
+
+    def title(cited: dict) -> str:
+        return cited.get("title") or title_of(cited["article_id"])
+
     if not result["results"]:
         click.echo("No passages found.")
     elif result.get("answerable") is False:
@@ -139,15 +145,16 @@ def _print_hits(result: dict) -> None:
         click.echo(click.style(f"The articles do not seem to answer this{why}; the closest passages:", fg="yellow"))
     for hit in result["results"]:
         c = hit["citation"]
-        head = f"{hit['rank']}. [{hit['score']:.3f}] {c['title'] or c['source']}"
+        head = f"{hit['rank']}. [{hit['score']:.3f}] {title(c)}"
         click.echo(click.style(head, bold=True))
-        click.echo(f"   {c['article_id']} · {c['date'] or 'undated'} · chars {c['start']}-{c['end']}")
+        outlet = f"{c['outlet']} · " if c.get("outlet") else ""
+        click.echo(f"   {outlet}{c['article_id']} · {c['date'] or 'undated'} · chars {c['start']}-{c['end']}")
         click.echo("   " + hit["text"].replace("\n", "\n   "))
         if hit.get("answer"):
             click.echo(click.style("   → " + hit["answer"]["text"], fg="green"))
         for other in hit.get("also_reported_by", []):
-            click.echo(f"   also reported by {other['title'] or other['source']} ({other['date'] or 'undated'}): "
-                       f"{other['answer']['text']}")
+            by = f"{title(other)}, {other['outlet']}" if other.get("outlet") else title(other)
+            click.echo(f"   also reported by {by} ({other['date'] or 'undated'}): {other['answer']['text']}")
         click.echo()
 
 
@@ -185,7 +192,7 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
             result.pop("took_ms", None)
             click.echo(json.dumps(result, ensure_ascii=False, indent=2))
         else:
-            _print_hits(result)
+            _print_hits(result, searcher.display_title)
 
 
 @cli.command("eval")
@@ -324,15 +331,14 @@ def _load_benchmarks():
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Tiny inputs (seconds, not minutes): checks that the suite runs.")
-@click.option("--sections", default=",".join(("query", "throughput", "build", "cold", "scale", "peer", "web", "ray",
-                                              "postgres")),
-              show_default=True, help="Comma-separated sections to run.")
+@click.option("--sections", default=None, help="Comma-separated sections to run [default: every section].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the dated Markdown summary goes [default: benchmarks/results/ of this checkout].")
-def bench(quick: bool, sections: str, out_dir: Path | None) -> None:
-    """Measure latency, throughput, build, cold start, scale and a peer, each as a ratio to its floor."""
+              help="Where results go: each run under runs/, the latest full run as latest.md and latest.json "
+                   "[default: benchmarks/results/ of this checkout].")
+def bench(quick: bool, sections: str | None, out_dir: Path | None) -> None:
+    """Measure latency, throughput, build, cold start, scale, reading and a peer, each as a ratio to its floor."""
     suite = _load_benchmarks()
-    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    chosen = [s.strip() for s in sections.split(",") if s.strip()] if sections else list(suite.SECTIONS)
     unknown = [s for s in chosen if s not in suite.SECTIONS]
     if unknown:
         raise click.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(suite.SECTIONS)}",

@@ -47,7 +47,7 @@ def temporary_sibling(path: Path) -> Path:
 
 
 def write_atomically(path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
-    """Write ``path`` through ``write(fh)`` into a temporary sibling, fsync it, rename it onto ``path``, fsync the folder.
+    """Write ``path`` via ``write(fh)`` into a temporary sibling, fsync it, rename it onto ``path``, fsync the folder.
 
     A crash at any point leaves the old file or the new one; the temporary file is removed on failure.
     """

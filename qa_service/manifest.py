@@ -71,20 +71,22 @@ def read_manifest(index_dir: Path) -> dict:
     try:
         manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. {rebuild_hint(index_dir)}") from exc
+        raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. "
+                           f"{rebuild_hint(index_dir)}") from exc
     found = manifest.get("format_version") if isinstance(manifest, dict) else None
     if found != FORMAT_VERSION:
         age = ("an older" if isinstance(found, int) and found < FORMAT_VERSION
                else "a newer" if isinstance(found, int) else "another")
         raise IndexMismatch(
-            f"The index in {index_dir} was built by {age} qa-service (index format {found if found is not None else '?'}; "
-            f"this one reads format {FORMAT_VERSION}), so it must be rebuilt once; the articles folder is unchanged. "
-            f"{rebuild_hint(index_dir)}"
+            f"The index in {index_dir} was built by {age} qa-service (index format "
+            f"{found if found is not None else '?'}; this one reads format {FORMAT_VERSION}), so it must be rebuilt "
+            f"once; the articles folder is unchanged. {rebuild_hint(index_dir)}"
         )
     for name, meta in manifest.get("files", {}).items():
         path = build / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
-            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. {rebuild_hint(index_dir)}")
+            raise IndexCorrupt(f"The index file {name} in {index_dir} is missing or truncated. "
+                               f"{rebuild_hint(index_dir)}")
     manifest["_build_dir"] = str(build)
     return manifest
 

@@ -102,7 +102,7 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
 # on as many workers as there are parts; from this many passages to embed on one worker, while they are embedded.
 LEXICAL_PARALLEL_MIN = 2_000
 LEXICAL_EARLY_MIN = 256
-_LEXICAL_JOB: tuple | None = None  # (folder, passage texts, sentence texts) for forked workers: inherited, never pickled
+_LEXICAL_JOB: tuple | None = None  # (folder, passage texts, sentence texts) for forked workers: inherited, not pickled
 _LEXICAL_LOCK = threading.Lock()
 
 
@@ -238,7 +238,7 @@ def embed_chunks(vectors: np.ndarray, sentence_vectors: np.ndarray, chunks: Chun
 
 
 def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embedder, dict]:
-    """Hard-link the ONNX query encoder of the build ``manifest`` describes into ``build_dir``; return it and its entry."""
+    """Hard-link the ONNX query encoder of ``manifest``'s build into ``build_dir``; return it and its entry."""
     entry = dict(manifest["encoder"])
     source = Path(manifest["_build_dir"])
     for key in ("file", "tokenizer"):

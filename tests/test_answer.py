@@ -9,7 +9,8 @@ from qa_service.answer import answer_type_present, answerability
 
 def test_time_questions_need_a_new_time():
     assert answer_type_present("When did the ceasefire start?", ["The ceasefire started on January 19."])
-    assert not answer_type_present("When did Trump unveil his plan?", ["Trump's proposal to clear Gaza drew criticism."])
+    assert not answer_type_present("When did Trump unveil his plan?",
+                                   ["Trump's proposal to clear Gaza drew criticism."])
     assert not answer_type_present("When in 2024 did talks fail?", ["In 2024 talks failed."])  # only the asked year
     assert answer_type_present("On which weekday did they meet?", ["They met on Thursday."])
 
@@ -25,7 +26,8 @@ def test_which_focus_needs_a_name_next_to_it():
     assert not answer_type_present(q, ["The newspaper said Iranian security officials helped plan the attack."])
     assert answer_type_present(q, ["The newspaper named Iranian security officials Ahmad Vahidi and others."])
     assert answer_type_present(q, ["Unrelated sentence about a meeting."])  # focus absent: judged on the rest
-    assert answer_type_present("Which Iranian foreign minister met Hamas?", ["Foreign Minister Abbas Araghchi met them."])
+    assert answer_type_present("Which Iranian foreign minister met Hamas?",
+                               ["Foreign Minister Abbas Araghchi met them."])
 
 
 def test_verdict_on_a_real_search(fake_searcher):
@@ -76,7 +78,8 @@ def test_the_answer_sentence_supplies_what_the_question_asks():
     assert _answer_of(q, [undated, dated], [0.62, 0.60]) == dated
     # Otherwise closeness and shared words decide, as before.
     q = "What did the minister demand for the leaders?"
-    assert _answer_of(q, ["He demanded that the leaders be punished.", "The weather was mild."], [0.5, 0.1]).startswith("He")
+    assert _answer_of(q, ["He demanded that the leaders be punished.", "The weather was mild."],
+                      [0.5, 0.1]).startswith("He")
 
 
 def test_coverage_counts_a_spelling_variant_of_a_question_word(fake_searcher):

@@ -289,7 +289,7 @@ def test_killed_service_mid_upload_restarts_whole(real_index, tmp_path):
     rng = random.Random(5)
     outcomes: Counter = Counter()
     trials = 3
-    for trial in range(trials):
+    for _trial in range(trials):
         server = LiveServer(index_dir, seeds_dir, tmp_path / "server.log", workers=1).start()
         import threading
 
@@ -368,7 +368,8 @@ def test_serve_refuses_a_truncated_index_with_the_rebuild_message(settings, monk
     vectors.write_bytes(data[: len(data) // 3])
     result = CliRunner().invoke(cli, ["serve", "--index-dir", str(settings.index_dir), "--model", "fake-hash-64"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "truncated" in result.output and f"qa-service index SEEDS_DIR --index-dir {settings.index_dir}" in result.output
+    assert ("truncated" in result.output
+            and f"qa-service index SEEDS_DIR --index-dir {settings.index_dir}" in result.output)
 
 
 def test_single_article_writes_never_start_ray(tmp_path, fake_index, monkeypatch):

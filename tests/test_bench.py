@@ -169,6 +169,34 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
 
 
 @pytest.mark.slow
+def test_ingest_section_reads_every_format_and_compares_reading_to_a_build(tmp_path, bench_work):
+    """A row per format in articles/s, syndication alone, and the plain-text reading time as a share of the
+    build of the same articles."""
+    suite = _load_benchmarks()
+    path = suite.run(tmp_path / "out", ["ingest"], quick=True, work=bench_work, echo=lambda _: None)
+    rows = [r for r in json.loads(path.with_suffix(".json").read_text())["rows"] if r["section"] == "ingest"]
+    speeds = [r for r in rows if r["unit"] == "articles/s"]
+    for kind in ("txt", "md", "html", "jsonl", "json", "csv", "rss"):
+        row = next(r for r in speeds if f"({kind})" in r["measure"])
+        assert row["value"] > 0 and "12 articles" in row["measure"]
+    assert any("syndication" in r["measure"] for r in speeds)
+    share = next(r for r in rows if r["measure"].startswith("reading 12 plain-text articles vs building them"))
+    assert share["unit"] == "s" and share["value"] > 0 and share["floor"] > 0 and share["target"] == "<= 0.2"
+    assert share["met"] is True  # reading is a small part of a build
+    assert "| ingest |" in path.read_text(encoding="utf-8")
+
+
+def test_reading_speed_reads_every_article_of_every_format(tmp_path):
+    """The ``ingest`` section's figures: each format's folder read whole (the function raises on a short read)."""
+    suite = _load_benchmarks()
+    assert "ingest" in suite.SECTIONS
+    ingest = __import__("importlib").import_module("qa_service_benchmarks.ingest")
+    rows = ingest.reading_speed(tmp_path, articles=4)
+    assert [r["format"] for r in rows] == [*ingest.FORMATS, "syndication"]
+    assert all(r["articles"] == 4 and r["articles_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_postgres_section_runs(tmp_path, bench_work):
     """Both backends served side by side on the seeds and a tiny synthetic corpus; every row has its FAISS floor."""
     suite = _load_benchmarks()

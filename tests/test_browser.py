@@ -64,7 +64,7 @@ def page(browser):
     context.close()
 
 
-def test_ask_then_follow_the_citation_to_the_highlighted_passage(page, base_url):
+def test_ask_then_follow_the_citation_to_the_highlighted_passage(page, base_url, fake_searcher):
     page.goto(base_url + "/")
     page.fill("#q", QUESTION)
     page.click("button[type=submit]")
@@ -74,7 +74,8 @@ def test_ask_then_follow_the_citation_to_the_highlighted_passage(page, base_url)
     passage = first.locator("blockquote.passage").text_content()
     assert passage and len(passage) > 40
     title = first.locator("a.hit-title").inner_text()
-    assert title  # the article title, or its file name
+    assert title  # the article title, or its lead sentence shortened: never its file name or id
+    assert not any(name in title for a in fake_searcher.articles() for name in (a.source, a.id))
     href = first.locator("a.cite-link").get_attribute("href")
     anchor = href.split("#", 1)[1]
     assert anchor.startswith("p-")

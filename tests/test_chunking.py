@@ -32,7 +32,8 @@ def test_sentence_boundaries(text, expected):
 
 def test_seed_sentence_cases(seed_articles):
     all_sentences = [s for a in seed_articles for s in sentences_of(a.text)]
-    assert any("On Jan.19, a ceasefire agreement" in s and s.endswith("subsequent phases of the deal.") for s in all_sentences)
+    assert any("On Jan.19, a ceasefire agreement" in s and s.endswith("subsequent phases of the deal.")
+               for s in all_sentences)
     assert any("(Oct. 7, 2023 Hamas attack) a turning point" in s for s in all_sentences)
     assert any(s.endswith("with support from the US.") for s in all_sentences)
     assert not any(s in ("Oct.", "U.S.", "Jan.") for s in all_sentences)
@@ -75,7 +76,8 @@ def test_overlap_shares_a_sentence(seed_articles):
 
 _words = st.sampled_from(["Gaza", "Oct.", "7,", "U.S.", "Jan.19,", "3.5", "“quoted", "text.”", "Mr.", "Smith",
                           "said", "the", "ceasefire", "held.", "(Israeli)", "al-Hayya", "Iran’s", "47,400", "—",
-                          "end.", "Why?", "Yes!", "e.g.", "i.e.", "...", "'single'", "\u00e9t\u00e9", "\u0645\u0631\u062d\u0628\u0627"])
+                          "end.", "Why?", "Yes!", "e.g.", "i.e.", "...", "'single'", "\u00e9t\u00e9",
+                          "\u0645\u0631\u062d\u0628\u0627"])
 _sentence = st.lists(_words, min_size=1, max_size=40).map(" ".join)
 _paragraph = st.lists(_sentence, min_size=1, max_size=6).map(" ".join)
 _text = st.lists(_paragraph, min_size=1, max_size=5).map("\n\n".join)

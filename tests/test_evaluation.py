@@ -130,7 +130,8 @@ def test_load_questions_names_the_bad_line(tmp_path, line, message):
 
 def test_load_beir_keeps_judged_queries_in_qrels_order(tmp_path):
     folder = _beir_folder(tmp_path / "mini", [{"_id": "d1", "title": "T", "text": "x"}],
-                          [{"_id": "q0", "text": "unjudged"}, {"_id": "q2", "text": "two"}, {"_id": "q1", "text": "one"}],
+                          [{"_id": "q0", "text": "unjudged"}, {"_id": "q2", "text": "two"},
+                           {"_id": "q1", "text": "one"}],
                           [("q2", "d1", 1), ("q1", "d1", 2), ("q1", "d9", 0)])
     ds = ev.load_dataset(folder)
     assert ds.format == "beir" and ds.name == "mini"
@@ -210,7 +211,10 @@ def _question_case():
     B = ("art1", "art1.txt", 20, 60, "He said X. And more.")
     C = ("art2", "art2.txt", 0, 30, "Iran's minister said nothing.")  # answer, wrong source
     D = ("art2", "art2.txt", 20, 60, "Other text.")
-    h = lambda row, rank: _hit(row[0], row[2], row[3], row[4], row[1], rank)
+
+    def h(row, rank):
+        return _hit(row[0], row[2], row[3], row[4], row[1], rank)
+
     results = {"one": [h(C, 1), h(A, 2), h(D, 3)], "two": [h(B, 1)],
                "three": [h(A, 1), h(D, 2), h(C, 3), h(B, 4)], "four": [h(D, 1)]}
     return ev.Dataset("hand", "questions", Path("."), questions), results, [A, B, C, D]
@@ -229,7 +233,8 @@ def test_question_metrics_match_hand_computed_values():
     assert s["by_kind"]["fact"]["recall@1"] == pytest.approx(0.5) and s["by_kind"]["fact"]["n"] == 2
     assert s["by_kind"]["paraphrase"]["mrr@10"] == pytest.approx(1.0)
     assert s["by_kind"]["unanswerable"] == {**{k: None for k in ev.METRIC_NAMES}, "n": 1}
-    assert s["abstention"] == {"unanswerable": 1, "unanswerable_flagged": 1.0, "answerable_refused_rate": pytest.approx(1 / 3)}
+    assert s["abstention"] == {"unanswerable": 1, "unanswerable_flagged": 1.0,
+                               "answerable_refused_rate": pytest.approx(1 / 3)}
     assert s["latency_ms"]["n"] == 4 and s["latency_ms"]["p50"] is not None
     assert backend.search_calls == [3, 1]  # batched, not one by one
     assert s["no_relevant_passage"] == []
@@ -388,7 +393,8 @@ def _long_beir(root: Path) -> Path:
     topics = ["volcano lava eruption magma crater", "penguin antarctic ice colony krill",
               "violin orchestra concerto bow strings"]
     return _topic_beir(root, topics,
-                       lambda t: " ".join(f"Sentence {j} tells more about the {t} and nothing else." for j in range(30)))
+                       lambda t: " ".join(f"Sentence {j} tells more about the {t} and nothing else."
+                                          for j in range(30)))
 
 
 def test_whole_documents_index_one_passage_per_document(tmp_path):
@@ -537,7 +543,10 @@ def fake_model(monkeypatch):
     import qa_service.retrieval.searcher
 
     real = qa_service.embedding.load_embedder
-    fake = lambda name: FakeEmbedder() if name == FakeEmbedder.name else real(name)
+
+    def fake(name):
+        return FakeEmbedder() if name == FakeEmbedder.name else real(name)
+
     monkeypatch.setattr(qa_service.embedding, "load_embedder", fake)
     monkeypatch.setattr(qa_service.retrieval.searcher, "load_embedder", fake)
     return ["--model", FakeEmbedder.name]

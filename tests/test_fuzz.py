@@ -136,8 +136,9 @@ HOSTILE = [
     ("nul-in-query", "GET", "/api/ask?q=Gaza%00ceasefire", {}, 200, None),
     ("nul-in-article-id", "GET", "/api/articles/abc%00def", {}, 404, "article_not_found"),
     ("ten-mb-ask", "POST", "/api/ask", {"data": TEN_MB, "headers": JSON}, 413, "body_too_large"),
-    ("ten-mb-ask-chunked", "POST", "/api/ask", {"data": iter([TEN_MB[i:i + (1 << 20)] for i in range(0, len(TEN_MB), 1 << 20)]),
-                                                "headers": JSON}, 413, "body_too_large"),
+    ("ten-mb-ask-chunked", "POST", "/api/ask",
+     {"data": iter([TEN_MB[i:i + (1 << 20)] for i in range(0, len(TEN_MB), 1 << 20)]), "headers": JSON}, 413,
+     "body_too_large"),
     ("ten-mb-upload-with-key", "POST", "/api/articles", {"data": TEN_MB, "headers": {**JSON, **KEY}}, 413,
      "body_too_large"),
     ("ten-mb-upload-without-key", "POST", "/api/articles", {"data": TEN_MB, "headers": JSON}, 401, "unauthorized"),
@@ -174,8 +175,8 @@ HOSTILE = [
       "headers": JSON}, 400, "duplicate_key"),
     ("duplicate-keys-upload", "POST", "/api/articles",
      {"data": b'{"id": "a", "id": "b", "text": "Some text."}', "headers": {**JSON, **KEY}}, 400, "duplicate_key"),
-    ("content-type-text", "POST", "/api/ask", {"data": b'{"question": "Gaza"}', "headers": {"Content-Type": "text/plain"}},
-     415, "unsupported_media_type"),
+    ("content-type-text", "POST", "/api/ask",
+     {"data": b'{"question": "Gaza"}', "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
     ("content-type-form", "POST", "/api/ask", {"data": {"question": "Gaza"}}, 415, "unsupported_media_type"),
     ("content-type-multipart", "POST", "/api/ask", {"files": {"question": ("q.json", b'{"question": "Gaza"}')}}, 415,
      "unsupported_media_type"),
@@ -227,7 +228,8 @@ def test_hostile_requests_get_documented_answers(live_service, openapi_doc, name
         body = r.json()
         assert body["ok"] is True
         for hit in body["results"]:  # citations still slice the article text exactly
-            article = requests.get(live_service.url + f"/api/articles/{hit['citation']['article_id']}", timeout=10).json()
+            url = live_service.url + f"/api/articles/{hit['citation']['article_id']}"
+            article = requests.get(url, timeout=10).json()
             assert article["text"][hit["citation"]["start"]:hit["citation"]["end"]] == hit["text"]
 
 

@@ -57,7 +57,8 @@ def test_same_results_under_filters(fake_searcher, pg_searcher):
     articles = fake_searcher.articles()
     dates = sorted(a.date for a in articles if a.date)
     for filters in (Filters(sources=(articles[1].id,)), Filters(sources=(articles[0].source, articles[3].id)),
-                    Filters(date_from=dates[1]), Filters(date_to=dates[-2]), Filters(date_from=dates[0], date_to=dates[0])):
+                    Filters(date_from=dates[1]), Filters(date_to=dates[-2]),
+                    Filters(date_from=dates[0], date_to=dates[0])):
         for question in QUESTIONS[:6]:
             a, b = fake_searcher.ask(question, 5, filters), pg_searcher.ask(question, 5, filters)
             assert cited(b) == cited(a), (question, filters)
@@ -69,7 +70,8 @@ def test_same_results_under_filters(fake_searcher, pg_searcher):
 def test_citations_slice_the_article_text_for_every_passage(pg_searcher, seed_articles):
     backend = pg_searcher.backend
     with psycopg.connect(backend.url) as conn:
-        rows = conn.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence FROM qa_passages').fetchall()
+        rows = conn.execute('SELECT article_id, start, "end", text, first_sentence, last_sentence '
+                            "FROM qa_passages").fetchall()
         sentences = dict((r[0], r[1:]) for r in conn.execute('SELECT id, article_id, start, "end" FROM qa_sentences'))
     texts = {a.id: a.text for a in seed_articles}
     assert rows
@@ -147,7 +149,8 @@ def test_writes_are_seen_by_running_readers_at_once_and_only_whole(postgres, tmp
     for searcher in (reader, other):
         top = searcher.ask("How many zebras were counted in Zanzibar?", k=1)["results"][0]
         assert top["citation"]["article_id"] == "zebra-report"
-        assert searcher.article("zebra-report").text[top["answer"]["start"]:top["answer"]["end"]].startswith("The Zanzibar")
+        assert (searcher.article("zebra-report").text[top["answer"]["start"]:top["answer"]["end"]]
+                .startswith("The Zanzibar"))
     assert reader.passage_count > before
     assert "zanzibar" in reader.vocabulary.counts  # the in-memory vocabulary followed the write
 
@@ -241,7 +244,8 @@ def test_sync_embeds_only_changed_articles_and_removes_missing(postgres, tmp_pat
         assert mismatched == 0
         with pytest.raises(LastArticle):
             writer.sync([], Counting())
-    fresh = Settings(index_dir=tmp_path / "fresh", model=FakeEmbedder.name, database_url=new_database(postgres, "sync2"))
+    fresh = Settings(index_dir=tmp_path / "fresh", model=FakeEmbedder.name,
+                     database_url=new_database(postgres, "sync2"))
     with PostgresWriter(fresh) as writer:
         writer.sync([seed_articles[0], changed], FakeEmbedder())
     a = PostgresBackend(settings)

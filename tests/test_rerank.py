@@ -41,7 +41,8 @@ def test_reranker_reorders_by_cross_encoder_scores(fake_index, fake_embedder, ti
     expected = ce.predict([(question, h.text) for h in hits])
     assert [round(h.score, 5) for h in hits] == [round(float(s), 5) for s in expected]
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
-    assert {(h.citation.article_id, h.citation.start) for h in hits} == {(h.citation.article_id, h.citation.start) for h in base}
+    assert ({(h.citation.article_id, h.citation.start) for h in hits}
+            == {(h.citation.article_id, h.citation.start) for h in base})
 
 
 def test_a_reranker_head_longer_than_the_results_needs_reranks_all_of_it(fake_index, fake_embedder,

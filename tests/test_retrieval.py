@@ -235,7 +235,8 @@ def test_filters_apply_before_ranking(fake_searcher):
 
 
 def test_question_periods():
-    assert str(question_period("What happened in June 2024?")) == "(datetime.date(2024, 6, 1), datetime.date(2024, 6, 30))"
+    assert (str(question_period("What happened in June 2024?"))
+            == "(datetime.date(2024, 6, 1), datetime.date(2024, 6, 30))")
     lo, hi = question_period("talks in late January 2025")
     assert (lo.isoformat(), hi.isoformat()) == ("2025-01-20", "2025-01-31")
     assert question_period("during 2023 the war") is not None

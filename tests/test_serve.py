@@ -246,7 +246,7 @@ def test_serve_real_model_over_http(tmp_path):
             try:
                 if requests.get(base + "/healthz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or no worker booted yet
                 pass
             assert time.monotonic() < deadline, "server did not become healthy"
             time.sleep(0.5)
@@ -262,7 +262,8 @@ def test_serve_real_model_over_http(tmp_path):
         for hit in body["results"]:
             c = hit["citation"]
             if c["article_id"] not in texts:
-                texts[c["article_id"]] = requests.get(f"{base}/api/articles/{c['article_id']}", timeout=10).json()["text"]
+                article = requests.get(f"{base}/api/articles/{c['article_id']}", timeout=10)
+                texts[c["article_id"]] = article.json()["text"]
             assert texts[c["article_id"]][c["start"]:c["end"]] == hit["text"]
         assert any(h["citation"]["article_id"].startswith("003_") and "rebuild Gaza" in h["text"]
                    for h in body["results"][:3])

@@ -374,7 +374,7 @@ def test_sentence_vectors_see_the_headline_or_lead_too(seed_articles):
 
 
 def test_sentence_groups_cover_each_sentence_and_its_headline_or_lead_in_the_passage_text():
-    """sentence_groups: ranges into embedding_texts' text: the sentence, and the headline or lead as that text has it."""
+    """sentence_groups: ranges into embedding_texts' text: the sentence and headline or lead as that text has it."""
     from qa_service.index_texts import embedding_texts, sentence_groups
     from qa_service.store import chunk_articles
 
@@ -383,7 +383,7 @@ def test_sentence_groups_cover_each_sentence_and_its_headline_or_lead_in_the_pas
     texts, groups = embedding_texts(chunks, articles), sentence_groups(chunks, articles)
     by_id = {a.id: a for a in articles}
     seen = set()
-    for passage, (first, last), text, passage_groups in zip(chunks.passages, chunks.passage_sentences, texts, groups):
+    for _passage, (first, last), text, passage_groups in zip(chunks.passages, chunks.passage_sentences, texts, groups):
         assert len(passage_groups) == last - first + 1
         for k, (context, sentence) in zip(range(first, last + 1), passage_groups):
             article_id, start, end = chunks.sentences[k]

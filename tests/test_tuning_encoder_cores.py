@@ -295,7 +295,7 @@ def test_a_busy_server_encodes_on_one_thread_with_the_same_vectors(real_index):
     assert encoder.runner is runner and runner.contended == again.others_answering
 
     single = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=1)
-    share_cores(single, Busy(True))  # already one thread: no second session
+    share_cores(single, Busy(True))  # already one thread: no extra one-thread session
     assert single.runner is None
 
 

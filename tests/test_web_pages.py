@@ -10,6 +10,7 @@ import sys
 import pytest
 from markupsafe import escape
 
+from qa_service.ingest import lead_title
 from qa_service.web import DebugRefused, create_app
 from qa_service.web.pages import answer_span, nice_date, passage_parts
 
@@ -69,8 +70,8 @@ def test_answer_page_shows_cited_passages(client, app):
     for hit in api["results"]:
         c = hit["citation"]
         assert f'href="{escape(c["url"])}"' in page
-        label = c["title"] or c["source"]  # title, or the file name when the article has none
-        assert escape(label) in page
+        label = c["title"] or lead_title(app.test_client().get(f"/api/articles/{c['article_id']}").get_json()["text"])
+        assert escape(label) in page  # the title, or the lead sentence shortened when the article has none
         assert nice_date(c["date"]) in page
         assert f'{hit["score"]:.3f}' in page
     assert f"<q>{escape(QUESTION)}</q>" in page
@@ -150,12 +151,64 @@ def test_article_page_without_or_with_a_bad_span(client, fake_searcher):
         assert escape(article.text[:60]) in r.get_data(as_text=True)
 
 
-def test_article_title_falls_back_to_the_file_name(client, fake_searcher):
+def test_article_title_falls_back_to_the_lead_sentence(client, fake_searcher):
     titled = next(a for a in fake_searcher.articles() if a.title)
     untitled = next(a for a in fake_searcher.articles() if not a.title)
     assert f"<h1>{escape(titled.title)}</h1>" in client.get(
         f"/articles/{titled.id}", headers=HTML).get_data(as_text=True)
-    assert f"<h1>{untitled.source}</h1>" in client.get(f"/articles/{untitled.id}", headers=HTML).get_data(as_text=True)
+    page = client.get(f"/articles/{untitled.id}", headers=HTML).get_data(as_text=True)
+    # and it says so: the title is the lead sentence because there is no headline
+    assert f'<h1 title="No headline: its first sentence">{escape(lead_title(untitled.text))}</h1>' in page
+    assert f"<title>{escape(lead_title(untitled.text)[:40])}" in page
+
+
+def _titles(page: str) -> list[str]:
+    """What a page shows as titles: headings, the window title, links to articles and hits, the source menu."""
+    found = re.findall(r"<(h1|title)[^>]*>(.*?)</\1>", page, re.S)
+    texts = [t for _, t in found]
+    texts += re.findall(r'<a class="(?:hit-title|article-link)"[^>]*>(.*?)</a>', page, re.S)
+    texts += re.findall(r'<a href="/articles/[^"]*">(.*?)</a>', page, re.S)  # "also reported by"
+    texts += re.findall(r"<option value=\"[^\"]+\"[^>]*>(.*?)</option>", page, re.S)
+    return [html.unescape(t).strip() for t in texts]
+
+
+def test_no_page_shows_a_file_name_as_a_title(client, fake_searcher):
+    """Headline, else lead sentence: never ``000_13c1da738e689733.txt`` (or its id) where a title goes."""
+    articles = fake_searcher.articles()
+    names = {a.source for a in articles} | {a.id for a in articles}
+    assert "000_13c1da738e689733.txt" in names
+    untitled = next(a for a in articles if not a.title)
+    pages = {"/": client.get("/", headers=HTML), "/articles": client.get("/articles", headers=HTML),
+             "article": client.get(f"/articles/{untitled.id}", headers=HTML),
+             "results": client.get("/", query_string={"q": QUESTION, "k": "10"}, headers=HTML)}
+    for where, r in pages.items():
+        assert r.status_code == 200, where
+        titles = _titles(r.get_data(as_text=True))
+        assert titles, where
+        for title in titles:
+            assert not any(name in title for name in names), (where, title)
+    listed = _titles(pages["/articles"].get_data(as_text=True))
+    for a in articles:
+        assert (a.title or lead_title(a.text)) in listed
+
+
+def test_also_reported_by_shows_titles_not_file_names(fake_index, fake_searcher):
+    """A copy without a title is named by its lead sentence, linked to its passage, with its outlet when known."""
+    class CopySearcher(NoModeSearcher):
+        def ask(self, question, k=5, filters=None):
+            result = super().ask(question, k=k, filters=filters)
+            untitled = next(a for a in fake_searcher.articles() if not a.title)
+            for hit in result["results"]:
+                hit["also_reported_by"] = [{"article_id": untitled.id, "source": untitled.source, "title": None,
+                                            "outlet": "Wire <Desk>", "start": 0, "end": 10, "same_story": True}]
+            return result
+
+    client = create_app(fake_index, searcher=CopySearcher(fake_searcher)).test_client()
+    page = client.get("/", query_string={"q": QUESTION}, headers=HTML).get_data(as_text=True)
+    untitled = next(a for a in fake_searcher.articles() if not a.title)
+    href = escape(f"/articles/{untitled.id}?start=0&end=10#p-0-10")  # the copy's own passage, highlighted
+    assert f'<a href="{href}">{escape(lead_title(untitled.text))}</a> (Wire &lt;Desk&gt;)' in page
+    assert f">{untitled.source}<" not in page.split('class="also"', 1)[1].split("</p>", 1)[0]
 
 
 def test_articles_page_lists_everything(client, fake_searcher):

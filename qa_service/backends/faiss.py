@@ -58,7 +58,8 @@ class FaissBackend:
             self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
             rows = self._db.execute(f"SELECT {INFO_COLUMNS} FROM articles ORDER BY id").fetchall()
             self._meta = {r[0]: r[1:] for r in rows}  # id -> (source, title, date, ...); texts stay in SQLite
-            prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages ORDER BY id").fetchall()
+            prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages "
+                                    "ORDER BY id").fetchall()
             srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
             self.lexical = LexicalIndex.load(build / LEXICAL / "passages", len(prow))
             self.lexical_bigrams = LexicalIndex.load(build / LEXICAL / "bigrams", len(prow), "bigrams")
@@ -68,7 +69,8 @@ class FaissBackend:
             # every call, and an answer indexes this matrix three times (docs/decisions/hot-path-caches.md).
             self.sentence_matrix = np.load(build / SENTENCE_VECTORS, mmap_mode="r").view(np.ndarray)
         except (RuntimeError, sqlite3.DatabaseError, OSError, ValueError) as exc:
-            raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). {rebuild_hint(index_dir)}") from exc
+            raise IndexCorrupt(f"The index in {index_dir} cannot be read ({type(exc).__name__}). "
+                               f"{rebuild_hint(index_dir)}") from exc
         self._lock = threading.Lock()
         self._article = lru_cache(maxsize=ARTICLE_CACHE)(_article_reader(self._db, self._lock))
         self._passage_rows: dict[int, tuple[str, int, int, str]] = {}  # ``passages``: rows read before
@@ -271,7 +273,8 @@ class FaissBackend:
 
     def passage_sentences(self, pid: int) -> list[tuple[int, int, int]]:
         first, last = self._passage_sentences[pid].tolist()
-        return [(sid, s, e) for sid, (s, e) in zip(range(first, last + 1), self._sentence_spans[first:last + 1].tolist())]
+        return [(sid, s, e) for sid, (s, e) in
+                zip(range(first, last + 1), self._sentence_spans[first:last + 1].tolist())]
 
     def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.sentence_matrix[np.asarray(sids, dtype=np.int64)])

@@ -72,7 +72,8 @@ class PostgresBackend:
             stats = {k: (float(n), float(total)) for k, n, total in
                      conn.execute("SELECT kind, docs, total_length FROM qa_lexical_stats").fetchall()}
             manifest = rows.get("manifest") or self.manifest
-            if manifest.get("model") != self.manifest.get("model") or manifest.get("dimension") != self.manifest.get("dimension"):
+            if (manifest.get("model") != self.manifest.get("model")
+                    or manifest.get("dimension") != self.manifest.get("dimension")):
                 logger.warning("the database was re-indexed with another model; restart this service")
             self._vocabulary, self._stats, self.manifest = vocabulary, stats, manifest
             self._generation = generation
@@ -345,7 +346,8 @@ class PostgresBackend:
         cache = self._cache("vectors")
         missing = sorted({int(s) for s in sids} - set(cache))
         if missing:
-            for sid, vec in self._conn().execute("SELECT id, embedding FROM qa_sentences WHERE id = ANY(%s)", (missing,)):
+            for sid, vec in self._conn().execute("SELECT id, embedding FROM qa_sentences WHERE id = ANY(%s)",
+                                                 (missing,)):
                 cache[sid] = np.asarray(vec.to_numpy() if hasattr(vec, "to_numpy") else vec, dtype=np.float32)
         dim = int(self.manifest.get("dimension") or 0)
         return np.array([cache[int(s)] for s in sids], dtype=np.float32).reshape(len(sids), dim)

@@ -42,7 +42,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     CREATE TABLE qa_postings (kind smallint NOT NULL, term text NOT NULL, doc bigint NOT NULL,
                               tf real NOT NULL, dl real NOT NULL, PRIMARY KEY (kind, term, doc));
     CREATE INDEX qa_postings_doc ON qa_postings (kind, doc);
-    CREATE TABLE qa_lexical_stats (kind smallint PRIMARY KEY, docs bigint NOT NULL, total_length double precision NOT NULL);
+    CREATE TABLE qa_lexical_stats (kind smallint PRIMARY KEY, docs bigint NOT NULL,
+                                   total_length double precision NOT NULL);
     CREATE TABLE qa_vocabulary (word text PRIMARY KEY, count integer NOT NULL);
     CREATE TABLE qa_encoder_files (path text PRIMARY KEY, sha256 text NOT NULL, data bytea NOT NULL);
     CREATE SEQUENCE qa_passage_ids;
@@ -91,7 +92,8 @@ def redact(url: str) -> str:
 
     parts = urlsplit(url)
     host = parts.hostname or ""
-    return f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    return (f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}"
+            f"{':' + str(parts.port) if parts.port else ''}{parts.path}")
 
 
 def migrate(conn) -> int:

@@ -258,8 +258,8 @@ class PostgresWriter:
 
     def _reset(self, dimension: int, keep_encoder: bool = False) -> None:
         c = self.conn
-        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_term_stats, qa_lexical_stats, qa_vocabulary"
-                  + ("" if keep_encoder else ", qa_encoder_files"))
+        c.execute("TRUNCATE qa_articles, qa_passages, qa_sentences, qa_postings, qa_term_stats, qa_lexical_stats, "
+                  "qa_vocabulary" + ("" if keep_encoder else ", qa_encoder_files"))
         c.execute("DROP INDEX IF EXISTS qa_passages_hnsw")
         c.execute(f"ALTER TABLE qa_passages ALTER COLUMN embedding TYPE vector({int(dimension)})")
         c.execute(f"ALTER TABLE qa_sentences ALTER COLUMN embedding TYPE vector({int(dimension)})")
@@ -271,7 +271,8 @@ class PostgresWriter:
             return
         c = self.conn
         # Take the removed rows' contribution out of the BM25 statistics and the vocabulary.
-        for kind, table in ((PASSAGE_TERMS, "qa_passages"), (PASSAGE_PAIRS, "qa_passages"), (SENTENCE_TERMS, "qa_sentences")):
+        for kind, table in ((PASSAGE_TERMS, "qa_passages"), (PASSAGE_PAIRS, "qa_passages"),
+                            (SENTENCE_TERMS, "qa_sentences")):
             c.execute(f"""
                 WITH gone AS (SELECT DISTINCT po.doc, po.dl FROM qa_postings po JOIN {table} t ON t.id = po.doc
                               WHERE po.kind = %s AND t.article_id = ANY(%s))
@@ -285,7 +286,7 @@ class PostgresWriter:
                 UPDATE qa_term_stats ts SET df = ts.df - counted.n FROM counted
                 WHERE ts.kind = %s AND ts.term = counted.term""", (kind, article_ids, kind))
         c.execute("DELETE FROM qa_term_stats WHERE df <= 0")
-        # The words of the removed passages' BM25 texts (``index_texts.lexical_text``: headline, else lead, and passage).
+        # Words of the removed passages' BM25 texts (``index_texts.lexical_text``: headline, else lead, and passage).
         gone_articles = {row[0]: Article(*row) for row in c.execute(
             "SELECT id, source, title, date, text, content_hash FROM qa_articles WHERE id = ANY(%s)", (article_ids,))}
         leads = {aid: (start, end) for aid, start, end in c.execute(
@@ -328,7 +329,8 @@ class PostgresWriter:
                 first, last = chunks.passage_sentences[i]
                 copy.write_row((pid0 + i, p.article_id, p.start, p.end, p.text, sid0 + first, sid0 + last,
                                 by_id[p.article_id].date, pvecs[i]))
-        with c.cursor().copy('COPY qa_sentences (id, article_id, start, "end", embedding) FROM STDIN WITH (FORMAT BINARY)') as copy:
+        with c.cursor().copy('COPY qa_sentences (id, article_id, start, "end", embedding) '
+                             "FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(["int8", "text", "int4", "int4", "vector"])
             for i, (aid, s, e) in enumerate(chunks.sentences):
                 copy.write_row((sid0 + i, aid, s, e, svecs[i]))

@@ -3,7 +3,8 @@
 In-process, question files are judged on every passage of the index ("exact"), over HTTP on the passages any
 mode retrieved ("pooled"); BEIR passage hits are reduced to documents (max-passage) and scored against the qrels.
 See docs/decisions/evaluation-method.md. The modules: ``datasets`` (inputs), ``beir_index`` (a corpus's own
-index), ``relevance``, ``backends`` (Searcher or URL), ``runners``, ``metrics``, ``pipeline`` (``evaluate``), ``report``.
+index), ``relevance``, ``backends`` (Searcher or URL), ``runners``, ``metrics``, ``pipeline`` (``evaluate``),
+``report``.
 """
 
 from .backends import Backend, HttpBackend, LocalBackend

@@ -125,7 +125,8 @@ class LocalBackend:
         """Every passage of the index as ``(article_id, source, start, end, text)``, for exact judgments."""
         from ..store import PASSAGES_DB
 
-        build = self.searcher.manifest.get("_build_dir") if isinstance(getattr(self.searcher, "manifest", None), dict) else None
+        build = (self.searcher.manifest.get("_build_dir")
+                 if isinstance(getattr(self.searcher, "manifest", None), dict) else None)
         if not build:
             return None
         try:
@@ -183,7 +184,8 @@ class HttpBackend:
                 message = f"{err.get('message') or message} ({err.get('code', exc.code)})"
             except (ValueError, AttributeError):
                 pass
-            raise ServiceError(f"The service at {self.base} answered with an error: {message}", status=exc.code) from None
+            raise ServiceError(f"The service at {self.base} answered with an error: {message}",
+                               status=exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServiceError(f"Cannot reach the service at {self.base} ({reason}). Is it running?") from None

@@ -32,7 +32,8 @@ def _measures(dataset_format: str, cutoffs: Sequence[int] = CUTOFFS) -> dict[str
 
 
 def build_qrels(dataset: Dataset, runs: Sequence[ModeRun],
-                passages: Sequence[tuple[str, str, int, int, str]] | None = None) -> tuple[dict[str, dict[str, int]], str]:
+                passages: Sequence[tuple[str, str, int, int, str]] | None = None
+                ) -> tuple[dict[str, dict[str, int]], str]:
     """Return ``(qrels, judgments)``: BEIR's own, or passage judgments for a question file.
 
     With ``passages`` (every passage of the index) the judgments are exact; without, the passages

@@ -51,12 +51,16 @@ def _kind_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -88,7 +92,8 @@ def format_markdown(summaries: Sequence[dict], chart: str | None = None) -> str:
     if summaries[0]["by_kind"]:
         parts += ["", "## By kind", "", _md_table(*_kind_rows(summaries))]
     if summaries[0].get("no_relevant_passage"):
-        parts += ["", "No passage in the index contains the answer of: " + ", ".join(summaries[0]["no_relevant_passage"])]
+        parts += ["", "No passage in the index contains the answer of: "
+                  + ", ".join(summaries[0]["no_relevant_passage"])]
     if chart:
         parts += ["", f"![recall@k per mode]({chart})"]
     parts += ["", "recall@k: share of answerable questions with a relevant passage in the top k (Success@k)"
@@ -109,7 +114,8 @@ def plot_recall_curves(summaries: Sequence[dict], path: Path | str) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=s["mode"])
         ax.set_xscale("log")
-        ticks = [int(k) for k in summaries[0]["recall_curve"] if int(k) in (1, 2, 3, 5, 10, 20, 50)] if summaries else []
+        ticks = ([int(k) for k in summaries[0]["recall_curve"] if int(k) in (1, 2, 3, 5, 10, 20, 50)]
+                 if summaries else [])
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
         ax.set_ylim(0, 1.02)

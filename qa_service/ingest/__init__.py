@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..types import Article
 from . import text
-from .common import ARTICLE_ID, LoadReport, decode, file_id, lead_title, parse_date
+from .common import ARTICLE_ID, UNTITLED, LoadReport, decode, file_id, lead_title, parse_date
 from .syndication import assign_stories
 from .text import clean_article
 
@@ -49,7 +49,7 @@ READERS = {
     ".atom": ("feeds", "read", False, MAX_COLLECTION_FILE_BYTES, _MANY),
 }
 
-__all__ = ["ARTICLE_ID", "MAX_ARTICLE_FILE_BYTES", "MAX_COLLECTION_FILE_BYTES", "READERS", "LoadReport",
+__all__ = ["ARTICLE_ID", "MAX_ARTICLE_FILE_BYTES", "MAX_COLLECTION_FILE_BYTES", "READERS", "UNTITLED", "LoadReport",
            "assign_stories", "clean_article", "lead_title", "load_article", "load_articles", "parse_date",
            "read_file"]
 

@@ -27,6 +27,7 @@ _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+\n")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _LEAD_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s")
 LEAD_TITLE_CHARS = 90
+UNTITLED = "Untitled article"  # the title to show for an article with neither headline nor lead sentence
 _GENERIC_PAGES = {"index", "default", "amp", "article", "story", "print"}  # ".../floods/index.html" is "floods"
 
 

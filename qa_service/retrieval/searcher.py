@@ -13,8 +13,9 @@ re-embeds passages or sentences; the question vector is computed once and shared
    score weighs words by how rare they are in the index and in English (``lexical.blended_idf``), and the
    two are fused (reciprocal rank fusion or a score-normalised convex combination, see ``fusion``);
 4. a date named in the question gently prefers articles from that time;
-5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article and
-   groups passages from different articles that report the same fact.
+5. ``answer`` picks each passage's answering sentence, drops overlapping windows of one article, folds the
+   copies of one syndicated story (articles sharing a ``story``) into one result and groups passages from
+   different articles that report the same fact.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..backends import IndexBackend, open_backend
 from ..chunking import forbid_forks
 from ..embedding import Embedder, load_embedder
 from ..errors import IndexMismatch, InvalidRequest
+from ..ingest import UNTITLED, lead_title
 from ..manifest import check_model
 from ..types import MODES, Article, ArticleInfo, Citation, Filters, Hit
 from . import fusion
@@ -107,6 +109,7 @@ class Searcher:
         self.embedder = embedder
         forbid_forks()  # a process that answers questions never forks (chunking.forbid_forks says why)
         self._prepared: tuple | None = None  # (vocabulary, {question: prepare(question)})
+        self._titles: tuple | None = None  # (vocabulary, {article id: display_title})
         self.reranker = None
         if self.config.reranker:
             from .rerank import CrossEncoderReranker
@@ -143,6 +146,38 @@ class Searcher:
 
     def article(self, article_id: str) -> Article:
         return self.backend.article(article_id)
+
+    def article_info(self, article_id: str) -> ArticleInfo:
+        """One article's entry without its text (title, date, story, ...): what citations and folding read."""
+        return self.backend.article_info(article_id)
+
+    TITLE_CACHE = 4096  # display titles remembered (per vocabulary, like ``prepare``)
+
+    def display_title(self, article: Article | ArticleInfo | str) -> str:
+        """The title to show for an article: its own, else its lead sentence shortened (``ingest.lead_title``).
+
+        Never its file name or id: a list of hex file names tells a reader nothing. The lead is read from the
+        index and remembered for the current vocabulary (a write or reload starts afresh), since lists show the
+        same articles page after page.
+        """
+        info = self.article_info(article) if isinstance(article, str) else article
+        if info.title and info.title.strip():
+            return info.title
+        stored = getattr(info, "lead_title", None)  # kept by indexes that store it, so nothing is read here
+        if stored:
+            return stored
+        vocabulary = self.vocabulary
+        memo = self._titles
+        if memo is None or memo[0] is not vocabulary:
+            memo = self._titles = (vocabulary, {})
+        title = memo[1].get(info.id)
+        if title is None:
+            text = info.text if isinstance(info, Article) else self.backend.lead(info.id)
+            title = lead_title(text) or UNTITLED
+            if len(memo[1]) >= self.TITLE_CACHE:
+                memo[1].clear()
+            memo[1][info.id] = title
+        return title
 
     def passage_count_for(self, article_id: str) -> int:
         return self.backend.passage_count_for(article_id)
@@ -250,8 +285,8 @@ class Searcher:
         """Search several questions at once (embedded in one batch).
 
         Args:
-            group: fold overlapping windows and same-fact passages of other outlets into one result
-                (the API's behaviour); evaluation of raw passage ranking may turn it off.
+            group: fold overlapping windows, copies of one story and same-fact passages of other outlets into
+                one result (the API's behaviour); evaluation of raw passage ranking may turn it off.
         """
         from ..answer import build_hits
 

@@ -4,7 +4,8 @@ Each tuning lives in its own module here, checks at start-up that the library ho
 ``TuningUnavailable`` with a sentence otherwise, never falling back silently) and has a decision page:
 ``keepalive`` (docs/decisions/keepalive-worker.md), ``one_write`` (docs/decisions/one-write-responses.md),
 ``fast_path`` (docs/decisions/post-fast-path.md), ``encoder_cores``
-(docs/decisions/encoder-threads-and-core-sharing.md). This module imports nothing heavy, so ``config`` may use it.
+(docs/decisions/encoder-threads-and-core-sharing.md); the setting as a whole: docs/decisions/opt-in-tuning.md. This
+module imports nothing heavy, so ``config`` may use it.
 """
 
 from __future__ import annotations

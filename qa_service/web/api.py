@@ -10,8 +10,16 @@ from ..errors import InvalidRequest
 from ..types import ArticleInfo
 from .auth import require_key
 from .openapi import build_openapi, operation
-from .schemas import (ArticleDetail, ArticleList, ArticleUpload, ArticleWritten, AskResponse, Health,
-                      parse_json_body, parse_query)
+from .schemas import (
+    ArticleDetail,
+    ArticleList,
+    ArticleUpload,
+    ArticleWritten,
+    AskResponse,
+    Health,
+    parse_json_body,
+    parse_query,
+)
 from .state import get_state
 from .urls import article_url
 
@@ -64,18 +72,20 @@ def ask_get():
     return jsonify(state.ask(parse_query(state.ask_model, request.args)))
 
 
-def _described(info: ArticleInfo) -> dict:
+def _described(searcher, info: ArticleInfo) -> dict:
     """An article's id, file, title and provenance. Without a headline, ``title`` is its lead sentence shortened
-    and ``title_from`` says "lead" (the stored headline stays null: passages are embedded with the lead then)."""
-    title = info.shown_title
-    title_from = info.title_from if info.title else ("lead" if title else None)
-    return {"id": info.id, "source": info.source, "title": title, "title_from": title_from, "date": info.date,
-            "source_url": info.source_url, "outlet": info.outlet, "author": info.author, "story": info.story}
+    (``Searcher.display_title``, as the pages show it) and ``title_from`` says "lead"; the stored headline stays
+    null, so its passages are embedded with the lead as before."""
+    title_from = info.title_from if info.title else "lead"
+    return {"id": info.id, "source": info.source, "title": searcher.display_title(info), "title_from": title_from,
+            "date": info.date, "source_url": info.source_url, "outlet": info.outlet, "author": info.author,
+            "story": info.story}
 
 
 def _summary(searcher, info: ArticleInfo) -> dict:
     """An article as lists show it: ``_described`` with its passage count and page."""
-    return {**_described(info), "passage_count": searcher.passage_count_for(info.id), "url": article_url(info.id)}
+    return {**_described(searcher, info), "passage_count": searcher.passage_count_for(info.id),
+            "url": article_url(info.id)}
 
 
 @bp.get("/api/articles")
@@ -100,9 +110,9 @@ WRITE_ERRORS = ("unauthorized", "writes_disabled", "write_busy", "writes_unavail
                 "index_not_built")
 
 
-def _written(result) -> dict:
+def _written(searcher, result) -> dict:
     url = article_url(result.article_id) if result.action != "deleted" else None
-    stored = {**_described(info_of(result.article)), "url": url} if result.article is not None else None
+    stored = {**_described(searcher, info_of(result.article)), "url": url} if result.article is not None else None
     return {"ok": True, "id": result.article_id, "action": result.action, "build_id": result.build_id,
             "articles": result.articles, "embedded_articles": result.embedded_articles, "url": url,
             "article": stored}
@@ -132,7 +142,7 @@ def add_article():
     except UnicodeEncodeError:
         raise InvalidRequest("The article text is not valid Unicode.", code="article_text_invalid") from None
     result = state.put_article(upload.id, data, upload.metadata())
-    return jsonify(_written(result)), 201 if result.action == "created" else 200
+    return jsonify(_written(state.searcher, result)), 201 if result.action == "created" else 200
 
 
 @bp.delete("/api/articles/<article_id>")
@@ -143,7 +153,7 @@ def add_article():
 def remove_article(article_id: str):
     state = get_state()
     require_key(state.settings, write=True)
-    return jsonify(_written(state.delete_article(article_id)))
+    return jsonify(_written(state.searcher, state.delete_article(article_id)))
 
 
 @bp.get("/healthz")

@@ -13,11 +13,12 @@ import datetime as dt
 from flask import Blueprint, render_template, request
 
 from ..errors import QAError
+from ..ingest import UNTITLED
 from ..types import MODES
 from .openapi import operation
 from .schemas import parse_query
 from .state import get_state
-from .urls import passage_anchor
+from .urls import article_url, passage_anchor
 
 bp = Blueprint("pages", __name__)
 
@@ -78,8 +79,33 @@ SOURCE_MENU_LIMIT = 200
 ARTICLES_PER_PAGE = 100  # the article list's page size
 
 
-def _label(title: str | None, source: str) -> str:
-    return title or source
+def _label(searcher, article) -> str:
+    """The title a page shows for an article (an ``Article``, ``ArticleInfo`` or id): its headline, else its lead
+    sentence shortened (``Searcher.display_title``), never its file name."""
+    try:
+        return searcher.display_title(article)
+    except QAError:  # a citation of an article deleted since it was found
+        return UNTITLED
+
+
+def _cited_label(searcher, cited: dict) -> str:
+    """The title for a citation or an ``also_reported_by`` entry: the one it carries, else the article's."""
+    title = cited.get("title")
+    if isinstance(title, str) and title.strip():
+        return title
+    return _label(searcher, cited["article_id"]) if isinstance(cited.get("article_id"), str) else UNTITLED
+
+
+def _other(searcher, entry) -> dict:
+    """An ``also_reported_by`` entry for the template: its title and a link to its own passage, highlighted."""
+    if not isinstance(entry, dict):
+        return {"label": str(entry)}
+    out = {**entry, "label": _cited_label(searcher, entry), "href": None}
+    if isinstance(entry.get("article_id"), str):
+        start, end = entry.get("start"), entry.get("end")
+        spanned = isinstance(start, int) and isinstance(end, int)
+        out["href"] = article_url(entry["article_id"], start if spanned else None, end if spanned else None)
+    return out
 
 
 @bp.get("/")
@@ -102,13 +128,15 @@ def index():
     hits = []
     for hit in (result or {}).get("results", []):
         c = hit["citation"]
-        hits.append({**hit, "label": _label(c.get("title"), c["source"]), "parts": passage_parts(hit)})
+        others = [_other(searcher, o) for o in hit.get("also_reported_by") or []]
+        hits.append({**hit, "label": _cited_label(searcher, c), "lead": not c.get("title"), "parts": passage_parts(hit),
+                     "others": others})
     k_choices = set(K_CHOICES)
     if form["k"].isdigit() and 1 <= int(form["k"]) <= state.settings.max_k:
         k_choices.add(int(form["k"]))
     articles = None  # None: a text field instead of a menu
     if searcher.article_count <= SOURCE_MENU_LIMIT:  # (catalog() would build every article's entry)
-        articles = [{"id": a.id, "label": _label(a.title, a.source), "date": a.date} for a in searcher.catalog()]
+        articles = [{"id": a.id, "label": _label(searcher, a), "date": a.date} for a in searcher.catalog()]
     html = render_template(
         "index.html", form=form, result=result, hits=hits, error=error, articles=articles,
         k_choices=sorted(k_choices), default_k=5, max_chars=state.settings.max_question_chars,
@@ -129,8 +157,9 @@ def articles():
     raw = request.args.get("page", "1")
     page = min(int(raw), pages) if raw.isdigit() and int(raw) >= 1 else 1
     first = (page - 1) * ARTICLES_PER_PAGE
-    items = [{"id": a.id, "label": _label(a.title, a.source), "source": a.source, "date": a.date,
-              "passages": searcher.passage_count_for(a.id)} for a in catalog[first:first + ARTICLES_PER_PAGE]]
+    items = [{"id": a.id, "label": _label(searcher, a), "lead": not a.title, "source": a.source, "outlet": a.outlet,
+              "date": a.date, "passages": searcher.passage_count_for(a.id)}
+             for a in catalog[first:first + ARTICLES_PER_PAGE]]
     return render_template("articles.html", articles=items, total=len(catalog), page=page, pages=pages,
                            first=first + 1, last=first + len(items))
 
@@ -156,5 +185,5 @@ def article(article_id: str):
                  "anchor": passage_anchor(s, e), "start": s, "end": e}
     else:
         parts = None
-    return render_template("article.html", article=found, label=_label(found.title, found.source),
+    return render_template("article.html", article=found, label=_label(searcher, found), lead=not found.title,
                            parts=parts, passages=searcher.passage_count_for(found.id))

@@ -48,7 +48,8 @@ class AskFilters(BaseModel):
         None, max_length=MAX_SOURCES,
         description="Article ids or source file names (see GET /api/articles); only these are searched.")
     date_from: str | None = Field(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
-                                  description="Earliest article date, inclusive (YYYY-MM-DD). Undated articles are excluded.")
+                                  description="Earliest article date, inclusive (YYYY-MM-DD). "
+                                              "Undated articles are excluded.")
     date_to: str | None = Field(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
                                 description="Latest article date, inclusive (YYYY-MM-DD).")
 
@@ -57,7 +58,8 @@ class AskFilters(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> "AskFilters":
         if self.date_from and self.date_to and self.date_from > self.date_to:
-            raise PydanticCustomError("date_range_inverted", "The filter date_from ({date_from}) is after date_to ({date_to}).",
+            raise PydanticCustomError("date_range_inverted",
+                                      "The filter date_from ({date_from}) is after date_to ({date_to}).",
                                       {"date_from": self.date_from, "date_to": self.date_to})
         return self
 
@@ -398,8 +400,8 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
         return InvalidRequest(f"The question is too long: at most {limit} characters.", code="question_too_long")
     if last == "k" and kind in ("greater_than_equal", "less_than_equal"):
         props = model.model_json_schema()["properties"]["k"]
-        return InvalidRequest(f"The number of passages ({field}) must be between {props['minimum']} and {props['maximum']}.",
-                              code="k_out_of_range")
+        return InvalidRequest(f"The number of passages ({field}) must be between {props['minimum']} and "
+                              f"{props['maximum']}.", code="k_out_of_range")
     if last in ("date_from", "date_to", "date") and kind == "string_pattern_mismatch":
         return InvalidRequest(f"The date {field} must be written YYYY-MM-DD.", code="date_malformed")
     if last == "sources" and kind == "too_long":
