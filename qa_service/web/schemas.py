@@ -146,7 +146,8 @@ class ArticleUpload(BaseModel):
     @model_validator(mode="after")
     def _one_url(self) -> "ArticleUpload":
         if self.url and self.source_url and self.url != self.source_url:
-            raise PydanticCustomError("url_invalid", "The url and source_url fields name different pages; give one of them.")
+            raise PydanticCustomError("url_invalid",
+                                      "The url and source_url fields name different pages; give one of them.")
         return self
 
     def metadata(self) -> dict:
