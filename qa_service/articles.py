@@ -303,6 +303,8 @@ def _commit(settings: Settings, journal: dict, articles: list[Article], embedder
 
 
 def _not_writable(article: Article) -> QAError:
+    """The error for a write to an article that a file of another kind holds (a record of a feed, an HTML page):
+    rewriting it as ``<id>.md`` would leave two files with one id."""
     return QAError(f"The article {article.id!r} is read from {article.source}, which writes do not change; edit "
                    "that file and re-index instead.", code="article_not_writable", status=409)
 

@@ -217,3 +217,25 @@ def _searcher_with_fake_encoder():
             super().__init__(settings, embedder=FakeEmbedder(), **kwargs)
 
     return FakeSearcher
+
+
+def test_serve_writes_to_the_folder_the_index_names_from_any_directory(tmp_path, fake_model, monkeypatch):
+    """Without --build or QA_SEEDS_DIR, ``serve`` hands its workers the folder the index was built from."""
+    import qa_service.web.server as server
+
+    seeds = tmp_path / "data" / "seeds"
+    shutil.copytree(SEEDS, seeds)
+    index_dir = tmp_path / "data" / "index"
+    assert _index(seeds, index_dir, *fake_model).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("QA_SEEDS_DIR", raising=False)
+    served = []
+    monkeypatch.setattr(server, "run", lambda settings, host, port, workers: served.append(settings))
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(index_dir), *fake_model])
+    assert result.exit_code == 0, result.output
+    assert served[0].seeds_dir == seeds.resolve()
+    monkeypatch.setenv("QA_SEEDS_DIR", str(tmp_path / "data" / "seeds"))  # an explicit folder still wins
+    assert CliRunner().invoke(cli, ["serve", "--index-dir", str(index_dir), *fake_model]).exit_code == 0
+    assert served[1].seeds_dir == tmp_path / "data" / "seeds"
