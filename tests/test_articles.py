@@ -443,3 +443,18 @@ def test_writes_go_to_the_folder_the_index_was_built_from_wherever_they_run(sett
     assert read_manifest(settings.index_dir)["articles_dir"] == str(settings.seeds_dir.resolve())
     delete_article(unset, NEW_ID, embedder=FakeEmbedder())
     assert not (settings.seeds_dir / f"{NEW_ID}.txt").exists()
+
+
+def test_after_a_write_the_index_is_exactly_what_a_rebuild_from_the_folder_would_be(settings):
+    """A write leaves nothing for the next ``qa-service index`` to do: the same articles, metadata, stories and
+    folder as reading the folder again gives."""
+    from qa_service.manifest import index_status
+
+    put_article(settings, NEW_ID, NEW_TEXT.encode(), embedder=FakeEmbedder(),
+                metadata={"title": "Zebras", "url": "https://news.example.com/zebras", "outlet": "Example News"})
+    put_article(settings, "copy-1", (settings.seeds_dir / f"{GONE_ID}.txt").read_bytes(), embedder=FakeEmbedder())
+    folder = load_articles(settings.seeds_dir).articles
+    assert index_status(settings, folder, articles_dir=settings.seeds_dir) == (True, "up to date")
+    stories = {a.id: a.story for a in Searcher(settings, embedder=FakeEmbedder()).catalog()}
+    assert stories == {a.id: a.story for a in folder}
+    assert stories["copy-1"] == stories[GONE_ID]  # a copy of a seed shares its story at once
