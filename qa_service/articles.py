@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .config import Settings
+from .config import DEFAULT_SEEDS_DIR, Settings
 from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, QAError, SeedsOutOfSync,
                      WriteBusy, WritesUnavailable)
 from .files import fsync_dir, write_bytes_atomically, write_json_atomically
-from .manifest import CURRENT, live_manifest, read_manifest
+from .manifest import CURRENT, live_manifest, read_manifest, recorded_articles_dir
 from .types import Article
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ def _seeds_dir(settings: Settings) -> Path:
     if settings.seeds_dir is not None:
         folder = Path(settings.seeds_dir)
     else:
-        manifest = live_manifest(settings.index_dir)
-        recorded = (manifest or {}).get("articles_dir")
-        folder = Path(recorded) if recorded else Path("seeds")
+        folder = recorded_articles_dir(live_manifest(settings.index_dir)) or DEFAULT_SEEDS_DIR
     if not folder.is_dir():
         raise WritesUnavailable(f"The articles folder {folder} does not exist, so articles cannot be written.")
     return folder.resolve()

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import Settings
+from .config import DEFAULT_SEEDS_DIR, Settings
 from .errors import QAError
 from .types import Article
 
 logger = logging.getLogger(__name__)
 
 Notes = Callable[[str], None]
-DEFAULT_ARTICLES_DIR = Path("seeds")  # when neither the settings nor the index name a folder
 
 
 def _log(line: str) -> None:
@@ -53,6 +52,8 @@ class IndexReport:
 
 def indexed_folder(settings: Settings) -> Path | None:
     """The absolute articles folder the live index (FAISS folder or database) was built from, or None."""
+    from .manifest import live_manifest, recorded_articles_dir
+
     if settings.database_url:
         from .backends import read_index_manifest
 
@@ -61,19 +62,16 @@ def indexed_folder(settings: Settings) -> Path | None:
         except QAError:
             return None
     else:
-        from .manifest import live_manifest
-
         manifest = live_manifest(settings.index_dir)
-    folder = (manifest or {}).get("articles_dir")
-    return Path(folder) if folder else None
+    return recorded_articles_dir(manifest)
 
 
 def articles_folder(settings: Settings) -> Path:
     """The articles folder to read and write: ``settings.seeds_dir`` (--seeds-dir, QA_SEEDS_DIR) when given, else
-    the folder the index names, else ``seeds``."""
+    the folder the index names, else ``DEFAULT_SEEDS_DIR``."""
     if settings.seeds_dir is not None:
         return Path(settings.seeds_dir)
-    return indexed_folder(settings) or DEFAULT_ARTICLES_DIR
+    return indexed_folder(settings) or DEFAULT_SEEDS_DIR
 
 
 def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progress: bool = True,

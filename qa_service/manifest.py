@@ -91,6 +91,12 @@ def read_manifest(index_dir: Path) -> dict:
     return manifest
 
 
+def recorded_articles_dir(manifest: dict | None) -> Path | None:
+    """The absolute articles folder a manifest says its index was built from (None: it does not say)."""
+    folder = (manifest or {}).get("articles_dir")
+    return Path(folder) if folder else None
+
+
 def live_manifest(index_dir: Path) -> dict | None:
     """Return the live build's manifest, or None when there is no usable index (not built, damaged, other format)."""
     try:
