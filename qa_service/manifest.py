@@ -10,6 +10,7 @@ builder (``store.py``) to know where things are. Layout and write protocol: docs
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,9 @@ from .embedding.onnx_encoder import encoder_status
 from .errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
 from .types import Article
 
-FORMAT_VERSION = 1
+# The layout of a build's files. 2: the articles table keeps each article's provenance (source_url, outlet,
+# author, story, title_from) and the lead title shown for an article without a headline.
+FORMAT_VERSION = 2
 CURRENT = "CURRENT"
 BUILDS = "builds"
 MANIFEST = "manifest.json"
@@ -70,11 +73,14 @@ def read_manifest(index_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise IndexCorrupt(f"The index manifest in {index_dir} is missing or unreadable. "
                            f"{rebuild_hint(index_dir)}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if found != FORMAT_VERSION:
+        age = ("an older" if isinstance(found, int) and found < FORMAT_VERSION
+               else "a newer" if isinstance(found, int) else "another")
         raise IndexMismatch(
-            f"The index in {index_dir} has format version "
-            f"{manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
-            f"this qa-service reads version {FORMAT_VERSION}. {rebuild_hint(index_dir)}"
+            f"The index in {index_dir} was built by {age} qa-service (index format "
+            f"{found if found is not None else '?'}; this one reads format {FORMAT_VERSION}), so it must be rebuilt "
+            f"once; the articles folder is unchanged. {rebuild_hint(index_dir)}"
         )
     for name, meta in manifest.get("files", {}).items():
         path = build / name
@@ -83,6 +89,12 @@ def read_manifest(index_dir: Path) -> dict:
                                f"{rebuild_hint(index_dir)}")
     manifest["_build_dir"] = str(build)
     return manifest
+
+
+def recorded_articles_dir(manifest: dict | None) -> Path | None:
+    """The absolute articles folder a manifest says its index was built from (None: it does not say)."""
+    folder = (manifest or {}).get("articles_dir")
+    return Path(folder) if folder else None
 
 
 def live_manifest(index_dir: Path) -> dict | None:
@@ -104,8 +116,29 @@ def check_model(manifest: dict, model: str, index_dir: Path) -> None:
         )
 
 
-def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool, str]:
-    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings?"""
+def metadata_digest(articles: Sequence[Article]) -> str:
+    """A checksum of every article's metadata (file, title, date, provenance, story) in id order: an index is
+    stale when it changes though no text did (a story regrouped, a feed's channel renamed)."""
+    rows = sorted((a.id, a.source, a.title, a.date, a.source_url, a.outlet, a.author, a.story, a.title_from)
+                  for a in articles)
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def folder_status(manifest: dict, articles_dir: Path | None) -> str | None:
+    """Why an index whose manifest is ``manifest`` does not stand for the folder ``articles_dir`` (None: it does,
+    or no folder is asked about): the manifest records the absolute folder it was built from."""
+    if articles_dir is None:
+        return None
+    recorded = manifest.get("articles_dir")
+    if recorded == str(Path(articles_dir).resolve()):
+        return None
+    return f"it was built from another folder, {recorded}" if recorded else "it does not record its articles folder"
+
+
+def index_status(settings: Settings, articles: Sequence[Article],
+                 articles_dir: Path | None = None) -> tuple[bool, str]:
+    """Return ``(fresh, reason)``: is the live index built from exactly these articles and settings (and from the
+    folder ``articles_dir``, when given)?"""
     try:
         manifest = read_manifest(settings.index_dir)
     except (IndexNotBuilt, IndexCorrupt, IndexMismatch) as exc:
@@ -116,7 +149,9 @@ def index_status(settings: Settings, articles: Sequence[Article]) -> tuple[bool,
         return False, "the chunking settings changed"
     if manifest.get("articles") != {a.id: a.content_hash for a in articles}:
         return False, "the articles changed"
-    reason = encoder_status(manifest, settings.quantize)
+    if manifest.get("metadata") != metadata_digest(articles):
+        return False, "the articles' metadata changed"
+    reason = encoder_status(manifest, settings.quantize) or folder_status(manifest, articles_dir)
     if reason:
         return False, reason
     return True, "up to date"

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .backends.base import article_row
 from .chunking import Layout, split_articles
 from .config import Settings
 from .embedding import Embedder, normalize_rows
@@ -29,7 +30,8 @@ from .embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, resolve_quant
 from .files import link_or_copy, publish_folder, sha256_file, write_json_atomically, write_text_atomically
 from .index_texts import Chunks, embedding_texts, lexical_texts, sentence_embedding_texts, sentence_groups
 from .manifest import (BUILDS, CURRENT, FORMAT_VERSION, LEXICAL, MANIFEST, PASSAGES_DB, SENTENCE_VECTORS, VECTORS,
-                       VOCABULARY, check_model, chunking_settings, index_status, live_manifest, read_manifest)
+                       VOCABULARY, check_model, chunking_settings, index_status, live_manifest, metadata_digest,
+                       read_manifest)
 from .reuse import LiveRows, previous_layouts, previous_vectors
 from .types import Article, Passage
 
@@ -75,7 +77,8 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
         con.executescript(
             """
             CREATE TABLE articles (id TEXT PRIMARY KEY, source TEXT NOT NULL, title TEXT, date TEXT,
-                                   text TEXT NOT NULL, content_hash TEXT NOT NULL);
+                                   text TEXT NOT NULL, content_hash TEXT NOT NULL, source_url TEXT, outlet TEXT,
+                                   author TEXT, story TEXT, title_from TEXT, lead_title TEXT);
             CREATE TABLE passages (id INTEGER PRIMARY KEY, article_id TEXT NOT NULL REFERENCES articles(id),
                                    start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
                                    first_sentence INTEGER NOT NULL, last_sentence INTEGER NOT NULL);
@@ -84,8 +87,7 @@ def _write_db(path: Path, articles: Sequence[Article], chunks: Chunks) -> None:
             CREATE INDEX passages_article ON passages(article_id);
             """
         )
-        con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?)",
-                        [(a.id, a.source, a.title, a.date, a.text, a.content_hash) for a in articles])
+        con.executemany("INSERT INTO articles VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [article_row(a) for a in articles])
         con.executemany("INSERT INTO passages VALUES (?,?,?,?,?,?,?)",
                         [(i, p.article_id, p.start, p.end, p.text, *chunks.passage_sentences[i])
                          for i, p in enumerate(chunks.passages)])
@@ -251,7 +253,7 @@ def _share_encoder(manifest: dict, build_dir: Path, threads: int) -> tuple[Embed
 
 def build_index(
     articles: Sequence[Article], embedder: Embedder | None, settings: Settings, progress: bool = False,
-    encoder_of: dict | None = None, encoder_threads: int = SERVING_THREADS,
+    encoder_of: dict | None = None, encoder_threads: int = SERVING_THREADS, articles_dir: Path | None = None,
 ) -> BuildSummary:
     """Chunk, embed and store ``articles`` as a new build, then publish it atomically.
 
@@ -262,6 +264,8 @@ def build_index(
             (docs/decisions/export-cache.md).
         encoder_threads: onnxruntime threads of that shared encoder (a web worker uses its serving threads;
             the CLI uses both cores).
+        articles_dir: the folder the articles were read from, recorded (absolute) in the manifest so that later
+            commands and writes find it from any working directory; None keeps the live build's.
     """
     import faiss
 
@@ -351,6 +355,8 @@ def build_index(
             "encoder": encoder,
             "faiss": dense_entry,
             "articles": {a.id: a.content_hash for a in articles},
+            "articles_dir": str(Path(articles_dir).resolve()) if articles_dir else (old or {}).get("articles_dir"),
+            "metadata": metadata_digest(articles),
             "counts": {"articles": len(articles), "passages": len(passages), "sentences": len(chunks.sentences),
                        "reused_articles": reused, "reused_layouts": len(previous)},
             "sentence_vectors": sentence_method,

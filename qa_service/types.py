@@ -52,6 +52,14 @@ class ArticleInfo:
     author: str | None = None
     story: str | None = None
     title_from: str | None = None
+    # The title to show when there is no headline (``title`` None): ``ingest.lead_title`` of the text, stored
+    # when the article is indexed so that lists need not read texts.
+    lead_title: str | None = None
+
+    @property
+    def shown_title(self) -> str | None:
+        """The headline, else the shortened lead: what a person sees as the article's title."""
+        return self.title or self.lead_title
 
 
 @dataclass(frozen=True)

@@ -188,17 +188,22 @@ _WRITER = textwrap.dedent("""
     print("ready", flush=True)
     if op == "put":
         articles.put_article(settings, {new_id!r}, {new_text!r}.encode(), embedder=Slow())
+    elif op == "put-md":  # replaces <gone_id>.txt by <gone_id>.md: the .txt must go in the same step
+        articles.put_article(settings, {gone_id!r}, {new_text!r}.encode(), embedder=Slow(), metadata={meta!r})
     else:
         articles.delete_article(settings, {gone_id!r}, embedder=Slow())
     print("done", flush=True)
 """)
 
 STEPS = ["staged", "journaled", "before-publish", "after-publish", "published", "applied"]
+MD_STEPS = STEPS[:-1] + ["replaced", "applied"]  # "replaced": the .md is in place, the old .txt not yet removed
+META = {"title": "Zebras in Tehran", "date": "2025-03-01", "url": "https://news.example.com/zebras",
+        "outlet": "Example News"}
 
 
 def _trial(settings, op: str, kill_at: str, delay: float | None, rng) -> str:
     script = _WRITER.format(repo=str(REPO), index=str(settings.index_dir), seeds=str(settings.seeds_dir),
-                            new_id=NEW_ID, new_text=NEW_TEXT, gone_id=GONE_ID)
+                            new_id=NEW_ID, new_text=NEW_TEXT, gone_id=GONE_ID, meta=META)
     proc = subprocess.Popen([sys.executable, "-c", script, op, kill_at], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     if delay is not None:
@@ -217,12 +222,26 @@ def test_killed_uploads_and_removals_leave_the_old_or_the_new_state(settings):
     plan = [("put", step, None) for step in STEPS] + [("delete", step, None) for step in STEPS[1:5]]
     plan += [("put", "", rng.uniform(0.0, 1.5)) for _ in range(5)] + [("delete", "", rng.uniform(0.0, 1.5))
                                                                       for _ in range(3)]
+    plan += [("put-md", step, None) for step in MD_STEPS] + [("put-md", "", rng.uniform(0.0, 1.5))
+                                                             for _ in range(2)]
+    original = (settings.seeds_dir / f"{GONE_ID}.txt").read_bytes()
     for op, kill_at, delay in plan:
         how = _trial(settings, op, kill_at, delay, rng)
         recover_writes(settings)  # what `qa-service serve` does at start-up
         state = state_of(settings)  # folder == index: never a mix
         assert not list(settings.seeds_dir.glob(".*")) and not (settings.index_dir / JOURNAL).exists()
-        if op == "put":
+        files = sorted(p.name for p in settings.seeds_dir.glob(f"{GONE_ID}.*"))  # never the .txt and the .md
+        assert len(files) == (0 if op == "delete" and GONE_ID not in state else 1), (op, kill_at, delay, files)
+        if op == "put-md":
+            outcome = "new" if state != old else "old"
+            assert {k: v for k, v in state.items() if k != GONE_ID} == without_gone(old), (op, kill_at, delay)
+            assert files == [f"{GONE_ID}.md" if outcome == "new" else f"{GONE_ID}.txt"], (op, kill_at, files)
+            if outcome == "new":
+                (article,) = [a for a in load_articles(settings.seeds_dir).articles if a.id == GONE_ID]
+                assert (article.title, article.date, article.source_url, article.outlet) == (
+                    META["title"], META["date"], META["url"], META["outlet"])
+                assert article.text == NEW_TEXT.strip()
+        elif op == "put":
             wanted_new = {**old, NEW_ID: state.get(NEW_ID)}
             assert state in (old, wanted_new), (op, kill_at, delay, set(state) ^ set(old))
             outcome = "new" if state != old else "old"
@@ -237,7 +256,9 @@ def test_killed_uploads_and_removals_leave_the_old_or_the_new_state(settings):
         assert searcher.search("Gaza ceasefire", k=3)
         outcomes[(op, outcome, how)] += 1
         if state != old:  # back to the old state for the next trial
-            if op == "put":
+            if op == "put-md":
+                put_article(settings, GONE_ID, original, embedder=FakeEmbedder())  # the .txt again, the .md gone
+            elif op == "put":
                 delete_article(settings, NEW_ID, embedder=FakeEmbedder())
             else:
                 shutil.copy(REPO / "seeds" / f"{GONE_ID}.txt", settings.seeds_dir)
@@ -246,9 +267,14 @@ def test_killed_uploads_and_removals_leave_the_old_or_the_new_state(settings):
     # each step boundary lands where it must: before the publish the old state, after it the new one
     assert outcomes[("put", "old", "killed")] >= 3 and outcomes[("put", "new", "killed")] >= 3
     assert outcomes[("delete", "old", "killed")] >= 2 and outcomes[("delete", "new", "killed")] >= 2
+    assert outcomes[("put-md", "old", "killed")] >= 3 and outcomes[("put-md", "new", "killed")] >= 3
     summary = ", ".join(f"{op} {how} -> {state}: {n}" for (op, state, how), n in sorted(outcomes.items()))
-    FIGURES.append(f"write kill test (fake model): {len(plan)} trials ({len(STEPS) + 4} at protocol steps, "
-                   f"8 at random moments); {summary}; 0 mixed states, 0 lost articles")
+    FIGURES.append(f"write kill test (fake model): {len(plan)} trials ({len(STEPS) + 4 + len(MD_STEPS)} at "
+                   f"protocol steps, 10 at random moments); {summary}; 0 mixed states, 0 lost articles")
+
+
+def without_gone(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != GONE_ID}
 
 
 # --------------------------------------------------------------------------- the real service, killed mid-upload
@@ -364,3 +390,71 @@ def test_single_article_writes_never_start_ray(tmp_path, fake_index, monkeypatch
     put_article(settings, "ray-free", b"A short article about quokkas on Rottnest Island.", embedder=FakeEmbedder())
     delete_article(settings, "ray-free", embedder=FakeEmbedder())
     assert seen and set(seen) == {None}
+
+
+def test_a_journal_written_before_markdown_writes_is_still_settled(settings):
+    """A journal without ``target``/``remove`` (written by an earlier version) names ``<id>.txt``, as it meant."""
+    import json
+
+    from qa_service.articles import recover
+
+    staged = settings.seeds_dir / f".{NEW_ID}.txt.0123456789ab.staged"
+    staged.write_text(NEW_TEXT, encoding="utf-8")
+    journal = {"op": "put", "id": NEW_ID, "seeds_dir": str(settings.seeds_dir), "staged": staged.name,
+               "sha256": None, "base_build": "an-older-build"}  # CURRENT has moved on: the write was published
+    (settings.index_dir / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
+    assert recover(settings.index_dir, settings.seeds_dir) == f"finished an interrupted upload of article {NEW_ID}"
+    assert (settings.seeds_dir / f"{NEW_ID}.txt").read_text(encoding="utf-8") == NEW_TEXT and not staged.exists()
+    journal = {"op": "delete", "id": NEW_ID, "seeds_dir": str(settings.seeds_dir), "staged": None,
+               "sha256": None, "base_build": "an-older-build"}
+    (settings.index_dir / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
+    assert recover(settings.index_dir, settings.seeds_dir).startswith("finished an interrupted removal")
+    assert not (settings.seeds_dir / f"{NEW_ID}.txt").exists()
+
+
+def test_a_journal_naming_files_outside_the_article_is_refused(settings):
+    import json
+
+    from qa_service.articles import recover
+
+    journal = {"op": "delete", "id": NEW_ID, "seeds_dir": str(settings.seeds_dir), "staged": None, "sha256": None,
+               "base_build": "an-older-build", "target": None, "remove": [f"{GONE_ID}.txt"]}
+    (settings.index_dir / JOURNAL).write_text(json.dumps(journal), encoding="utf-8")
+    with pytest.raises(ValueError, match="names files other than"):
+        recover(settings.index_dir, settings.seeds_dir)
+    assert (settings.seeds_dir / f"{GONE_ID}.txt").exists()
+
+
+def test_writes_go_to_the_folder_the_index_was_built_from_wherever_they_run(settings, tmp_path, monkeypatch):
+    """Without QA_SEEDS_DIR a write uses the absolute folder the index records, not ./seeds of the process."""
+    from qa_service.indexing import articles_folder, index_folder
+
+    monkeypatch.setattr("qa_service.embedding.load_embedder", lambda name: FakeEmbedder())
+    index_folder(settings, settings.seeds_dir, force=True, progress=False)
+    assert read_manifest(settings.index_dir)["articles_dir"] == str(settings.seeds_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "seeds").mkdir(parents=True)  # a decoy: the old default, relative to the working directory
+    monkeypatch.chdir(elsewhere)
+    unset = settings.with_(seeds_dir=None)
+    assert articles_folder(unset) == settings.seeds_dir.resolve()
+    result = put_article(unset, NEW_ID, NEW_TEXT.encode(), embedder=FakeEmbedder())
+    assert result.action == "created" and (settings.seeds_dir / f"{NEW_ID}.txt").exists()
+    assert not list((elsewhere / "seeds").iterdir())
+    assert read_manifest(settings.index_dir)["articles_dir"] == str(settings.seeds_dir.resolve())
+    delete_article(unset, NEW_ID, embedder=FakeEmbedder())
+    assert not (settings.seeds_dir / f"{NEW_ID}.txt").exists()
+
+
+def test_after_a_write_the_index_is_exactly_what_a_rebuild_from_the_folder_would_be(settings):
+    """A write leaves nothing for the next ``qa-service index`` to do: the same articles, metadata, stories and
+    folder as reading the folder again gives."""
+    from qa_service.manifest import index_status
+
+    put_article(settings, NEW_ID, NEW_TEXT.encode(), embedder=FakeEmbedder(),
+                metadata={"title": "Zebras", "url": "https://news.example.com/zebras", "outlet": "Example News"})
+    put_article(settings, "copy-1", (settings.seeds_dir / f"{GONE_ID}.txt").read_bytes(), embedder=FakeEmbedder())
+    folder = load_articles(settings.seeds_dir).articles
+    assert index_status(settings, folder, articles_dir=settings.seeds_dir) == (True, "up to date")
+    stories = {a.id: a.story for a in Searcher(settings, embedder=FakeEmbedder()).catalog()}
+    assert stories == {a.id: a.story for a in folder}
+    assert stories["copy-1"] == stories[GONE_ID]  # a copy of a seed shares its story at once

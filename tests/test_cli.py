@@ -96,3 +96,146 @@ def test_the_indexing_library_prints_nothing_and_hands_its_notes_over(tmp_path, 
     assert raised.value.code == "no_articles"
     assert notes == ["skipped empty.txt: empty file"]
     assert capsys.readouterr() == ("", "")
+
+
+# --------------------------------------------------------------------------- index: folders, skipped files, --json
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    """``qa-service index`` in-process with the fake embedder (no model download, no torch)."""
+    import qa_service.embedding as embedding
+
+    from .support.fakes import FakeEmbedder
+
+    monkeypatch.setattr(embedding, "load_embedder", lambda name: FakeEmbedder())
+    return ["--model", FakeEmbedder.name]
+
+
+def _index(folder, index_dir, *extra):
+    return CliRunner().invoke(cli, ["index", str(folder), "--index-dir", str(index_dir), *extra])
+
+
+def test_index_names_every_skipped_file_and_record_and_prints_json(tmp_path, fake_model):
+    from .support.formats import write_formats_folder
+
+    folder = write_formats_folder(tmp_path / "articles")
+    (folder / "report.docx").write_bytes(b"PK\x03\x04 not an article")
+    (folder / "notes.jsonl").write_text('{"title": "ok", "text": "A record with enough text to be read."}\n'
+                                        '[1, 2]\n', encoding="utf-8")
+    result = _index(folder, tmp_path / "index", *fake_model)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("indexed 5 articles,")
+    assert "2 file(s) or record(s) skipped:" in result.stdout
+    assert "  report.docx: unsupported type .docx" in result.stdout
+    assert "notes.jsonl" in result.stdout and "line 2" in result.stdout
+
+    (folder / "extra.txt").write_text("A late addition to the folder, long enough to be an article of its own.\n")
+    again = _index(folder, tmp_path / "index", "--json", *fake_model)
+    assert again.exit_code == 0, again.output
+    body = json.loads(again.stdout)
+    assert body["articles"] == 6 and body["passages"] >= 6 and body["up_to_date"] is False
+    assert body["folder"] == str(folder.resolve())
+    assert {"file": "report.docx", "reason": "unsupported type .docx"} in body["skipped"]
+    assert any(s["file"].startswith("notes.jsonl") and "line 2" in s["file"] + s["reason"] for s in body["skipped"])
+    assert len(body["skipped"]) == 2 and body["warnings"] == []
+    assert (body["removed"], body["added"], body["replaced_folder"]) == (0, 1, None)
+    fresh = json.loads(_index(folder, tmp_path / "index", "--json", *fake_model).stdout)
+    assert fresh["up_to_date"] is True and fresh["passages"] is None and fresh["articles"] == 6
+
+
+def test_a_folder_of_only_unsupported_files_says_which_formats_are_read(tmp_path, fake_model):
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    (folder / "report.docx").write_bytes(b"PK\x03\x04")
+    (folder / "scan.pdf").write_bytes(b"%PDF-1.4")
+    result = _index(folder, tmp_path / "index", *fake_model)
+    assert result.exit_code == 1
+    assert "skipped report.docx: unsupported type .docx" in result.output
+    assert "skipped scan.pdf: unsupported type .pdf" in result.output
+    assert "No usable articles" in result.output and "2 file(s) or record(s) skipped" in result.output
+    for kind in (".txt", ".md", ".html", ".jsonl", ".json", ".csv", ".xml", ".rss", ".atom"):
+        assert kind in result.output
+    as_json = _index(folder, tmp_path / "index", "--json", *fake_model)
+    assert as_json.exit_code == 1 and "No usable articles" in as_json.output
+
+
+def test_indexing_another_folder_says_how_many_articles_it_removes_and_adds(tmp_path, fake_model):
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(SEEDS, first)
+    second.mkdir()
+    for name in sorted(p.name for p in SEEDS.iterdir())[:2]:  # two articles in common
+        shutil.copy(SEEDS / name, second / name)
+    from .support.formats import write_formats_folder
+
+    write_formats_folder(second)
+    assert _index(first, tmp_path / "index", *fake_model).exit_code == 0
+    result = _index(second, tmp_path / "index", *fake_model)
+    assert result.exit_code == 0, result.output
+    assert (f"index: replacing 5 articles from {first.resolve()} with 6 from {second.resolve()} "
+            "(3 removed, 4 added)") in result.stderr
+    back = json.loads(_index(first, tmp_path / "index", "--json", *fake_model).stdout)
+    assert (back["removed"], back["added"], back["replaced_folder"]) == (4, 3, str(second.resolve()))
+    moved = tmp_path / "c"  # the same articles in another folder: the index is made to name the new one
+    shutil.copytree(first, moved)
+    result = _index(moved, tmp_path / "index", *fake_model)
+    assert result.exit_code == 0, result.output
+    assert f"replacing 5 articles from {first.resolve()} with 5 from {moved.resolve()} (0 removed, 0 added)" \
+        in result.stderr
+    assert f"building index (it was built from another folder, {first.resolve()})" in result.stderr
+    assert "(5 unchanged articles not re-embedded)" in result.stdout
+
+
+def test_eval_finds_the_articles_folder_the_index_names_from_any_directory(tmp_path, fake_model, monkeypatch):
+    """``eval`` of a question file without --seeds-dir uses the folder the index was built from, wherever it runs."""
+    seeds = tmp_path / "data" / "seeds"
+    shutil.copytree(SEEDS, seeds)
+    index_dir = tmp_path / "data" / "index"
+    assert _index(seeds, index_dir, *fake_model).exit_code == 0
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Who met Iran's foreign minister in Doha?",
+                                     "relevant": ["004_9aeb4bd2e5102b83"]}) + "\n", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("QA_SEEDS_DIR", raising=False)
+    monkeypatch.setattr("qa_service.retrieval.Searcher",
+                        _searcher_with_fake_encoder(), raising=True)
+    result = CliRunner().invoke(cli, ["eval", str(questions), "--index-dir", str(index_dir), "--json",
+                                      "--latency-sample", "0", *fake_model])
+    assert result.exit_code == 0, result.output
+    assert "does not exist" not in result.output
+    assert "index is up to date: 5 articles" in result.stderr
+
+
+def _searcher_with_fake_encoder():
+    from qa_service.retrieval import Searcher
+
+    from .support.fakes import FakeEmbedder
+
+    class FakeSearcher(Searcher):
+        def __init__(self, settings, **kwargs):
+            super().__init__(settings, embedder=FakeEmbedder(), **kwargs)
+
+    return FakeSearcher
+
+
+def test_serve_writes_to_the_folder_the_index_names_from_any_directory(tmp_path, fake_model, monkeypatch):
+    """Without --build or QA_SEEDS_DIR, ``serve`` hands its workers the folder the index was built from."""
+    import qa_service.web.server as server
+
+    seeds = tmp_path / "data" / "seeds"
+    shutil.copytree(SEEDS, seeds)
+    index_dir = tmp_path / "data" / "index"
+    assert _index(seeds, index_dir, *fake_model).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("QA_SEEDS_DIR", raising=False)
+    served = []
+    monkeypatch.setattr(server, "run", lambda settings, host, port, workers: served.append(settings))
+    result = CliRunner().invoke(cli, ["serve", "--index-dir", str(index_dir), *fake_model])
+    assert result.exit_code == 0, result.output
+    assert served[0].seeds_dir == seeds.resolve()
+    monkeypatch.setenv("QA_SEEDS_DIR", str(tmp_path / "data" / "seeds"))  # an explicit folder still wins
+    assert CliRunner().invoke(cli, ["serve", "--index-dir", str(index_dir), *fake_model]).exit_code == 0
+    assert served[1].seeds_dir == tmp_path / "data" / "seeds"

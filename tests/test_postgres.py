@@ -14,11 +14,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 
 import numpy as np
 import psycopg
 import pytest
 
+from qa_service.backends.base import info_of
 from qa_service.backends.postgres import PostgresBackend
 from qa_service.backends.postgres_schema import MIGRATIONS, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, migrate
 from qa_service.backends.postgres_writer import PostgresWriter
@@ -43,8 +45,8 @@ def test_same_results_as_the_faiss_backend(fake_searcher, pg_searcher, mode):
     assert pg_searcher.passage_count == fake_searcher.passage_count
     assert pg_searcher.articles() == fake_searcher.articles()  # texts too
     assert pg_searcher.article_count == fake_searcher.article_count == len(fake_searcher.articles())
-    assert pg_searcher.catalog() == fake_searcher.catalog() == [
-        ArticleInfo(a.id, a.source, a.title, a.date) for a in fake_searcher.articles()]
+    assert pg_searcher.catalog() == fake_searcher.catalog() == [info_of(a) for a in fake_searcher.articles()]
+    assert all(isinstance(i, ArticleInfo) and i.story for i in pg_searcher.catalog())
     for question in QUESTIONS:
         a, b = fake_searcher.ask(question, k=5, mode=mode), pg_searcher.ask(question, k=5, mode=mode)
         assert cited(b) == cited(a), question
@@ -422,19 +424,66 @@ def test_a_read_replica_serves_questions_and_writes_go_to_the_primary(postgres, 
 
 def test_an_index_made_at_schema_version_1_is_upgraded_in_place(postgres, tmp_path, seed_articles, fake_embedder,
                                                                  fake_searcher):
-    """Migration 2 adds per-term document frequencies and fills them from an existing index's postings."""
+    """Migration 2 adds per-term document frequencies and fills them from an existing index's postings;
+    migration 3 adds the provenance columns, which the next sync fills without embedding anything again."""
     url = new_database(postgres, "upgrade")
     settings = Settings(index_dir=tmp_path, model=FakeEmbedder.name, database_url=url)
     with PostgresWriter(settings) as writer:
         writer.sync(seed_articles, fake_embedder)
     with psycopg.connect(url, autocommit=True) as conn:  # back to the state schema version 1 left
         conn.execute("DROP TABLE qa_term_stats")
+        conn.execute("ALTER TABLE qa_articles DROP COLUMN source_url, DROP COLUMN outlet, DROP COLUMN author, "
+                     "DROP COLUMN story, DROP COLUMN title_from, DROP COLUMN lead_title")
+        conn.execute("UPDATE qa_meta SET value = jsonb_set(value, '{format_version}', '1') WHERE key = 'manifest'")
         conn.execute("DELETE FROM qa_schema_migrations WHERE version > 1")
-        assert migrate(conn) == 2
+        assert migrate(conn) == 3 == MIGRATIONS[-1][0]
         assert conn.execute("SELECT count(*) FROM qa_term_stats").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM qa_articles WHERE story IS NULL").fetchone()[0] == 5
     upgraded = Searcher(settings, embedder=fake_embedder)
     for question in QUESTIONS[:6]:
         assert cited(upgraded.ask(question)) == cited(fake_searcher.ask(question))
+    with PostgresWriter(settings) as writer:
+        fresh, reason = writer.status(seed_articles)
+        assert not fresh and "index format 1" in reason
+        summary = writer.sync(seed_articles, fake_embedder)
+        assert summary["embedded"] == 0 and summary["relabelled"] == 5
+        assert writer.status(seed_articles) == (True, "up to date")
+    assert upgraded.catalog() == fake_searcher.catalog()
+
+
+def test_metadata_of_every_format_comes_back_from_the_database(postgres, tmp_path, fake_embedder):
+    """source_url, outlet, author, story and title_from of a .md, a .jsonl and an .html article are stored and
+    given back by the PostgreSQL backend as by the FAISS one, and citations carry the original URL and outlet."""
+    from qa_service.ingest import load_articles
+
+    from .support.formats import EXPECTED, write_formats_folder
+
+    articles = load_articles(write_formats_folder(tmp_path / "articles")).articles
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "formats"))
+    with PostgresWriter(settings) as writer:
+        writer.sync(articles, fake_embedder)
+    searcher = Searcher(settings, embedder=fake_embedder)
+    assert searcher.articles() == sorted(articles, key=lambda a: a.id)  # every field, text included
+    infos = {i.id: i for i in searcher.catalog()}
+    assert list(infos.values()) == [info_of(a) for a in sorted(articles, key=lambda a: a.id)]
+    for article_id, want in EXPECTED.items():
+        assert {k: getattr(infos[article_id], k) for k in want} == want
+        assert searcher.backend.article_info(article_id) == infos[article_id]
+    hits = searcher.ask("When did the port of Mombasa reopen after the storm?", k=5)["results"]
+    assert any(h["citation"]["source_url"] == "https://example.com/news/mombasa-port" for h in hits)
+    for hit in hits:
+        c = hit["citation"]
+        article = searcher.article(c["article_id"])
+        assert article.text[c["start"]:c["end"]] == hit["text"]
+        assert (c["source_url"], c["outlet"]) == (article.source_url, article.outlet)
+    # a new copy of a story regroups an unchanged article: its row is updated, nothing is embedded again
+    regrouped = [replace(a, story="shared") if a.id == "mombasa" else a for a in articles]
+    with PostgresWriter(settings) as writer:
+        assert writer.status(regrouped) == (False, "the articles' metadata changed")
+        summary = writer.sync(regrouped, fake_embedder)
+        assert summary["embedded"] == 0 and summary["relabelled"] == 1
+    assert searcher.backend.article_info("mombasa").story == "shared"
 
 
 def test_without_the_postgres_extra_the_error_says_how_to_install_it(monkeypatch, tmp_path):
@@ -447,3 +496,42 @@ def test_without_the_postgres_extra_the_error_says_how_to_install_it(monkeypatch
     with pytest.raises(ConfigError) as err:
         Searcher(settings, embedder=FakeEmbedder())
     assert "qa-service[postgres]" in err.value.message
+
+
+def test_the_database_records_its_folder_and_takes_metadata_writes(postgres, tmp_path, seed_articles, monkeypatch):
+    """Indexing another folder into the database says what it removes and adds; an article written with metadata
+    is stored with it (the database is the source of truth there) and cited with its original URL."""
+    import qa_service.embedding as embedding
+    from qa_service.articles import put_article
+    from qa_service.indexing import articles_folder, index_folder
+
+    from .support.formats import write_formats_folder
+
+    monkeypatch.setattr(embedding, "load_embedder", lambda name: FakeEmbedder())
+    first = tmp_path / "a"
+    shutil.copytree(REPO / "seeds", first)
+    second = write_formats_folder(tmp_path / "b")
+    settings = Settings(index_dir=tmp_path / "index", model=FakeEmbedder.name,
+                        database_url=new_database(postgres, "folders"))
+    index_folder(settings, first, progress=False)
+    assert articles_folder(settings) == first.resolve()
+    notes = []
+    report = index_folder(settings, second, progress=False, notes=notes.append)
+    assert (f"index: replacing 5 articles from {first.resolve()} with 4 from {second.resolve()} "
+            "(5 removed, 4 added)") in notes
+    assert (report.removed, report.added, report.articles) == (5, 4, 4)
+    assert articles_folder(settings) == second.resolve()
+    assert index_folder(settings, second, progress=False).fresh
+
+    result = put_article(settings, "zebras", b"Ten thousand zebras walked through the city on Sunday, police said.",
+                         embedder=FakeEmbedder(), metadata={"title": "Zebras in the city", "date": "2025-03-01",
+                                                            "url": "https://news.example.com/zebras",
+                                                            "outlet": "Example News"})
+    assert result.action == "created" and result.article.source == "zebras.md"
+    searcher = Searcher(settings, embedder=FakeEmbedder())
+    info = searcher.backend.article_info("zebras")
+    assert (info.title, info.date, info.source_url, info.outlet, info.title_from) == (
+        "Zebras in the city", "2025-03-01", "https://news.example.com/zebras", "Example News", "metadata")
+    hit = searcher.ask("zebras walked through the city", k=1)["results"][0]
+    assert hit["citation"]["source_url"] == "https://news.example.com/zebras"
+    assert searcher.article("zebras").text[hit["citation"]["start"]:hit["citation"]["end"]] == hit["text"]

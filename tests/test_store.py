@@ -16,7 +16,7 @@ import pytest
 from qa_service.config import Settings
 from qa_service.errors import IndexCorrupt, IndexMismatch, IndexNotBuilt
 from qa_service.retrieval import Searcher
-from qa_service.manifest import BUILDS, CURRENT, index_status, read_manifest
+from qa_service.manifest import BUILDS, CURRENT, FORMAT_VERSION, index_status, read_manifest
 
 from .support.paths import REPO, SEEDS
 from .support.fakes import FakeEmbedder
@@ -30,7 +30,7 @@ def _build(settings, articles, embedder=None):
 
 def test_manifest_records_what_the_index_holds(fake_index, seed_articles):
     manifest = read_manifest(fake_index.index_dir)
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["model"] == "fake-hash-64"
     assert manifest["dimension"] == 64
     assert manifest["chunking"]["max_tokens"] == 128
@@ -459,3 +459,84 @@ def test_a_failing_lexical_worker_fails_the_build_and_leaves_the_live_index(tmp_
         _build(settings, seed_articles)
     assert not list((settings.index_dir / BUILDS).glob(".tmp-*"))
     assert {a.id for a in Searcher(settings, embedder=FakeEmbedder()).articles()} == {a.id for a in seed_articles[:2]}
+
+
+# --------------------------------------------------------------------------- provenance
+
+def test_metadata_of_every_format_comes_back_from_the_index(tmp_path, fake_embedder):
+    """source_url, outlet, author, story and title_from of a .md, a .jsonl and an .html article survive the
+    build: the backend gives back the very articles read, and citations carry the original URL and outlet."""
+    from qa_service.backends.faiss import FaissBackend
+    from qa_service.ingest import load_articles
+
+    from .support.formats import EXPECTED, write_formats_folder
+
+    articles = load_articles(write_formats_folder(tmp_path / "articles")).articles
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, articles, fake_embedder)
+    backend = FaissBackend(settings)
+    try:
+        assert backend.articles() == sorted(articles, key=lambda a: a.id)  # every field, text included
+        infos = {i.id: i for i in backend.catalog()}
+        for article_id, want in EXPECTED.items():
+            info = infos[article_id]
+            assert {k: getattr(info, k) for k in want} == want
+            assert info.title_from == "metadata" and info.story and info.lead_title is None
+            assert backend.article_info(article_id) == info
+            assert backend.article(article_id).source_url == want["source_url"]
+    finally:
+        backend.close()
+    searcher = Searcher(settings, embedder=fake_embedder)
+    hits = searcher.ask("When did the port of Mombasa reopen after the storm?", k=5)["results"]
+    assert hits
+    for hit in hits:
+        c = hit["citation"]
+        assert searcher.article(c["article_id"]).text[c["start"]:c["end"]] == hit["text"]
+        article = searcher.article(c["article_id"])
+        assert (c["source_url"], c["outlet"]) == (article.source_url, article.outlet)
+    assert any(h["citation"]["source_url"] == "https://example.com/news/mombasa-port" for h in hits)
+
+
+def test_seed_articles_without_a_headline_keep_no_stored_title(fake_searcher, seed_articles):
+    """An article without a headline is stored with title None (its passages are embedded with its lead, as
+    before) and a lead title to show; the index gives back exactly the articles read."""
+    from qa_service.ingest import lead_title
+
+    assert fake_searcher.articles() == sorted(seed_articles, key=lambda a: a.id)
+    for info in fake_searcher.catalog():
+        article = fake_searcher.article(info.id)
+        if article.title is None:
+            assert info.title_from == "lead" and info.lead_title == lead_title(article.text)
+            assert info.shown_title == info.lead_title
+        else:
+            assert info.lead_title is None and info.shown_title == article.title
+
+
+def test_an_index_of_an_older_format_says_it_must_be_rebuilt(tmp_path, seed_articles, fake_embedder):
+    import json
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles[:2], fake_embedder)
+    path = Path(read_manifest(settings.index_dir)["_build_dir"]) / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**manifest, "format_version": 1}), encoding="utf-8")
+    with pytest.raises(IndexMismatch) as caught:
+        read_manifest(settings.index_dir)
+    message = caught.value.message
+    assert "built by an older qa-service (index format 1; this one reads format 2)" in message
+    assert "qa-service index" in message and str(settings.index_dir) in message
+    fresh, reason = index_status(settings, seed_articles[:2])
+    assert fresh is False and "older qa-service" in reason
+
+
+def test_a_change_of_metadata_alone_makes_the_index_stale(tmp_path, seed_articles, fake_embedder):
+    from dataclasses import replace
+
+    settings = Settings(index_dir=tmp_path / "index", model="fake-hash-64")
+    _build(settings, seed_articles, fake_embedder)
+    assert index_status(settings, seed_articles) == (True, "up to date")
+    regrouped = [replace(a, story="shared") if i < 2 else a for i, a in enumerate(seed_articles)]
+    assert index_status(settings, regrouped) == (False, "the articles' metadata changed")
+    _build(settings, regrouped, fake_embedder)
+    assert index_status(settings, regrouped) == (True, "up to date")
+    assert {i.story for i in Searcher(settings, embedder=fake_embedder).catalog()[:2]} == {"shared"}

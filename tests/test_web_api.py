@@ -10,6 +10,7 @@ import re
 import pytest
 
 from qa_service.errors import IndexCorrupt, Overloaded
+from qa_service.ingest import lead_title
 from qa_service.tuning import parse_tuning
 from qa_service.tuning.fast_path import AskFastPath
 from qa_service.web import create_app
@@ -72,7 +73,7 @@ def test_ask_returns_cited_passages_that_slice_the_article_text(client):
     for rank, hit in enumerate(body["results"], 1):
         assert hit["rank"] == rank
         c = hit["citation"]
-        assert set(c) >= {"article_id", "source", "title", "date", "start", "end", "url"}
+        assert set(c) >= {"article_id", "source", "title", "date", "start", "end", "url", "source_url", "outlet"}
         assert c["url"] == f"/articles/{c['article_id']}?start={c['start']}&end={c['end']}#p-{c['start']}-{c['end']}"
         article = client.get(f"/api/articles/{c['article_id']}").get_json()
         assert article["text"][c["start"]:c["end"]] == hit["text"]
@@ -264,8 +265,15 @@ def test_articles_list_and_detail(client, fake_searcher):
     assert body["ok"] is True and body["count"] == len(fake_searcher.articles()) == len(body["articles"])
     total = 0
     for item in body["articles"]:
-        assert set(item) == {"id", "source", "title", "date", "passage_count", "url"}
+        assert set(item) == {"id", "source", "title", "title_from", "date", "source_url", "outlet", "author",
+                             "story", "passage_count", "url"}
         assert item["url"] == f"/articles/{item['id']}"
+        # no list shows a file name for a title: without a headline, the lead sentence shortened, said so
+        assert item["title"] and item["title"] != item["source"]
+        if item["title_from"] == "lead":
+            assert fake_searcher.article(item["id"]).title is None
+            assert item["title"] == lead_title(fake_searcher.article(item["id"]).text)
+        assert item["story"]
         total += item["passage_count"]
         detail = client.get(f"/api/articles/{item['id']}").get_json()
         assert detail["text"] == fake_searcher.article(item["id"]).text
@@ -542,3 +550,20 @@ def test_responses_match_the_documented_models(client, fake_searcher):
     ArticleDetail.model_validate(client.get(f"/api/articles/{fake_searcher.articles()[0].id}").get_json())
     Health.model_validate(client.get("/healthz").get_json())
     ErrorResponse.model_validate(client.get("/api/ask").get_json())
+
+
+def test_openapi_describes_article_provenance_and_the_upload_metadata(client):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert {"source_url", "outlet"} <= set(schemas["Citation"]["properties"])
+    summary = schemas["ArticleSummary"]["properties"]
+    assert {"title", "title_from", "source_url", "outlet", "author", "story"} <= set(summary)
+    assert "lead" in str(summary["title_from"]) and "lead sentence" in summary["title"]["description"]
+    upload = schemas["ArticleUpload"]["properties"]
+    assert {"id", "text", "title", "date", "url", "source_url", "outlet", "author"} == set(upload)
+    assert "YYYY-MM-DD" in upload["date"]["description"] and "http" in upload["url"]["description"]
+    written = schemas["ArticleWritten"]["properties"]
+    assert "article" in written and "source_url" in schemas["ArticleStored"]["properties"]
+    post = client.get("/openapi.json").get_json()["paths"]["/api/articles"]["post"]
+    codes = str(post["responses"])
+    for code in ("date_malformed", "url_invalid", "article_field_invalid", "article_not_writable"):
+        assert code in codes

@@ -63,7 +63,11 @@ def test_add_replace_remove_an_article(settings):
     assert r.status_code == 201, r.get_json()
     body = r.get_json()
     assert body == {"ok": True, "id": "flamingo-1", "action": "created", "build_id": body["build_id"],
-                    "articles": len(before) + 1, "embedded_articles": 1, "url": "/articles/flamingo-1"}
+                    "articles": len(before) + 1, "embedded_articles": 1, "url": "/articles/flamingo-1",
+                    "article": {"id": "flamingo-1", "source": "flamingo-1.txt", "title": body["article"]["title"],
+                                "title_from": "lead", "date": "2025-03-01", "source_url": None, "outlet": None,
+                                "author": None, "story": "flamingo-1", "url": "/articles/flamingo-1"}}
+    assert body["article"]["title"].startswith("The flamingo parade in Tehran")
     assert (settings.seeds_dir / "flamingo-1.txt").read_text() == ARTICLE
     assert _folder_and_index_agree(settings) == before | {"flamingo-1"}
     # the writing worker answers from the new index at once, with citations into the new text
@@ -289,6 +293,27 @@ def test_every_write_error_path_has_the_one_shape(settings, tmp_path, caplog):
     expect(client.post("/api/articles", json={"id": 5, "text": ARTICLE}, headers=KEY), 400, "wrong_type")
     expect(client.post("/api/articles", json={"text": ARTICLE}, headers=KEY), 400, "invalid_request")
     expect(client.delete("/api/articles/nope", headers=KEY), 404, "article_not_found")
+    for bad_date in ("2025-02-30", "14 March 2025", "2025-3-1", "20250301"):
+        expect(client.post("/api/articles", json={"id": "x", "text": ARTICLE, "date": bad_date}, headers=KEY),
+               400, "date_malformed")
+    for bad_url in ("ftp://example.com/a", "javascript:alert(1)", "example.com/a", "https://", "http://a b"):
+        expect(client.post("/api/articles", json={"id": "x", "text": ARTICLE, "url": bad_url}, headers=KEY),
+               400, "url_invalid")
+    expect(client.post("/api/articles", json={"id": "x", "text": ARTICLE, "url": "https://a.example/1",
+                                              "source_url": "https://b.example/2"}, headers=KEY), 400, "url_invalid")
+    for field, value in (("title", "two\nlines"), ("outlet", " "), ("author", "x" * 501), ("title", "")):
+        expect(client.post("/api/articles", json={"id": "x", "text": ARTICLE, field: value}, headers=KEY),
+               400, "article_field_invalid")
+    assert not list(settings.seeds_dir.glob("x.*"))
+    (settings.seeds_dir / "feed.jsonl").write_text('{"id": "rec-1", "title": "A record", "text": "A record of a '
+                                                   'feed export, long enough to be read as an article."}\n')
+    from qa_service.store import build_index as rebuild
+
+    rebuild(load_articles(settings.seeds_dir).articles, FakeEmbedder(), settings)
+    expect(client.post("/api/articles", json={"id": "rec-1", "text": ARTICLE, "title": "T"}, headers=KEY), 409,
+           "article_not_writable")
+    expect(client.delete("/api/articles/rec-1", headers=KEY), 409, "article_not_writable")
+    assert "rec-1" in _folder_and_index_agree(settings)
 
     # another writer holds the lock longer than we wait
     busy = make_app(settings.with_(write_timeout=0.2)).test_client()
@@ -472,3 +497,70 @@ def test_flask_debug_mode_is_refused(settings, monkeypatch):
     monkeypatch.setenv("FLASK_DEBUG", "1")
     with pytest.raises(DebugRefused):
         make_app(settings)
+
+
+# --------------------------------------------------------------------------- metadata
+
+def test_an_article_written_with_metadata_is_stored_losslessly_as_markdown(settings):
+    """POST /api/articles with metadata stores <id>.md (front matter + body): a rebuild from the folder reads the
+    same article, the text served is byte-identical to the text read back from the file, and citations slice it;
+    replacing it without metadata (or the reverse) leaves exactly one file."""
+    from qa_service.ingest import read_file
+    from qa_service.ingest.common import LoadReport
+
+    client = make_app(settings).test_client()
+    body_text = ("The flamingo parade in Tehran drew ten thousand zebras, the organisers said.\n\n"
+                 "The zebras walked from Azadi Square to the bazaar, where traders sold them carrots: \"fresh\", "
+                 "they said — ünïcode and all.\n")
+    meta = {"title": "Flamingos: a parade: of zebras", "date": "2025-03-01",
+            "source_url": "https://news.example.com/flamingo?id=1&x=#y", "outlet": "Tehran Times",
+            "author": "O'Brien, \"Pat\""}
+    r = client.post("/api/articles", json={"id": "flamingo-1", "text": body_text, **meta}, headers=KEY)
+    assert r.status_code == 201, r.get_json()
+    stored = r.get_json()["article"]
+    assert stored == {"id": "flamingo-1", "source": "flamingo-1.md", "title": meta["title"],
+                      "title_from": "metadata", "date": "2025-03-01", "source_url": meta["source_url"],
+                      "outlet": "Tehran Times", "author": meta["author"], "story": "flamingo-1",
+                      "url": "/articles/flamingo-1"}
+    path = settings.seeds_dir / "flamingo-1.md"
+    assert path.read_text(encoding="utf-8").startswith("---\n") and not (settings.seeds_dir / "flamingo-1.txt").exists()
+    served = client.get("/api/articles/flamingo-1").get_json()
+    assert {k: served[k] for k in stored if k != "url"} == {k: v for k, v in stored.items() if k != "url"}
+    report = LoadReport()
+    (reread,) = read_file(path, path.name, report)
+    assert reread.text.encode("utf-8") == served["text"].encode("utf-8")  # byte-identical
+    assert served["text"] == body_text.strip()
+    rebuilt = {a.id: a for a in load_articles(settings.seeds_dir).articles}["flamingo-1"]
+    assert (rebuilt.title, rebuilt.date, rebuilt.source_url, rebuilt.outlet, rebuilt.author, rebuilt.text) == (
+        meta["title"], meta["date"], meta["source_url"], meta["outlet"], meta["author"], served["text"])
+    assert _folder_and_index_agree(settings)
+    hits = client.post("/api/ask", json={"question": "flamingo parade zebras carrots", "k": 3}).get_json()["results"]
+    assert hits[0]["citation"]["article_id"] == "flamingo-1"
+    for hit in hits:
+        c = hit["citation"]
+        text = client.get(f"/api/articles/{c['article_id']}").get_json()["text"]
+        assert text[c["start"]:c["end"]] == hit["text"]
+        if c["article_id"] == "flamingo-1":
+            assert (c["source_url"], c["outlet"]) == (meta["source_url"], "Tehran Times")
+
+    same = client.post("/api/articles", json={"id": "flamingo-1", "text": body_text, **meta}, headers=KEY)
+    assert same.get_json()["action"] == "unchanged"
+    plain = client.post("/api/articles", json={"id": "flamingo-1", "text": ARTICLE}, headers=KEY)
+    assert plain.status_code == 200 and plain.get_json()["action"] == "replaced"
+    assert plain.get_json()["article"]["source"] == "flamingo-1.txt" and plain.get_json()["article"]["outlet"] is None
+    assert sorted(p.name for p in settings.seeds_dir.glob("flamingo-1.*")) == ["flamingo-1.txt"]
+    back = client.post("/api/articles", json={"id": "flamingo-1", "text": body_text, "url": meta["source_url"]},
+                       headers=KEY)
+    assert back.get_json()["article"]["source_url"] == meta["source_url"]
+    assert sorted(p.name for p in settings.seeds_dir.glob("flamingo-1.*")) == ["flamingo-1.md"]
+    assert _folder_and_index_agree(settings)
+    r = client.delete("/api/articles/flamingo-1", headers=KEY)
+    assert r.status_code == 200 and not list(settings.seeds_dir.glob("flamingo-1.*"))
+    assert not list(settings.seeds_dir.glob(".*"))
+
+
+def test_an_id_that_a_markdown_file_would_not_keep_is_refused_with_metadata(settings):
+    client = make_app(settings).test_client()
+    r = client.post("/api/articles", json={"id": "a--b", "text": ARTICLE, "title": "T"}, headers=KEY)
+    assert_error_shape(r, 400, "article_id_invalid")
+    assert "'--'" in r.get_json()["error"]["message"] and not list(settings.seeds_dir.glob("a--b.*"))

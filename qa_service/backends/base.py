@@ -15,9 +15,13 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..errors import InvalidRequest
+from ..ingest import lead_title
 from ..types import Article, ArticleInfo, Filters
 
-ARTICLE_COLUMNS = "id, source, title, date, text, content_hash"  # in the order of ``Article``'s fields
+# The articles table's columns in the order of ``Article``'s fields, and of ``ArticleInfo``'s (no text; the lead
+# title, computed when indexing, instead). Both backends store the same columns.
+ARTICLE_COLUMNS = "id, source, title, date, text, content_hash, source_url, outlet, author, story, title_from"
+INFO_COLUMNS = "id, source, title, date, source_url, outlet, author, story, title_from, lead_title"
 
 
 @dataclass
@@ -85,6 +89,29 @@ class IndexBackend(Protocol):
     def sentence_vectors(self, sids: Sequence[int]) -> np.ndarray: ...  # float32 [len(sids), d]
 
     def close(self) -> None: ...
+
+
+def stored_lead_title(article: Article) -> str | None:
+    """What the articles table keeps as ``lead_title``: the shortened lead of an article without a headline.
+
+    The headline itself stays None, so what passages and sentences are embedded with (headline, else lead) is
+    the same as before titles were shown for every article.
+    """
+    return None if article.title else (lead_title(article.text) or None)
+
+
+def article_row(article: Article) -> tuple:
+    """An article as a row of ``ARTICLE_COLUMNS`` followed by its lead title."""
+    a = article
+    return (a.id, a.source, a.title, a.date, a.text, a.content_hash, a.source_url, a.outlet, a.author, a.story,
+            a.title_from, stored_lead_title(a))
+
+
+def info_of(article: Article) -> ArticleInfo:
+    """The ``ArticleInfo`` of an article read whole."""
+    a = article
+    return ArticleInfo(a.id, a.source, a.title, a.date, a.source_url, a.outlet, a.author, a.story, a.title_from,
+                       stored_lead_title(a))
 
 
 def unknown_sources(unknown: Sequence[str]) -> InvalidRequest:

@@ -25,7 +25,7 @@ from ..retrieval.dense import DenseIndex
 from ..retrieval.lexical import LexicalIndex, Vocabulary
 from ..manifest import LEXICAL, PASSAGES_DB, SENTENCE_VECTORS, VECTORS, VOCABULARY, read_manifest, rebuild_hint
 from ..types import Article, ArticleInfo, Filters
-from .base import ARTICLE_COLUMNS, Evidence, unknown_sources
+from .base import ARTICLE_COLUMNS, INFO_COLUMNS, Evidence, unknown_sources
 
 ARTICLE_CACHE = 256  # articles whose text a backend keeps in memory (the most recently asked for)
 PASSAGE_CACHE = 4096  # passage rows a backend keeps in memory (~1.5 KB each; the longest kept go first)
@@ -56,8 +56,8 @@ class FaissBackend:
         try:
             self.dense = DenseIndex(build / VECTORS, manifest.get("faiss"))
             self._db = sqlite3.connect(f"file:{build / PASSAGES_DB}?mode=ro", uri=True, check_same_thread=False)
-            rows = self._db.execute("SELECT id, source, title, date FROM articles ORDER BY id").fetchall()
-            self._meta = {r[0]: r[1:] for r in rows}  # id -> (source, title, date); texts stay in SQLite
+            rows = self._db.execute(f"SELECT {INFO_COLUMNS} FROM articles ORDER BY id").fetchall()
+            self._meta = {r[0]: r[1:] for r in rows}  # id -> (source, title, date, ...); texts stay in SQLite
             prow = self._db.execute("SELECT article_id, first_sentence, last_sentence FROM passages "
                                     "ORDER BY id").fetchall()
             srow = self._db.execute('SELECT start, "end" FROM sentences ORDER BY id').fetchall()
@@ -134,7 +134,8 @@ class FaissBackend:
         return self._article(article_id)
 
     def article_info(self, article_id: str) -> ArticleInfo:
-        """An indexed article's id, source, title and date, from memory: what a citation needs (no text read)."""
+        """An indexed article's id, source, title, date and provenance, from memory: what a citation needs (no text
+        read)."""
         return ArticleInfo(article_id, *self._meta[article_id])
 
     def passage_count_for(self, article_id: str) -> int:

@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import ArticleNotFound
 from ..retrieval.lexical import BM25_B, BM25_K1, Vocabulary, analyze, background_idfs, bigrams
 from ..types import Article, ArticleInfo, Filters
-from .base import ARTICLE_COLUMNS, Evidence, unknown_sources
+from .base import ARTICLE_COLUMNS, INFO_COLUMNS, Evidence, info_of, unknown_sources
 from .postgres_schema import (BUILD_HINT, ENCODER_CACHE, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, connect,
                               database_manifest, fetch_encoder, read_database_manifest, redact)
 
@@ -141,7 +141,7 @@ class PostgresBackend:
         return [Article(*r) for r in rows]
 
     def catalog(self) -> list[ArticleInfo]:
-        rows = self._conn().execute("SELECT id, source, title, date FROM qa_articles ORDER BY id")
+        rows = self._conn().execute(f"SELECT {INFO_COLUMNS} FROM qa_articles ORDER BY id")
         return [ArticleInfo(*r) for r in rows]
 
     def article(self, article_id: str) -> Article:
@@ -158,8 +158,7 @@ class PostgresBackend:
         return cache[article_id]
 
     def article_info(self, article_id: str) -> ArticleInfo:
-        a = self.article(article_id)  # cached per generation, text and all
-        return ArticleInfo(a.id, a.source, a.title, a.date)
+        return info_of(self.article(article_id))  # cached per generation, text and all
 
     def passage_count_for(self, article_id: str) -> int:
         row = self._conn().execute("SELECT passages FROM qa_articles WHERE id = %s",

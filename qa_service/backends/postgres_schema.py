@@ -55,6 +55,13 @@ MIGRATIONS: list[tuple[int, str]] = [
                                 PRIMARY KEY (kind, term));
     INSERT INTO qa_term_stats (kind, term, df) SELECT kind, term, count(*) FROM qa_postings GROUP BY kind, term;
     """),
+    # Where each article came from and the title shown without a headline (``backends.base.INFO_COLUMNS``);
+    # rows written before stay NULL until the folder is indexed again (``PostgresWriter.sync`` fills them).
+    (3, """
+    ALTER TABLE qa_articles ADD COLUMN IF NOT EXISTS source_url text, ADD COLUMN IF NOT EXISTS outlet text,
+        ADD COLUMN IF NOT EXISTS author text, ADD COLUMN IF NOT EXISTS story text,
+        ADD COLUMN IF NOT EXISTS title_from text, ADD COLUMN IF NOT EXISTS lead_title text;
+    """),
 ]
 
 

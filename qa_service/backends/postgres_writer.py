@@ -24,10 +24,11 @@ from ..embedding.onnx_encoder import SERVING_THREADS, OnnxEmbedder, encoder_stat
 from ..files import publish_folder, write_json_atomically
 from ..errors import ArticleNotFound, IndexMismatch, LastArticle, WriteBusy
 from ..index_texts import lexical_text, lexical_texts
-from ..manifest import FORMAT_VERSION, chunking_settings
+from ..manifest import FORMAT_VERSION, chunking_settings, folder_status
 from ..retrieval.lexical import _hyphenated, analyze, bigrams, words
 from ..store import chunk_articles, embed_chunks
-from ..types import Article
+from ..types import Article, ArticleInfo
+from .base import ARTICLE_COLUMNS, INFO_COLUMNS, article_row, info_of
 from .postgres_schema import (ENCODER_CACHE, PASSAGE_PAIRS, PASSAGE_TERMS, SENTENCE_TERMS, connect, fetch_encoder,
                               migrate, store_encoder, stored_manifest)
 
@@ -76,27 +77,61 @@ class PostgresWriter:
     def indexed(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT id, content_hash FROM qa_articles").fetchall())
 
-    def status(self, articles: Sequence[Article]) -> tuple[bool, str]:
+    def infos(self) -> dict[str, ArticleInfo]:
+        """Every stored article's ``ArticleInfo`` (its metadata), by id."""
+        return {r[0]: ArticleInfo(*r) for r in self.conn.execute(f"SELECT {INFO_COLUMNS} FROM qa_articles")}
+
+    def _stale_infos(self, articles: Sequence[Article], indexed: dict[str, str]) -> list[Article]:
+        """The articles whose text is indexed unchanged but whose metadata differs from the stored row (a story
+        regrouped by a new copy, rows written before the metadata columns existed)."""
+        same = [a for a in articles if indexed.get(a.id) == a.content_hash]
+        if not same:
+            return []
+        stored = self.infos()
+        return [a for a in same if stored.get(a.id) != info_of(a)]
+
+    def _update_infos(self, articles: Sequence[Article]) -> None:
+        """Rewrite the metadata of ``articles`` in place (inside a transaction); their passages keep their rows."""
+        for a in articles:
+            i = info_of(a)
+            self.conn.execute("UPDATE qa_articles SET source = %s, title = %s, date = %s, source_url = %s, "
+                              "outlet = %s, author = %s, story = %s, title_from = %s, lead_title = %s WHERE id = %s",
+                              (i.source, i.title, i.date, i.source_url, i.outlet, i.author, i.story, i.title_from,
+                               i.lead_title, i.id))
+            self.conn.execute("UPDATE qa_passages SET date = %s WHERE article_id = %s AND date IS DISTINCT FROM %s",
+                              (i.date, i.id, i.date))
+
+    def status(self, articles: Sequence[Article], articles_dir: Path | None = None) -> tuple[bool, str]:
         """``(fresh, reason)`` as ``manifest.index_status``, for the database."""
         manifest = self.manifest()
         if manifest is None:
             return False, "the database holds no index yet"
+        if manifest.get("format_version") != FORMAT_VERSION:
+            return False, (f"it was written by another qa-service (index format {manifest.get('format_version')}, "
+                           f"this one writes {FORMAT_VERSION})")
         if manifest.get("model") != canonical_model_name(self.settings.model):
             return False, "the model changed"
         if manifest.get("chunking") != chunking_settings(self.settings):
             return False, "the chunking settings changed"
-        if self.indexed() != {a.id: a.content_hash for a in articles}:
+        indexed = self.indexed()
+        if indexed != {a.id: a.content_hash for a in articles}:
             return False, "the articles changed"
+        if self._stale_infos(articles, indexed):
+            return False, "the articles' metadata changed"
+        if reason := folder_status(manifest, articles_dir):
+            return False, reason
         return (False, reason) if (reason := encoder_status(manifest, self.settings.quantize)) else (True, "up to date")
 
     # ------------------------------------------------------------------ writes
     def sync(self, articles: Sequence[Article], embedder, progress: bool = False, force: bool = False,
-             remove_missing: bool = True, encoder_threads: int | None = None) -> dict:
+             remove_missing: bool = True, encoder_threads: int | None = None,
+             articles_dir: Path | None = None) -> dict:
         """Make the database hold exactly ``articles`` (or add/replace them, without ``remove_missing``).
 
         Only new or changed articles are embedded. A changed model, chunking or encoder re-indexes all.
         ``embedder`` None embeds with the database's own ONNX encoder (``encoder_threads`` onnxruntime threads;
         default the serving count), so no torch is loaded.
+        ``articles_dir``: the folder they were read from, recorded in the manifest (None keeps the recorded one).
         Returns a summary: articles, passages embedded, removed, seconds, full (re-indexed everything).
         """
         started = time.perf_counter()
@@ -115,9 +150,17 @@ class PostgresWriter:
         changed = [a for a in articles if indexed.get(a.id) != a.content_hash]
         wanted = {a.id for a in articles}
         removed = sorted(set(indexed) - wanted) if remove_missing else []
+        relabel = [] if full else self._stale_infos(articles, indexed)
+        source_dir = str(Path(articles_dir).resolve()) if articles_dir else (manifest or {}).get("articles_dir")
         if not changed and not removed and not full:
+            if (relabel or manifest.get("format_version") != FORMAT_VERSION
+                    or manifest.get("articles_dir") != source_dir):
+                with self.conn.transaction():
+                    self._lock()
+                    self._update_infos(relabel)
+                    self._publish({**manifest, "format_version": FORMAT_VERSION, "articles_dir": source_dir})
             return {"articles": len(indexed), "embedded": 0, "removed": 0, "full": False,
-                    "seconds": time.perf_counter() - started}
+                    "relabelled": len(relabel), "seconds": time.perf_counter() - started}
         chunks = chunk_articles(changed, embedder, self.settings)
         encode = embedder
         if self.settings.ray_address:
@@ -130,6 +173,7 @@ class PostgresWriter:
         new_manifest = {
             "format_version": FORMAT_VERSION, "backend": "postgres", "model": canonical_model_name(embedder.name),
             "dimension": embedder.dimension, "chunking": chunking_settings(self.settings), "encoder": entry,
+            "articles_dir": source_dir,
         }
         with self.conn.transaction():
             self._lock()
@@ -137,6 +181,7 @@ class PostgresWriter:
                 self._reset(embedder.dimension, keep_encoder=folder is None and entry.get("backend") == "onnx")
             self._delete([a.id for a in changed if a.id in indexed] + removed)
             self._insert(changed, chunks, pvecs, svecs)
+            self._update_infos(relabel)
             if folder is not None:
                 store_encoder(self.conn, entry, folder)
             count = self.conn.execute("SELECT count(*) FROM qa_articles").fetchone()[0]
@@ -146,7 +191,8 @@ class PostgresWriter:
         if full:
             self.conn.execute("ANALYZE qa_passages; ANALYZE qa_sentences; ANALYZE qa_postings")
         return {"articles": count, "embedded": len(changed), "passages": len(chunks.passages),
-                "removed": len(removed), "full": full, "seconds": time.perf_counter() - started}
+                "removed": len(removed), "relabelled": len(relabel), "full": full,
+                "seconds": time.perf_counter() - started}
 
     def delete(self, article_id: str) -> int:
         """Remove one article in one transaction; return how many articles remain."""
@@ -271,11 +317,11 @@ class PostgresWriter:
         if n_s > 1:
             c.execute("SELECT setval('qa_sentence_ids', %s)", (sid0 + n_s - 1,))
         counts = Counter(p.article_id for p in chunks.passages)
-        with c.cursor().copy("COPY qa_articles (id, source, title, date, text, content_hash, passages) "
+        with c.cursor().copy(f"COPY qa_articles ({ARTICLE_COLUMNS}, lead_title, passages) "
                              "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["text", "text", "text", "text", "text", "text", "int4"])
+            copy.set_types(["text"] * 12 + ["int4"])
             for a in articles:
-                copy.write_row((a.id, a.source, a.title, a.date, a.text, a.content_hash, counts.get(a.id, 0)))
+                copy.write_row((*article_row(a), counts.get(a.id, 0)))
         with c.cursor().copy('COPY qa_passages (id, article_id, start, "end", text, first_sentence, last_sentence, '
                              "date, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(["int8", "text", "int4", "int4", "text", "int8", "int8", "text", "vector"])

@@ -326,7 +326,7 @@ class Searcher:
 
     def citation(self, article_id: str, start: int, end: int) -> Citation:
         a = self.backend.article_info(article_id)  # no text: a citation carries offsets, not the article
-        return Citation(a.id, a.source, a.title, a.date, start, end)
+        return Citation(a.id, a.source, a.title, a.date, start, end, a.source_url, a.outlet)
 
     def question_terms(self, question: str) -> list[str]:
         return analyze(self.prepare(question)[1])

@@ -5,7 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from ..backends.base import info_of
 from ..errors import InvalidRequest
+from ..types import ArticleInfo
 from .auth import require_key
 from .openapi import build_openapi, operation
 from .schemas import (
@@ -70,9 +72,20 @@ def ask_get():
     return jsonify(state.ask(parse_query(state.ask_model, request.args)))
 
 
-def _summary(searcher, article) -> dict:
-    return {"id": article.id, "source": article.source, "title": article.title, "date": article.date,
-            "passage_count": searcher.passage_count_for(article.id), "url": article_url(article.id)}
+def _described(searcher, info: ArticleInfo) -> dict:
+    """An article's id, file, title and provenance. Without a headline, ``title`` is its lead sentence shortened
+    (``Searcher.display_title``, as the pages show it) and ``title_from`` says "lead"; the stored headline stays
+    null, so its passages are embedded with the lead as before."""
+    title_from = info.title_from if info.title else "lead"
+    return {"id": info.id, "source": info.source, "title": searcher.display_title(info), "title_from": title_from,
+            "date": info.date, "source_url": info.source_url, "outlet": info.outlet, "author": info.author,
+            "story": info.story}
+
+
+def _summary(searcher, info: ArticleInfo) -> dict:
+    """An article as lists show it: ``_described`` with its passage count and page."""
+    return {**_described(searcher, info), "passage_count": searcher.passage_count_for(info.id),
+            "url": article_url(info.id)}
 
 
 @bp.get("/api/articles")
@@ -90,28 +103,34 @@ def articles():
 def article(article_id: str):
     searcher = get_state().searcher
     found = searcher.article(article_id)  # a dict lookup: ids never reach the filesystem
-    return jsonify({"ok": True, **_summary(searcher, found), "text": found.text})
+    return jsonify({"ok": True, **_summary(searcher, info_of(found)), "text": found.text})
 
 
 WRITE_ERRORS = ("unauthorized", "writes_disabled", "write_busy", "writes_unavailable", "seeds_out_of_sync",
                 "index_not_built")
 
 
-def _written(result) -> dict:
+def _written(searcher, result) -> dict:
     url = article_url(result.article_id) if result.action != "deleted" else None
+    stored = {**_described(searcher, info_of(result.article)), "url": url} if result.article is not None else None
     return {"ok": True, "id": result.article_id, "action": result.action, "build_id": result.build_id,
-            "articles": result.articles, "embedded_articles": result.embedded_articles, "url": url}
+            "articles": result.articles, "embedded_articles": result.embedded_articles, "url": url,
+            "article": stored}
 
 
 @bp.post("/api/articles")
 @operation(summary="Add an article, or replace the one with this id", body=ArticleUpload, response=ArticleWritten,
            created=True, security=True,
-           errors=("article_id_invalid", "article_text_invalid", "duplicate_key", "unknown_field", "wrong_type",
+           errors=("article_id_invalid", "article_text_invalid", "article_field_invalid", "date_malformed",
+                   "url_invalid", "article_not_writable", "duplicate_key", "unknown_field", "wrong_type",
                    "invalid_request", *WRITE_ERRORS),
-           description="Needs the API key. Stores the text as `<id>.txt` in the articles folder and indexes it "
-                       "(only this article is embedded); the file and the index change together or not at "
-                       "all. 201 when the article is new, 200 when it replaced (or equalled) the old one. "
-                       "Bodies may be up to 2 MB.")
+           description="Needs the API key. Stores the text as `<id>.txt` in the articles folder, or, when any of "
+                       "`title`, `date`, `url` (`source_url`), `outlet` or `author` is given, as `<id>.md` with "
+                       "them as YAML front matter, so re-indexing the folder gives the same article; either file "
+                       "replaces the other. Indexes it (only this article is embedded); the file and the index "
+                       "change together or not at all. Returns the stored article with its metadata. 201 when "
+                       "the article is new, 200 when it replaced (or equalled) the old one. Bodies may be up to "
+                       "2 MB.")
 def add_article():
     state = get_state()
     require_key(state.settings, write=True)  # before reading the body: no key, no upload
@@ -122,19 +141,19 @@ def add_article():
         data = upload.text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest("The article text is not valid Unicode.", code="article_text_invalid") from None
-    result = state.put_article(upload.id, data)
-    return jsonify(_written(result)), 201 if result.action == "created" else 200
+    result = state.put_article(upload.id, data, upload.metadata())
+    return jsonify(_written(state.searcher, result)), 201 if result.action == "created" else 200
 
 
 @bp.delete("/api/articles/<article_id>")
 @operation(summary="Remove an article", response=ArticleWritten, security=True,
            errors=("article_id_invalid", "article_not_found", "last_article", *WRITE_ERRORS),
-           description="Needs the API key. Removes `<id>.txt` from the articles folder and the article from "
-                       "the index, together or not at all.")
+           description="Needs the API key. Removes `<id>.txt` (or `<id>.md`) from the articles folder and the "
+                       "article from the index, together or not at all.")
 def remove_article(article_id: str):
     state = get_state()
     require_key(state.settings, write=True)
-    return jsonify(_written(state.delete_article(article_id)))
+    return jsonify(_written(state.searcher, state.delete_article(article_id)))
 
 
 @bp.get("/healthz")

@@ -12,6 +12,7 @@ import json
 import re
 from functools import lru_cache
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -22,6 +23,8 @@ from ..types import MODES, Filters, is_blank
 
 MAX_SOURCES = 100
 MAX_ARTICLE_CHARS = 1_000_000
+MAX_FIELD_CHARS = 500  # an uploaded title, outlet or author
+MAX_URL_CHARS = 2000
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 
 
@@ -105,8 +108,53 @@ class ArticleUpload(BaseModel):
                     description="The article id; the file is stored as `<id>.txt` in the articles folder. "
                                 "1 to 100 ASCII letters, digits, `-` or `_`, starting with a letter or digit.")
     text: str = Field(min_length=1, max_length=MAX_ARTICLE_CHARS,
-                      description="The file's text, as in the articles folder: an optional `date YYYY-MM-DD` "
-                                  "prefix or dateline and headline, then the body. No NUL characters.")
+                      description="The article's text. Without metadata, the file's text as in the articles folder "
+                                  "(an optional `date YYYY-MM-DD` prefix or dateline and headline, then the body), "
+                                  "stored as `<id>.txt`; with any metadata field, the body itself, stored as "
+                                  "`<id>.md` under YAML front matter. No NUL characters.")
+    title: str | None = Field(None, min_length=1, max_length=MAX_FIELD_CHARS, description="The headline.")
+    date: str | None = Field(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
+                             description="The publication date, a real calendar date written YYYY-MM-DD.")
+    url: str | None = Field(None, max_length=MAX_URL_CHARS, json_schema_extra={"format": "uri"},
+                            description="The original page (http or https); `source_url` is another name for it.")
+    source_url: str | None = Field(None, max_length=MAX_URL_CHARS, json_schema_extra={"format": "uri"},
+                                   description="The same as `url`; give one of the two.")
+    outlet: str | None = Field(None, min_length=1, max_length=MAX_FIELD_CHARS, description="Who published it.")
+    author: str | None = Field(None, min_length=1, max_length=MAX_FIELD_CHARS, description="Who wrote it.")
+
+    _date = field_validator("date")(_check_date)
+
+    @field_validator("url", "source_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+            raise PydanticCustomError("url_invalid", "The url {value} is not an http(s) address.",
+                                      {"value": repr(value[:80])})
+        return value
+
+    @field_validator("title", "outlet", "author")
+    @classmethod
+    def _one_line(cls, value: str | None, info) -> str | None:
+        if value is not None and (is_blank(value) or any(ord(c) < 32 or c == "\x7f" for c in value)):
+            raise PydanticCustomError("article_field_invalid", "The {field} must be one line of visible text.",
+                                      {"field": info.field_name})
+        return value
+
+    @model_validator(mode="after")
+    def _one_url(self) -> "ArticleUpload":
+        if self.url and self.source_url and self.url != self.source_url:
+            raise PydanticCustomError("url_invalid",
+                                      "The url and source_url fields name different pages; give one of them.")
+        return self
+
+    def metadata(self) -> dict:
+        """The metadata fields given (url under its one name), as ``articles.put_article`` takes them."""
+        fields = {"title": self.title, "date": self.date, "url": self.url or self.source_url,
+                  "outlet": self.outlet, "author": self.author}
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- responses (documentation)
@@ -119,6 +167,9 @@ class Citation(BaseModel):
     start: int = Field(description="Character offset of the passage in the article's text.")
     end: int = Field(description="End offset (exclusive): text[start:end] is the passage.")
     url: str = Field(description="The article page, with the passage highlighted and scrolled to.")
+    source_url: str | None = Field(None, description="The original page the article came from (its canonical "
+                                                     "URL, link or `url` field), or null when unknown.")
+    outlet: str | None = Field(None, description="The outlet that published it, or null when unknown.")
 
 
 class Result(BaseModel):
@@ -153,9 +204,18 @@ class AskResponse(BaseModel):
 
 class ArticleSummary(BaseModel):
     id: str
-    source: str
-    title: str | None
-    date: str | None
+    source: str = Field(description="The file the article came from (with its record, in a file of many).")
+    title: str | None = Field(description="The headline; for an article without one, its lead sentence shortened "
+                                          "(then `title_from` is `lead`).")
+    title_from: Literal["headline", "metadata", "lead"] | None = Field(
+        None, description="Where the title comes from: a headline in the text, the file's or record's metadata, "
+                          "or the lead sentence (no headline).")
+    date: str | None = Field(description="YYYY-MM-DD, or null when the article is undated.")
+    source_url: str | None = Field(None, description="The original page, or null when unknown.")
+    outlet: str | None = Field(None, description="The outlet that published it, or null when unknown.")
+    author: str | None = Field(None, description="The author, or null when unknown.")
+    story: str | None = Field(None, description="Shared by syndicated copies of one story (the same wire story "
+                                                "carried by several outlets); an article alone has its own.")
     passage_count: int
     url: str = Field(description="The article's page.")
 
@@ -181,6 +241,21 @@ class Health(BaseModel):
     build_id: str | None
 
 
+class ArticleStored(BaseModel):
+    """The article a write stored, as lists show it (``ArticleSummary`` without the passage count)."""
+
+    id: str
+    source: str = Field(description="The file it is stored as: `<id>.txt`, or `<id>.md` when metadata was given.")
+    title: str | None
+    title_from: Literal["headline", "metadata", "lead"] | None
+    date: str | None
+    source_url: str | None
+    outlet: str | None
+    author: str | None
+    story: str | None
+    url: str
+
+
 class ArticleWritten(BaseModel):
     """What a write did; ``build_id`` is the index build that now holds the change."""
 
@@ -192,6 +267,8 @@ class ArticleWritten(BaseModel):
     embedded_articles: int = Field(description="Articles whose text was embedded for this write (0 or 1): "
                                                "unchanged articles keep their vectors.")
     url: str | None = Field(description="The article's page (null after a removal).")
+    article: ArticleStored | None = Field(None, description="The article as stored and indexed, with its "
+                                                            "metadata (null after a removal).")
 
 
 class ErrorDetail(BaseModel):
@@ -296,7 +373,7 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
     kind, loc = err["type"], tuple(err["loc"])
     field = _field_name(loc, names)
     last = loc[-1] if loc else None
-    if kind in ("question_empty", "date_malformed", "date_range_inverted"):
+    if kind in ("question_empty", "date_malformed", "date_range_inverted", "url_invalid", "article_field_invalid"):
         return InvalidRequest(err["msg"], code=kind)
     if kind == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
@@ -308,6 +385,10 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
     if loc == ("id",) and kind in ("string_pattern_mismatch", "string_too_short", "string_too_long"):
         return InvalidRequest("The article id is not allowed: use 1 to 100 ASCII letters, digits, '-' or '_', "
                               "starting with a letter or digit.", code="article_id_invalid")
+    if loc and loc[0] in ("title", "outlet", "author") and kind in ("string_too_short", "string_too_long"):
+        return InvalidRequest(f"The {loc[0]} must be 1 to {MAX_FIELD_CHARS} characters.", code="article_field_invalid")
+    if loc and loc[0] in ("url", "source_url") and kind == "string_too_long":
+        return InvalidRequest(f"The {loc[0]} must be at most {MAX_URL_CHARS} characters.", code="url_invalid")
     if loc == ("text",) and kind in ("string_too_short", "string_too_long"):
         return InvalidRequest(f"The article text must be 1 to {MAX_ARTICLE_CHARS:,} characters.",
                               code="article_text_invalid")
@@ -322,7 +403,7 @@ def translate(exc: ValidationError, model: type[BaseModel], names: dict | None =
         props = model.model_json_schema()["properties"]["k"]
         return InvalidRequest(f"The number of passages ({field}) must be between {props['minimum']} and "
                               f"{props['maximum']}.", code="k_out_of_range")
-    if last in ("date_from", "date_to") and kind == "string_pattern_mismatch":
+    if last in ("date_from", "date_to", "date") and kind == "string_pattern_mismatch":
         return InvalidRequest(f"The date {field} must be written YYYY-MM-DD.", code="date_malformed")
     if last == "sources" and kind == "too_long":
         return InvalidRequest(f"At most {MAX_SOURCES} sources can be given.", code="too_many_sources")

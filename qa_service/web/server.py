@@ -267,7 +267,7 @@ def recover_writes(settings: Settings) -> str | None:
         return None
     try:
         with writer_lock(settings.index_dir, timeout=0):
-            seeds = settings.seeds_dir if Path(settings.seeds_dir).is_dir() else None
+            seeds = settings.seeds_dir if settings.seeds_dir is not None and Path(settings.seeds_dir).is_dir() else None
             return recover(settings.index_dir, seeds)
     except WriteBusy:  # a writer is at work; it settles any interrupted write itself before its own
         return None

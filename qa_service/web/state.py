@@ -167,8 +167,8 @@ class QAState:
         return True
 
     # ------------------------------------------------------------------ writes
-    def put_article(self, article_id: str, data: bytes):
-        result = put_article(self.settings, article_id, data, embedder=self.write_embedder)
+    def put_article(self, article_id: str, data: bytes, metadata: dict | None = None):
+        result = put_article(self.settings, article_id, data, embedder=self.write_embedder, metadata=metadata)
         self.reload()
         return result
 

@@ -3,7 +3,8 @@
 from qa_service.web.errors import ERROR_CODES
 
 # Reached only by an app that takes writes or is overloaded: walked in test_web_writes.py.
-WALKED_IN_WRITE_TESTS = {"article_id_invalid", "article_text_invalid", "unauthorized", "last_article",
+WALKED_IN_WRITE_TESTS = {"article_id_invalid", "article_text_invalid", "article_field_invalid", "url_invalid",
+                         "article_not_writable", "unauthorized", "last_article",
                          "seeds_out_of_sync", "overloaded", "write_busy", "writes_unavailable"}
 
 
