@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from click.testing import CliRunner
 
 import qa_service.retrieval
@@ -22,7 +24,7 @@ def test_an_article_without_any_sentence_is_untitled(fake_index, fake_embedder, 
     from qa_service.retrieval import Searcher
 
     searcher = Searcher(fake_index, embedder=fake_embedder)  # its own memory of titles
-    info = next(a for a in searcher.catalog() if not a.title)
+    info = dataclasses.replace(next(a for a in searcher.catalog() if not a.title), lead_title=None)
     monkeypatch.setattr(searcher.backend, "lead", lambda article_id: "")
     assert searcher.display_title(info) == UNTITLED
 

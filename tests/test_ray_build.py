@@ -115,9 +115,15 @@ def test_index_command_ray_options(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from qa_service import cli as cli_module
+    from qa_service import indexing
 
     seen = []
-    monkeypatch.setattr(cli_module, "ensure_index", lambda settings, seeds, force=False: seen.append(settings) or "ok")
+
+    def index_folder(settings, seeds, force=False, progress=True, notes=None):
+        seen.append(settings)
+        return indexing.IndexReport("ok", 0, 0, str(seeds), True)
+
+    monkeypatch.setattr(indexing, "index_folder", index_folder)
     monkeypatch.delenv("QA_RAY_ADDRESS", raising=False)
     monkeypatch.delenv("QA_RAY_ACTORS", raising=False)
     seeds = tmp_path / "seeds"

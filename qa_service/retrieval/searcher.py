@@ -163,9 +163,8 @@ class Searcher:
         info = self.article_info(article) if isinstance(article, str) else article
         if info.title and info.title.strip():
             return info.title
-        stored = getattr(info, "lead_title", None)  # kept by indexes that store it, so nothing is read here
-        if stored:
-            return stored
+        if isinstance(info, ArticleInfo) and info.lead_title:  # stored at index time: nothing to read here
+            return info.lead_title
         vocabulary = self.vocabulary
         memo = self._titles
         if memo is None or memo[0] is not vocabulary:
