@@ -193,22 +193,33 @@ def format_row(row: Row) -> str:
     return text
 
 
-def markdown(rows: list[Row], facts: dict, started: datetime, seconds: float, quick: bool) -> str:
+COMPACT_MEASURE = 90  # characters of a measure's wording kept in the tracked summary (latest.md)
+
+
+def markdown(rows: list[Row], facts: dict, started: datetime, seconds: float, quick: bool,
+             compact: bool = False) -> str:
+    """The run as a Markdown table. ``compact`` (the tracked latest.md): measures shortened and no note column,
+    since the whole wording and every note are in latest.json and the run's own file."""
     def num(x):
         return "" if x is None else f"{x:,.3g}" if abs(x) < 100 else f"{x:,.0f}"
 
     lines = [f"# qa-service benchmark, {started:%Y-%m-%d %H:%M} UTC{' (quick)' if quick else ''}", "",
              f"Machine: {os.cpu_count()} cores, shared (load average {facts.get('load_before', 0):.1f} when the run "
              f"started); the whole run took {seconds / 60:.1f} min; QA_TUNING={os.environ.get('QA_TUNING', '')!r}. "
-             "Ratios are value / floor, both measured in this run.", "",
-             "| section | measure | value | floor | ratio | target | met | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Ratios are value / floor, both measured in this run."
+             + (" Measures are shortened and notes left out here; both are whole in latest.json." if compact else ""),
+             "",
+             "| section | measure | value | floor | ratio | target | met |" + ("" if compact else " note |"),
+             "|---|---|---|---|---|---|---|" + ("" if compact else "---|")]
     for r in rows:
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         floor = f"{num(r.floor)} ({r.floor_label})" if r.floor else ""
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
-        lines.append(f"| {r.section} | {r.measure} | {num(r.value)} {r.unit} | {floor} | {ratio} | {r.target} | "
-                     f"{met} | {r.note} |")
+        measure = r.measure
+        if compact and len(measure) > COMPACT_MEASURE:
+            measure = measure[:COMPACT_MEASURE].rsplit(" ", 1)[0] + " …"
+        lines.append(f"| {r.section} | {measure} | {num(r.value)} {r.unit} | {floor} | {ratio} | {r.target} | "
+                     f"{met} |" + ("" if compact else f" {r.note} |"))
     if facts.get("peer_skipped"):
         lines += ["", f"peer: skipped, {facts['peer_skipped']}."]
     if facts.get("ray_skipped"):
@@ -233,6 +244,6 @@ def write_results(out: Path, rows: list[Row], facts: dict, started: datetime, se
     write_text_atomically(path, text)
     write_text_atomically(path.with_suffix(".json"), data)
     if not quick:
-        write_text_atomically(Path(out) / "latest.md", text)
+        write_text_atomically(Path(out) / "latest.md", markdown(rows, facts, started, seconds, quick, compact=True))
         write_text_atomically(Path(out) / "latest.json", data)
     return path

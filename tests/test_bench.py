@@ -140,7 +140,7 @@ def test_build_and_peer_sections_run(tmp_path, bench_work):
     # not a quick run: its files in runs/, and latest.md / latest.json are this run's
     assert path.parent == out / "runs" and not path.name.endswith("-quick.md")
     assert sorted(p.name for p in out.iterdir()) == ["latest.json", "latest.md", "runs"]
-    assert (out / "latest.md").read_text(encoding="utf-8") == text
+    _assert_compact_copy((out / "latest.md").read_text(encoding="utf-8"), text)
     assert (out / "latest.json").read_text(encoding="utf-8") == path.with_suffix(".json").read_text(encoding="utf-8")
     assert "qa-service index, passages/s" in text
     # the re-index row: other articles into the same folder, sharing the first build's export (the section
@@ -233,7 +233,7 @@ def test_results_go_to_runs_and_each_full_run_replaces_latest(tmp_path, monkeypa
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
         p.name for run in (quick, first, second) for p in (run, run.with_suffix(".json")))
     assert quick.name.endswith("-quick.md") and first.name != second.name
-    assert (out / "latest.md").read_text(encoding="utf-8") == second.read_text(encoding="utf-8") != ""
+    _assert_compact_copy((out / "latest.md").read_text(encoding="utf-8"), second.read_text(encoding="utf-8"))
     latest = json.loads((out / "latest.json").read_text(encoding="utf-8"))
     assert latest == json.loads(second.with_suffix(".json").read_text(encoding="utf-8"))
     assert latest["quick"] is False and latest["rows"] == [] and "ray_skipped" in latest["facts"]
@@ -244,3 +244,25 @@ def test_results_go_to_runs_and_each_full_run_replaces_latest(tmp_path, monkeypa
 def test_bench_command_rejects_unknown_sections():
     result = CliRunner().invoke(cli, ["bench", "--sections", "query,nonsense"])
     assert result.exit_code == 2 and "nonsense" in result.output
+
+
+def _assert_compact_copy(latest: str, run: str) -> None:
+    """latest.md is the run's own table, compact: the same header and one line a row, without the note column."""
+    assert latest.splitlines()[0] == run.splitlines()[0] != ""
+    assert len(latest.splitlines()) == len(run.splitlines())
+    assert "| note |" in run and "| note |" not in latest
+
+
+def test_the_tracked_summary_shortens_long_measures_and_leaves_notes_to_the_json():
+    from datetime import datetime, timezone
+
+    from benchmarks.harness import COMPACT_MEASURE, Row, markdown
+
+    long = "a measure " * 30
+    rows = [Row("query", long.strip(), 8.5, "ms", 6.4, "in-process", "<= 1.35", note="p99 12 ms, 0 failures")]
+    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    full, compact = markdown(rows, {}, started, 60, False), markdown(rows, {}, started, 60, False, compact=True)
+    assert long.strip() in full and "p99 12 ms, 0 failures" in full
+    assert long.strip() not in compact and "p99 12 ms" not in compact and " …" in compact
+    row = next(line for line in compact.splitlines() if line.startswith("| query"))
+    assert len(row.split("|")[2].strip()) <= COMPACT_MEASURE + 2 and "1.33" in row
