@@ -32,15 +32,11 @@ from qa_service.store import (
     sentence_embedding_texts,
 )
 
-from .support.paths import REPO, SHARED
+from .support.encoders import dev_questions, idle_cpu_after_questions
+from .support.paths import REPO
 
-DEV = SHARED / "eval" / "dev.jsonl"
 HEAVY = ("torch", "sentence_transformers", "transformers")
 QUESTION = "How did Iran's Supreme Leader react to Hamas's October 7 attack?"
-
-
-def _dev_questions() -> list[str]:
-    return [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _passages(settings: Settings) -> list[str]:
@@ -124,7 +120,7 @@ def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embe
     """cosine >= 0.9999 on every seed passage and dev question, one at a time and batched; same token counts."""
     manifest = read_manifest(real_index.index_dir)
     onnx = OnnxEmbedder.from_manifest(manifest)
-    passages, questions = _passages(real_index), _dev_questions()
+    passages, questions = _passages(real_index), dev_questions()
     texts = passages + questions
     reference = real_embedder.encode(texts)
     batched = onnx.encode(texts, batch_size=8)
@@ -170,7 +166,6 @@ def test_onnx_fp32_gives_the_sentence_transformers_vectors(real_index, real_embe
 def test_the_serving_encoder_is_untuned_by_default(real_index):
     """Without the encoder_cores tuning a serving encoder runs SERVING_THREADS threads, unpinned, on one session
     whose pool threads never spin, and leaves no thread busy after a question."""
-    import time
 
     from qa_service.retrieval import Searcher
 
@@ -181,16 +176,7 @@ def test_the_serving_encoder_is_untuned_by_default(real_index):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):
         options.get_session_config_entry("session.intra_op_thread_affinities")  # no thread is pinned
-    questions = _dev_questions()
-    for q in questions:
-        encoder.encode([q])
-    idle_cpu = 0.0
-    for q in questions[:5]:
-        encoder.encode([q])
-        before = time.process_time()
-        time.sleep(0.05)
-        idle_cpu += time.process_time() - before
-    assert idle_cpu < 0.05  # 5 x 50 ms after a question; threads left spinning burn most of it
+    assert idle_cpu_after_questions(encoder, dev_questions()) < 0.05  # of 5 x 50 ms after a question
 
 
 def test_serving_process_never_imports_torch(real_index, real_searcher):
@@ -262,7 +248,7 @@ def test_int8_is_recorded_and_close(tmp_path, real_index, real_embedder, seed_ar
 
     searcher = Searcher(settings)
     assert isinstance(searcher.embedder, OnnxEmbedder) and searcher.embedder.precision == "int8"
-    questions = _dev_questions()
+    questions = dev_questions()
     cosines = np.sum(searcher.embedder.encode(questions) * real_embedder.encode(questions), axis=1)
     assert cosines.min() >= export.MIN_COSINE["int8"] and cosines.mean() >= 0.98
     assert searcher.ask(QUESTION, k=1)["results"][0]["citation"]["article_id"] == "004_9aeb4bd2e5102b83"

@@ -3,7 +3,6 @@ OS and onnxruntime hooks it relies on."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,22 +17,16 @@ from qa_service.tuning import encoder_cores
 from qa_service.tuning.encoder_cores import (
     CoreSharing,
     PinnedCaller,
-    WorkerActivity,
     helper_placement,
     pinned_session_config,
     run_on_cpus,
     share_cores,
 )
 
-from .support.paths import SHARED
+from .support.encoders import dev_questions, idle_cpu_after_questions
 
-DEV = SHARED / "eval" / "dev.jsonl"
 TWO_CPUS = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                               reason="needs two CPUs and sched_setaffinity")
-
-
-def _dev_questions() -> list[str]:
-    return [json.loads(line)["question"] for line in DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _thread_cpus() -> dict[str, set[int]]:
@@ -175,7 +168,6 @@ def test_serving_encoder_leaves_no_thread_busy_after_a_question(real_index, pin)
     """Two serving workers of two threads each share two cores, so after a question no thread may stay busy.
     Unpinned, the pool sleeps between operators; pinned apart from the caller, it spins between the operators of
     a run and stops with the run (docs/decisions/encoder-thread-pinning.md)."""
-    import time
 
     encoder = load_index_encoder(read_manifest(real_index.index_dir), pin_threads=pin)
     options = encoder.session.get_session_options()
@@ -186,16 +178,7 @@ def test_serving_encoder_leaves_no_thread_busy_after_a_question(real_index, pin)
         assert spinning == "1" and options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert pin or encoder.runner is None
     assert options.intra_op_num_threads == SERVING_THREADS >= 1
-    questions = _dev_questions()
-    for q in questions:
-        encoder.encode([q])
-    idle_cpu = 0.0
-    for q in questions[:5]:
-        encoder.encode([q])
-        before = time.process_time()
-        time.sleep(0.05)
-        idle_cpu += time.process_time() - before
-    assert idle_cpu < 0.05  # 5 x 50 ms after a question; threads left spinning burn most of it
+    assert idle_cpu_after_questions(encoder, dev_questions()) < 0.05  # of 5 x 50 ms after a question
 
 
 @TWO_CPUS
@@ -203,7 +186,7 @@ def test_a_question_encoder_runs_its_helper_and_its_caller_on_different_cpus(rea
     """The pinned encoder puts its helper thread on the helper CPU and keeps its caller off it, with the same
     vectors. The one-thread session (busy workers) and an unpinned encoder leave threads alone."""
     manifest = read_manifest(real_index.index_dir)
-    questions = _dev_questions()
+    questions = dev_questions()
     helpers, caller = helper_placement(2)
     threads_before = _thread_cpus()
     pinned = OnnxEmbedder.from_manifest(manifest, threads=2, open_session=False)
@@ -267,7 +250,7 @@ def test_a_busy_server_encodes_on_one_thread_with_the_same_vectors(real_index):
     """``share_cores``: while other workers answer, the encoder uses its one-thread session (less CPU in thread
     hand-offs); alone, the two-thread one (lower latency). Both give bit-identical vectors."""
     encoder = OnnxEmbedder.from_manifest(read_manifest(real_index.index_dir), threads=2)
-    questions = _dev_questions()
+    questions = dev_questions()
     alone = encoder.encode(questions[:1])
     activity = Busy(False)
     share_cores(encoder, activity)
@@ -302,59 +285,3 @@ def test_a_busy_server_encodes_on_one_thread_with_the_same_vectors(real_index):
 def test_share_cores_leaves_other_embedders_alone(fake_embedder):
     share_cores(fake_embedder, Busy(True))
     assert not hasattr(fake_embedder, "runner")
-
-
-def test_workers_see_each_other_answering_through_shared_memory():
-    """``WorkerActivity``: counters in memory shared across the fork; each worker sees the others', not its own."""
-    import multiprocessing
-
-    activity = WorkerActivity(workers=2)
-    a, b = _Worker(), _Worker()
-    activity.assign(a)
-    activity.assign(b)
-    assert a.qa_activity_slot != b.qa_activity_slot
-    seen = multiprocessing.get_context("fork").Queue()
-    started, release = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
-
-    def worker_b():
-        activity.adopt(b)
-        seen.put(activity.others_answering())
-        with activity.answering():
-            started.set()
-            release.wait(30)
-
-    child = multiprocessing.get_context("fork").Process(target=worker_b)
-    child.start()
-    activity.adopt(a)  # this process plays worker a
-    assert started.wait(30)
-    assert seen.get(timeout=30) is False  # b alone
-    assert activity.others_answering()  # a sees b answering
-    with activity.answering(), activity.answering():  # two questions of this worker's threads
-        assert activity._counts[a.qa_activity_slot] == 2
-        assert activity.others_answering()  # its own count does not matter
-    assert activity._counts[a.qa_activity_slot] == 0
-    release.set()
-    child.join(30)
-    assert not activity.others_answering()
-
-    # A worker killed mid-answer: the master clears its flag when it reaps it, and re-uses the slot.
-    dead = _Worker()
-    activity.assign(dead)
-    activity._counts[dead.qa_activity_slot] = 1
-    assert activity.others_answering()
-    activity.release(dead)
-    assert not activity.others_answering()
-
-    # More workers than flags (a reload overlapping old and new workers): the extra one just does not publish.
-    extra = [_Worker() for _ in range(len(activity._counts) + 1)]
-    for w in extra:
-        activity.assign(w)
-    assert extra[-1].qa_activity_slot is None
-    lone = WorkerActivity(workers=1)
-    lone.adopt(extra[-1])
-    with lone.answering():
-        assert not any(lone._counts)
-    with pytest.raises(RuntimeError):
-        with activity.answering():  # a failed answer still lowers the count
-            raise RuntimeError("boom")
-    assert activity._counts[activity._slot] == 0

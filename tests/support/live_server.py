@@ -18,17 +18,10 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.harness import SEED_QUESTIONS
+
 API_KEY = "test-key-" + "0123456789abcdef"
-QUESTIONS = [
-    "What did Pezeshkian say about rebuilding Gaza?",
-    "Who met Iran's foreign minister in Doha?",
-    "How many Palestinians have been killed in Gaza?",
-    "When did the ceasefire agreement go into effect?",
-    "Which countries mediate the agreement between Hamas and Israel?",
-    "What did the International Criminal Court do in November?",
-    "Who leads the Shura Council of Hamas?",
-    "What happened to prisoners during the exchange?",
-]
+QUESTIONS = SEED_QUESTIONS  # the bench asks the same questions of the seeds
 
 # Figures the reliability tests measure, printed at the end of the run (conftest.pytest_terminal_summary).
 FIGURES: list[str] = []
