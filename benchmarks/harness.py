@@ -205,7 +205,7 @@ def markdown(rows: list[Row], facts: dict, started: datetime, seconds: float, qu
 
     lines = [f"# qa-service benchmark, {started:%Y-%m-%d %H:%M} UTC{' (quick)' if quick else ''}", "",
              f"Machine: {os.cpu_count()} cores, shared (load average {facts.get('load_before', 0):.1f} when the run "
-             f"started); the whole run took {seconds / 60:.1f} min; QA_TUNING={os.environ.get('QA_TUNING', '')!r}. "
+             f"started); the whole run took {seconds / 60:.1f} min; QA_TUNING={facts.get('tuning', '')!r}. "
              "Ratios are value / floor, both measured in this run."
              + (" Measures are shortened and notes left out here; both are whole in latest.json." if compact else ""),
              "",

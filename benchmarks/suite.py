@@ -51,6 +51,7 @@ def run(out: Path, sections: list[str] | None = None, quick: bool = False, work:
     work.mkdir(parents=True, exist_ok=True)
     b = Bench(work=work, out=out, sizes=sizes or (Sizes.quick() if quick else Sizes()), echo=echo)
     b.facts["load_before"] = os.getloadavg()[0]
+    b.facts["tuning"] = os.environ.get("QA_TUNING", "")
     try:
         for name, section in _SECTIONS.items():
             if name in sections:
