@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qa_service.config import Settings
 from qa_service.errors import InvalidRequest
 from qa_service.retrieval import fusion
-from qa_service.retrieval.dates import date_preference, question_period
+from qa_service.retrieval.dates import _MONTHS, date_preference, question_period
 from qa_service.retrieval.lexical import (LexicalIndex, TOP_BLOCK, Vocabulary, analyze, background_idfs, blended_idf,
                                           corpus_idf, top_positive, translit_key, words)
 from qa_service.types import Filters
@@ -243,6 +245,19 @@ def test_question_periods():
     assert question_period("What did Pezeshkian say?") is None
     pref = date_preference("in late January 2025", ["2025-01-31", "2025-02-09", "2024-06-20", None])
     assert pref[0] == 1.0 and 0.5 < pref[1] < 1.0 and pref[2] == 0.0 and pref[3] == 0.5
+
+
+def test_a_year_the_calendar_lacks_names_no_period_and_never_raises():
+    assert question_period("What happened in January 0000?") is None
+    assert question_period("January 0000 and then March 2024").__repr__().startswith("(datetime.date(2024, 3, 1)")
+    assert date_preference("What happened in late Feb 0000?", ["2024-02-01"]) is None
+
+
+@given(st.sampled_from(["in", "early", "mid", "late", "during", "of"]), st.sampled_from(sorted(_MONTHS)),
+       st.integers(0, 9999), st.sampled_from(["", ".", ",", "?"]))
+def test_every_month_and_four_digit_year_reads_without_error(word, month, year, tail):
+    period = question_period(f"What happened {word} {month} {year:04d}{tail}")
+    assert period is None or period[0] <= period[1]
 
 
 def test_date_in_question_prefers_that_time(fake_searcher):

@@ -92,6 +92,14 @@ def test_citation_urls_follow_the_mount_point_of_each_request(client):
 
 
 
+@pytest.mark.parametrize("question", ["What happened in January 0000?", "Where were they on Feb 30 2024?",
+                                      "What was agreed on 32 March 2025?", "month 13 of 2024"])
+def test_questions_naming_impossible_dates_are_answered(client, question):
+    assert client.post("/api/ask", json={"question": question}).status_code == 200
+    assert client.get("/api/ask", query_string={"q": question}).status_code == 200
+    assert client.get("/", query_string={"q": question}).status_code == 200
+
+
 def test_get_answers_the_same_as_post(client):
     posted = client.post("/api/ask", json={"question": QUESTION, "k": 3}).get_json()
     got = client.get("/api/ask", query_string={"q": QUESTION, "k": "3"}).get_json()

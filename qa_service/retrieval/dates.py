@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from datetime import date
+from datetime import MINYEAR, date
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +18,11 @@ _YEAR = re.compile(r"\b(?:in|during|of|from)\s+(19\d\d|20\d\d)\b", re.IGNORECASE
 
 
 def question_period(question: str) -> tuple[date, date] | None:
-    """Return the period a question names, as inclusive ``(first_day, last_day)``, or None."""
-    m = _MONTH_YEAR.search(question)
+    """Return the period a question names, as inclusive ``(first_day, last_day)``, or None.
+
+    A month of a year the calendar lacks ("January 0000") names no period.
+    """
+    m = next((m for m in _MONTH_YEAR.finditer(question) if int(m.group(3)) >= MINYEAR), None)
     if m:
         part, month, year = (m.group(1) or "").lower(), _MONTHS[m.group(2).lower()], int(m.group(3))
         last = calendar.monthrange(year, month)[1]
