@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -166,33 +167,58 @@ def _print_hits(result: dict, title_of) -> None:
               help="Retrieval: fused dense + BM25, or one of them alone.")
 @_common
 def ask(settings: Settings, question: str | None, k: int, as_json: bool, mode: str) -> None:
-    """Ask QUESTION (or, without one, read questions interactively)."""
+    """Ask QUESTION (or, without one, read questions: one a line, interactively at a terminal).
+
+    Reading from a pipe, no prompt is shown, blank lines are skipped and ``--json`` writes one JSON object a
+    line; a reader that closes the pipe early (``| head``) ends it quietly.
+    """
     from .retrieval import Searcher
 
     if question is not None and is_blank(question):
         raise click.UsageError("The question is empty.")
     searcher = Searcher(settings)
-    questions = [question] if question is not None else None
-    if questions is None:
+    piped = question is None and not sys.stdin.isatty()
+    if question is not None:
+        questions = [question]
+    elif piped:
+        questions = (line.rstrip("\n") for line in sys.stdin if not is_blank(line))
+    else:
         click.echo("Ask a question (empty line or Ctrl-D to quit).", err=True)
+        questions = _typed_questions()
+    try:
+        for q in questions:
+            result = searcher.ask(q, k, mode=mode)
+            if as_json:
+                result.pop("took_ms", None)
+                click.echo(json.dumps(result, ensure_ascii=False, indent=None if piped else 2))
+            else:
+                _print_hits(result, searcher.display_title)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_closed_stdout()
 
-    def interactive():
-        while True:
-            try:
-                line = input("? ")
-            except EOFError:
-                return
-            if is_blank(line):
-                return
-            yield line
 
-    for q in questions or interactive():
-        result = searcher.ask(q, k, mode=mode)
-        if as_json:
-            result.pop("took_ms", None)
-            click.echo(json.dumps(result, ensure_ascii=False, indent=2))
-        else:
-            _print_hits(result, searcher.display_title)
+def _typed_questions():
+    """Questions typed at a terminal, until an empty line or end of input."""
+    while True:
+        try:
+            line = input("? ")
+        except EOFError:
+            return
+        if is_blank(line):
+            return
+        yield line
+
+
+def _quiet_closed_stdout() -> None:
+    """The reader of stdout went away: point stdout at /dev/null so the exit's flush cannot fail, and stop
+    with status 0, as the Python documentation advises for SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+        pass
+    raise SystemExit(0)
 
 
 @cli.command("eval")

@@ -239,3 +239,49 @@ def test_serve_writes_to_the_folder_the_index_names_from_any_directory(tmp_path,
     monkeypatch.setenv("QA_SEEDS_DIR", str(tmp_path / "data" / "seeds"))  # an explicit folder still wins
     assert CliRunner().invoke(cli, ["serve", "--index-dir", str(index_dir), *fake_model]).exit_code == 0
     assert served[1].seeds_dir == tmp_path / "data" / "seeds"
+
+
+def test_piped_questions_give_one_json_line_each_and_skip_blank_lines(fake_searcher, monkeypatch):
+    import qa_service.retrieval
+
+    monkeypatch.setattr(qa_service.retrieval, "Searcher", lambda settings: fake_searcher)
+    result = CliRunner().invoke(cli, ["ask", "--json", "-k", "2"],
+                                input="Who met Iran's foreign minister in Doha?\n\n  \nWhat did Pezeshkian say?\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [json.loads(line)["question"] for line in lines] == ["Who met Iran's foreign minister in Doha?",
+                                                               "What did Pezeshkian say?"]
+    assert "?" not in result.stdout.split("{", 1)[0]  # no prompt before the first object
+
+
+def test_a_closed_pipe_ends_ask_quietly(fake_searcher, monkeypatch):
+    import qa_service.cli
+    import qa_service.retrieval
+
+    monkeypatch.setattr(qa_service.retrieval, "Searcher", lambda settings: fake_searcher)
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(qa_service.cli.click, "echo", closed)
+    result = CliRunner().invoke(cli, ["ask", "What did Pezeshkian say?"])
+    assert result.exit_code == 0 and "Error" not in result.output
+
+
+@pytest.mark.slow
+def test_ask_composes_with_pipes(real_index):
+    """Real processes: questions piped in with a blank line give JSON Lines; `| head` closes the pipe quietly."""
+    env = dict(os.environ, QA_INDEX_DIR=str(real_index.index_dir))
+    piped = subprocess.run([str(BIN), "ask", "--json", "-k", "1"], input="Who met Iran's foreign minister?\n\n"
+                           "What did Pezeshkian say?\n", env=env, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert len([json.loads(line) for line in piped.stdout.splitlines()]) == 2
+    questions = "".join(f"What did Pezeshkian say about Gaza, part {i}?\n" for i in range(40))
+    proc = subprocess.Popen([str(BIN), "ask", "-k", "50"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdin.write(questions.encode())
+    proc.stdin.close()
+    assert proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does, long before 40 x 50 passages are printed
+    assert proc.wait(timeout=300) == 0
+    assert b"Error" not in proc.stderr.read()
