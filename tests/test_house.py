@@ -31,8 +31,9 @@ PUBLIC_UNDERSCORE = {"_exit", "_asdict", "_replace", "_fields", "_make", "_field
 ALLOWED_PATCHES = {"gunicorn.util.write_error"}
 SETTINGS_OBJECTS = ("faiss.cvar",)  # a package's documented global settings, set by assignment
 RUN_DATE = re.compile(r"(?<![\d-])1[012]-[0-3]\d(?![\d-])")
-ORGANISATION_TALK = re.compile(r"(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth) session|"
-                               r"this session|the owner was asked|the issue asks", re.IGNORECASE)
+# Written with \s so that this file does not itself read as such talk to a plain grep.
+ORGANISATION_TALK = re.compile(r"(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth)\ssession|"
+                               r"this\ssession|the\sowner\swas\sasked|the\sissue\sasks", re.IGNORECASE)
 DECISION_LINK = re.compile(r"docs/decisions/([\w.-]+\.md)")
 
 
@@ -274,7 +275,7 @@ def test_markdown_stays_within_its_budget():
 
 def test_the_repository_speaks_of_the_project_alone():
     talk = [str(p.relative_to(REPO)) for p in _tracked("*.md", "*.py")
-            if p.exists() and p != Path(__file__) and ORGANISATION_TALK.search(p.read_text(encoding="utf-8"))]
+            if p.exists() and ORGANISATION_TALK.search(p.read_text(encoding="utf-8"))]
     assert talk == []
 
 
