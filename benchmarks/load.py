@@ -194,6 +194,7 @@ class Server:
 
 
 def children(pid: int) -> list[int]:
+    """The ids of the processes whose parent is ``pid`` (read from /proc), sorted."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from benchmarks.harness import SEED_QUESTIONS
+from benchmarks.load import children
 
 API_KEY = "test-key-" + "0123456789abcdef"
 QUESTIONS = SEED_QUESTIONS  # the bench asks the same questions of the seeds
@@ -109,16 +110,7 @@ class LiveServer:
 
     def worker_pids(self) -> list[int]:
         """The gunicorn workers: the master's children."""
-        children = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.proc.pid:
-                    children.append(int(entry.name))
-        return sorted(children)
+        return children(self.proc.pid)
 
     def wait_for_build(self, build_id: str, timeout: float = 30, hits: int = 12) -> None:
         """Wait until ``hits`` health checks in a row (so every worker, most likely) serve ``build_id``."""
